@@ -1,0 +1,210 @@
+"""Times our assignment solvers against the peers, side by side, in one process, on the same inputs.
+
+    python benchmarks/assign_bench.py                  # CPU: ours vs scipy and lapx
+    python benchmarks/assign_bench.py --device cuda    # adds our CUDA op and torch-linear-assignment
+    python benchmarks/assign_bench.py --quick --json out.json
+
+Every solver's total is checked against ours (which carries a dual certificate); a peer that
+returns a worse total is flagged in the "gap" column rather than silently timed. Ratios are
+peer time / our time: above 1 means we are faster. Missing peers are skipped with a message.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import nat_ext
+
+try:
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+except ImportError:
+    scipy_lsa = None
+try:
+    import lap  # the lapx package installs its module under this name
+except ImportError:
+    lap = None
+try:
+    import torch_linear_assignment as tla
+except ImportError:
+    tla = None
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: bool) -> tuple[float, object]:
+    out = fn()  # warm-up (and the result checked for optimality)
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def totals(cost: np.ndarray, rows, cols) -> np.ndarray:
+    """Per-problem total cost of an assignment given as (rows, cols), batched or not."""
+    cost = cost.reshape((-1,) + cost.shape[-2:]).astype(np.float64)
+    rows = np.asarray(rows).reshape(cost.shape[0], -1)
+    cols = np.asarray(cols).reshape(cost.shape[0], -1)
+    return np.array([cost[b][rows[b], cols[b]].sum() for b in range(cost.shape[0])])
+
+
+class Case:
+    """One benchmark row group: a cost batch, our solver, and the peers that can take it."""
+
+    def __init__(self, name: str, cost: np.ndarray, maximize: bool = False):
+        self.name, self.cost, self.maximize = name, cost, maximize
+        self.solvers: list[tuple[str, Callable[[], object], Callable[[object], np.ndarray], bool]] = []
+
+    def add(self, label, fn, to_totals, sync=False):
+        self.solvers.append((label, fn, to_totals, sync))
+
+
+def rows_cols_from_col4row(col4row: torch.Tensor):
+    col4row = col4row.cpu().numpy()
+    return np.broadcast_to(np.arange(col4row.shape[-1]), col4row.shape), col4row
+
+
+def cpu_cases(quick: bool, threads: int) -> list[Case]:
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (64, 256, 1024, 4096):
+        for dtype in (np.float32, np.float64):
+            cost = rng.random((n, n)).astype(dtype)
+            case = Case(f"{n}x{n} {np.dtype(dtype).name}", cost)
+            t = torch.from_numpy(cost)
+            case.add("nat cpu", lambda t=t: torch.ops.nat.linear_sum_assignment(t),
+                     lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)))
+            if scipy_lsa:
+                case.add("scipy", lambda c=cost: scipy_lsa(c), lambda out, c=cost: totals(c, *out))
+            if lap:
+                case.add("lapx lapjvs", lambda c=cost: lap.lapjvs(c, return_cost=False),
+                         lambda out, c=cost: totals(c, *out))
+                case.add("lapx lapjv", lambda c=cost: lap.lapjv(c, return_cost=False),
+                         lambda out, c=cost: totals(c, np.arange(len(out[0])), out[0]))
+            cases.append(case)
+    for dtype in (np.float32, np.float64):
+        cost = rng.random((64, 256, 256)).astype(dtype)
+        case = Case(f"batch 64x256x256 {np.dtype(dtype).name}", cost)
+        t = torch.from_numpy(cost)
+        case.add(f"nat cpu ({threads} threads)", lambda t=t: torch.ops.nat.linear_sum_assignment(t),
+                 lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)))
+        if scipy_lsa:
+            case.add("scipy loop", lambda c=cost: [scipy_lsa(x) for x in c],
+                     lambda out, c=cost: totals(c, [r for r, _ in out], [k for _, k in out]))
+        if lap:
+            case.add(f"lapx lapjvs_batch ({threads} threads)",
+                     lambda c=cost: lap.lapjvs_batch(c, return_cost=False, n_threads=threads),
+                     lambda out, c=cost: totals(c, np.stack(out[0]), np.stack(out[1])))
+        cases.append(case)
+    return cases
+
+
+def cuda_cases(quick: bool) -> list[Case]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = []
+    for name, shape in [("batch 256x256x256", (256, 256, 256)), ("batch 64x1024x1024", (64, 1024, 1024)),
+                        ("4096x4096", (4096, 4096))]:
+        t = torch.rand(shape, generator=g, device="cuda")
+        cost = t.cpu().numpy()
+        case = Case(name + " float32", cost)
+        case.add("nat cuda", lambda t=t: torch.ops.nat.linear_sum_assignment(t),
+                 lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
+        tc = t.cpu()
+        case.add("nat cpu", lambda tc=tc: torch.ops.nat.linear_sum_assignment(tc),
+                 lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)))
+        if scipy_lsa and not (quick and cost.ndim == 3 and cost.shape[-1] >= 1024):
+            batch = cost.reshape((-1,) + cost.shape[-2:])
+            case.add("scipy loop", lambda b=batch: [scipy_lsa(x) for x in b],
+                     lambda out, c=cost: totals(c, [r for r, _ in out], [k for _, k in out]))
+        if tla:
+            tb = t if t.dim() == 3 else t.unsqueeze(0)
+            case.add("torch-linear-assignment", lambda tb=tb: tla.batch_linear_assignment(tb),
+                     lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
+        cases.append(case)
+    for B in (1, 64):
+        feats = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device="cuda"), dim=-1)
+        targets = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device="cuda"), dim=-1)
+        scores = (feats.double() @ targets.double().transpose(1, 2)).cpu().numpy()
+        case = Case(f"assign n=256 d=2048 B={B}", scores, maximize=True)
+        case.add("nat assign cuda", lambda f=feats, t=targets: nat_ext.assign(f, t),
+                 lambda out, c=scores: totals(c, *rows_cols_from_col4row(out)), sync=True)
+        if scipy_lsa:
+            # The NAT step as codebases do it today: scores on the GPU, copy to the host, scipy.
+            def today(f=feats, t=targets):
+                s = torch.bmm(f, t.transpose(1, 2)).cpu().numpy()
+                return [scipy_lsa(x, maximize=True) for x in s]
+            case.add("GPU scores + .cpu() + scipy", today,
+                     lambda out, c=scores: totals(c, [r for r, _ in out], [k for _, k in out]), sync=True)
+        cases.append(case)
+    return cases
+
+
+def run(cases: list[Case], repeats: int) -> list[dict]:
+    results = []
+    header = f"{'case':<28} {'solver':<32} {'median ms':>11} {'ratio':>8} {'gap':>10}"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        ours_time, ours_total = None, None
+        for label, fn, to_totals, sync in case.solvers:
+            reps = 1 if case.cost.size >= 4096 * 4096 and "nat" not in label else repeats
+            seconds, out = median_seconds(fn, reps, sync)
+            total = to_totals(out)
+            if ours_time is None:  # our solver is listed first in every case
+                ours_time, ours_total = seconds, total
+            # Relative gap of this solver's totals to ours: > 0 means a worse assignment.
+            sign = -1.0 if case.maximize else 1.0
+            gap = float(np.max(sign * (total - ours_total) / (1.0 + np.abs(ours_total))))
+            ratio = seconds / ours_time
+            flag = "  WORSE THAN OURS" if gap > 1e-9 else ""
+            print(f"{case.name:<28} {label:<32} {seconds * 1e3:>11.3f} {ratio:>7.2f}x {gap:>10.1e}{flag}")
+            results.append({"case": case.name, "solver": label, "median_ms": seconds * 1e3,
+                            "ratio_vs_ours": ratio, "relative_gap_vs_ours": gap, "repeats": reps})
+        print()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in about a minute")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (median)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads for batched CPU solvers (ours and lapx)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 15)
+    torch.set_num_threads(args.threads)
+    for name, mod in [("scipy", scipy_lsa), ("lapx", lap)] + ([("torch-linear-assignment", tla)]
+                                                                 if args.device == "cuda" else []):
+        if mod is None:
+            print(f"note: {name} is not installed; its rows are skipped (pip install {name})")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU; none is present")
+        cases = cuda_cases(args.quick)
+    else:
+        cases = cpu_cases(args.quick, args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} threads, median of {repeats} (1 for 4096x4096 peers); uniform random costs\n")
+    results = run(cases, repeats)
+    if args.json:
+        meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
+                "repeats": repeats, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": results}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

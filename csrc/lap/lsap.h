@@ -1,0 +1,418 @@
+// Exact rectangular linear sum assignment on the host: n rows <= m columns,
+// minimise sum_i c[i][col4row[i]] (or maximise, by negating every entry as it is read).
+//
+// Jonker-Volgenant (1987) family, as in scipy's rectangular_lsap.cpp and the lap packages:
+//   1. square problems: column reduction and reduction transfer;
+//   2. augmenting row reduction (an auction with zero epsilon), two bounded passes;
+//   3. Dijkstra shortest augmenting paths for the rows still free.
+// All dual arithmetic is in double whatever T is, so float32 inputs lose nothing.
+//
+// The output carries an optimality certificate: u[i] + v[j] <= c[i][j] for all finite entries,
+// equality on assigned pairs, v[j] == 0 on unassigned columns and v[j] <= 0 elsewhere (the
+// rectangular case; see nat_ext.check_optimality).
+//
+// Plain C++ on pointers and sizes: no torch, so the CPU kernel, a C++ test and the CUDA
+// host-side core can share it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace nat {
+namespace lap {
+
+enum class Status : int { kOk = 0, kInfeasible = 1 };
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Scratch memory; one per thread, reused across the problems it solves.
+struct Workspace {
+  std::vector<double> v, d, scanned_v, scanned_d;
+  std::vector<int64_t> row4col, pred, free_rows, scanned, colmin_row, free_cols;
+  std::vector<char> unique;
+  int64_t nfree_cols = 0;
+
+  void resize(int64_t n, int64_t m) {
+    v.assign(m, 0.0);
+    d.resize(m);
+    scanned_v.resize(m);
+    scanned_d.resize(m);
+    row4col.assign(m, -1);
+    pred.resize(m);
+    free_rows.resize(n);
+    scanned.resize(m);
+    colmin_row.resize(m);
+    free_cols.resize(m);
+    unique.resize(n);
+  }
+};
+
+// Returns the flat index of the first entry that the solver cannot take (NaN, or -inf once the
+// sign for maximisation is applied), or -1 when every entry is valid.
+template <typename T>
+int64_t find_invalid_entry(const T* cost, int64_t count, bool maximize) {
+  for (int64_t k = 0; k < count; ++k) {
+    const double c = static_cast<double>(cost[k]);
+    if (std::isnan(c) || c == (maximize ? kInf : -kInf)) return k;
+  }
+  return -1;
+}
+
+namespace detail {
+
+// Augmenting row reduction is an auction with zero epsilon: cheap per step but prone to long
+// price wars. Past this many steps per row processed, the rows left are deferred to the exact
+// Dijkstra phase (measured on uniform costs, n = 256..4096: 2..16 all within noise of each other,
+// unbounded was 4x slower at n = 4096).
+constexpr int64_t kArrStepsPerRow = 8;
+
+// Row i of the cost matrix with the sign for maximisation applied on read.
+template <typename T, bool kMaximize>
+struct Rows {
+  const T* data;
+  int64_t m;
+  const T* row(int64_t i) const { return data + i * m; }
+  static double at(const T* row, int64_t j) {
+    const double c = static_cast<double>(row[j]);
+    return kMaximize ? -c : c;
+  }
+};
+
+// Column reduction and reduction transfer (square problems only: they leave v != 0 on columns
+// that may stay unassigned, which a rectangular certificate does not allow).
+// Returns the number of free rows written to free_rows, or -1 if a column has no finite entry.
+template <typename T, bool kMax>
+int64_t column_reduction(const Rows<T, kMax>& c, int64_t n, int64_t* col4row, Workspace& ws) {
+  double* v = ws.v.data();
+  int64_t* row4col = ws.row4col.data();
+  int64_t* colmin_row = ws.colmin_row.data();
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = kInf;
+    colmin_row[j] = -1;
+  }
+  // Row-major sweep: v[j] = min_i c[i][j], reading the matrix in memory order.
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = c.row(i);
+    for (int64_t j = 0; j < n; ++j) {
+      const double cij = c.at(row, j);
+      if (cij < v[j]) {
+        v[j] = cij;
+        colmin_row[j] = i;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    col4row[i] = -1;
+    ws.unique[i] = 1;
+  }
+  for (int64_t j = n - 1; j >= 0; --j) {
+    const int64_t i = colmin_row[j];
+    if (i < 0) return -1;  // column j is all +inf: no perfect matching exists
+    if (col4row[i] < 0) {
+      col4row[i] = j;
+      row4col[j] = i;
+    } else {
+      ws.unique[i] = 0;
+      row4col[j] = -1;
+    }
+  }
+  int64_t nfree = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j1 = col4row[i];
+    if (j1 < 0) {
+      ws.free_rows[nfree++] = i;
+    } else if (ws.unique[i]) {
+      // Reduction transfer: lower v[j1] so that j1 ties with row i's second best column.
+      const T* row = c.row(i);
+      double second = kInf;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == j1) continue;
+        const double h = c.at(row, j) - v[j];
+        if (h < second) second = h;
+      }
+      if (second < kInf) v[j1] -= second;
+    }
+  }
+  return nfree;
+}
+
+// One pass of augmenting row reduction over free_rows[0, nfree). Each free row takes its
+// cheapest column (reduced cost), lowering that column's price to its second best; the row it
+// evicts is retried at once when the price moved, else deferred to the next pass. The step
+// budget bounds price wars, so the pass always ends.
+// Returns the number of rows still free, or -1 if a row has no finite entry.
+template <typename T, bool kMax>
+int64_t augmenting_row_reduction(const Rows<T, kMax>& c, int64_t m, int64_t nfree,
+                                 int64_t* col4row, Workspace& ws) {
+  double* v = ws.v.data();
+  int64_t* row4col = ws.row4col.data();
+  int64_t* free_rows = ws.free_rows.data();
+  int64_t k = 0, nnew = 0, steps = 0;
+  while (k < nfree) {
+    ++steps;
+    const int64_t i = free_rows[k++];
+    const T* row = c.row(i);
+    double u1 = kInf, u2 = kInf;
+    int64_t j1 = -1, j2 = -1;
+    for (int64_t j = 0; j < m; ++j) {
+      const double h = c.at(row, j) - v[j];
+      if (h < u2) {
+        if (h < u1) {
+          u2 = u1;
+          j2 = j1;
+          u1 = h;
+          j1 = j;
+        } else {
+          u2 = h;
+          j2 = j;
+        }
+      }
+    }
+    if (j1 < 0) return -1;
+    int64_t i0 = row4col[j1];
+    const double v1_new = v[j1] - (u2 - u1);
+    // j2 < 0 means u2 is +inf: lowering the price by an infinite amount is not a move.
+    const bool lowers = j2 >= 0 && v1_new < v[j1];
+    if (steps < kArrStepsPerRow * k) {
+      if (lowers) {
+        v[j1] = v1_new;
+      } else if (i0 >= 0 && j2 >= 0) {
+        j1 = j2;  // tie: take the equally cheap second column instead of evicting
+        i0 = row4col[j2];
+      }
+      if (i0 >= 0) {
+        if (lowers) {
+          free_rows[--k] = i0;
+        } else {
+          free_rows[nnew++] = i0;
+        }
+      }
+    } else if (i0 >= 0) {
+      free_rows[nnew++] = i0;
+    }
+    col4row[i] = j1;
+    row4col[j1] = i;
+    if (i0 >= 0) col4row[i0] = -1;
+  }
+  return nnew;
+}
+
+
+struct ScanResult {
+  double best;
+  int64_t j;
+};
+
+// One Dijkstra step's sweep over the columns: relax d[j] through row i (distance base to
+// row i) and return the first column of smallest d. Written with GCC vector extensions, four
+// columns a lane group, so it vectorises on any target (and uses AVX2 where the CPU has it).
+template <typename T, bool kMax>
+__attribute__((always_inline)) inline ScanResult scan_row_impl(const T* row, const double* v,
+                                                               double* d, int64_t* pred,
+                                                               int64_t m, double base,
+                                                               int64_t i) {
+  typedef double v4d __attribute__((vector_size(32)));
+  typedef int64_t v4l __attribute__((vector_size(32)));
+  typedef T v4t __attribute__((vector_size(4 * sizeof(T))));
+  const v4d base4 = {base, base, base, base};
+  const v4l i4 = {i, i, i, i}, step4 = {4, 4, 4, 4};
+  v4d min4 = {kInf, kInf, kInf, kInf};
+  v4l argmin4 = {-1, -1, -1, -1}, j4 = {0, 1, 2, 3};
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    v4t ct;
+    v4d vv, dd;
+    v4l pp;
+    std::memcpy(&ct, row + j, sizeof ct);
+    std::memcpy(&vv, v + j, sizeof vv);
+    std::memcpy(&dd, d + j, sizeof dd);
+    std::memcpy(&pp, pred + j, sizeof pp);
+    v4d cc = __builtin_convertvector(ct, v4d);
+    if (kMax) cc = -cc;
+    const v4d h = base4 + (cc - vv);
+    const v4l lower = h < dd;
+    dd = lower ? h : dd;
+    pp = lower ? i4 : pp;
+    std::memcpy(d + j, &dd, sizeof dd);
+    std::memcpy(pred + j, &pp, sizeof pp);
+    const v4l better = dd < min4;
+    min4 = better ? dd : min4;
+    argmin4 = better ? j4 : argmin4;
+    j4 += step4;
+  }
+  ScanResult r{kInf, -1};
+  for (int l = 0; l < 4; ++l) {
+    if (argmin4[l] >= 0 && (min4[l] < r.best || (min4[l] == r.best && argmin4[l] < r.j))) {
+      r.best = min4[l];
+      r.j = argmin4[l];
+    }
+  }
+  for (; j < m; ++j) {
+    const double h = base + (Rows<T, kMax>::at(row, j) - v[j]);
+    if (h < d[j]) {
+      d[j] = h;
+      pred[j] = i;
+    }
+    if (d[j] < r.best) {
+      r.best = d[j];
+      r.j = j;
+    }
+  }
+  return r;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T, bool kMax>
+__attribute__((target("avx2"))) ScanResult scan_row_avx2(const T* row, const double* v, double* d,
+                                                        int64_t* pred, int64_t m, double base,
+                                                        int64_t i) {
+  return scan_row_impl<T, kMax>(row, v, d, pred, m, base, i);
+}
+#endif
+
+template <typename T, bool kMax>
+ScanResult scan_row(const T* row, const double* v, double* d, int64_t* pred, int64_t m,
+                    double base, int64_t i) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return scan_row_avx2<T, kMax>(row, v, d, pred, m, base, i);
+#endif
+  return scan_row_impl<T, kMax>(row, v, d, pred, m, base, i);
+}
+
+// The tie preference for free columns scans the free-column list; past this size (wide
+// rectangular problems) it is skipped, which costs steps on ties, never optimality.
+constexpr int64_t kFreeColumnTieScan = 256;
+
+// Dijkstra from free row f over reduced costs, then augment along the path found.
+// Scanned columns get v = -inf while the search runs, which makes the fused update-and-argmin
+// loop skip them without a branch; their true prices are restored (and updated) at the end.
+template <typename T, bool kMax>
+bool augment(const Rows<T, kMax>& c, int64_t m, int64_t f, int64_t* col4row, Workspace& ws) {
+  double* v = ws.v.data();
+  double* d = ws.d.data();
+  int64_t* pred = ws.pred.data();
+  int64_t* row4col = ws.row4col.data();
+  int64_t* scanned = ws.scanned.data();
+  double* scanned_v = ws.scanned_v.data();
+  double* scanned_d = ws.scanned_d.data();
+  int64_t* free_cols = ws.free_cols.data();
+  const int64_t nfree_cols = ws.nfree_cols;
+  for (int64_t j = 0; j < m; ++j) d[j] = kInf;
+
+  int64_t nscan = 0, i = f, sink = -1;
+  double base = 0.0, best = kInf;
+  while (true) {
+    const ScanResult r = scan_row<T, kMax>(c.row(i), v, d, pred, m, base, i);
+    best = r.best;
+    int64_t jbest = r.j;
+    if (jbest >= 0 && row4col[jbest] >= 0 && nfree_cols <= kFreeColumnTieScan) {
+      // Among equal distances prefer a free column: it ends the search (matters with ties).
+      for (int64_t k = 0; k < nfree_cols; ++k) {
+        if (d[free_cols[k]] == best) {
+          jbest = free_cols[k];
+          break;
+        }
+      }
+    }
+    if (jbest < 0 || best == kInf) {
+      for (int64_t k = 0; k < nscan; ++k) v[scanned[k]] = scanned_v[k];
+      return false;  // every unscanned column is unreachable: infeasible
+    }
+    if (row4col[jbest] < 0) {
+      sink = jbest;
+      break;
+    }
+    i = row4col[jbest];
+    scanned[nscan] = jbest;
+    scanned_v[nscan] = v[jbest];
+    scanned_d[nscan] = best;
+    ++nscan;
+    // Row i is reached at distance best through its matched column, whose reduced cost is
+    // row i's minimum: offset every edge out of row i by that.
+    base = best - (c.at(c.row(i), jbest) - v[jbest]);
+    v[jbest] = -kInf;
+    d[jbest] = kInf;
+  }
+  for (int64_t k = 0; k < nscan; ++k) {
+    v[scanned[k]] = scanned_v[k] + (scanned_d[k] - best);
+  }
+  for (int64_t k = 0; k < nfree_cols; ++k) {
+    if (free_cols[k] == sink) {
+      free_cols[k] = free_cols[--ws.nfree_cols];
+      break;
+    }
+  }
+  for (int64_t j = sink;;) {
+    const int64_t r = pred[j];
+    row4col[j] = r;
+    const int64_t next = col4row[r];
+    col4row[r] = j;
+    if (r == f) break;
+    j = next;
+  }
+  return true;
+}
+
+template <typename T, bool kMax>
+Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, double* u, double* v_out,
+                    Workspace& ws) {
+  ws.resize(n, m);
+  const Rows<T, kMax> c{cost, m};
+  int64_t nfree;
+  if (n == m) {
+    nfree = column_reduction(c, n, col4row, ws);
+    if (nfree < 0) return Status::kInfeasible;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      col4row[i] = -1;
+      ws.free_rows[i] = i;
+    }
+    nfree = n;
+  }
+  for (int pass = 0; pass < 2 && nfree > 0; ++pass) {
+    nfree = augmenting_row_reduction(c, m, nfree, col4row, ws);
+    if (nfree < 0) return Status::kInfeasible;
+  }
+  ws.nfree_cols = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    if (ws.row4col[j] < 0) ws.free_cols[ws.nfree_cols++] = j;
+  }
+  for (int64_t k = 0; k < nfree; ++k) {
+    if (!augment(c, m, ws.free_rows[k], col4row, ws)) return Status::kInfeasible;
+  }
+  const double sign = kMax ? -1.0 : 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = col4row[i];
+    if (u) u[i] = sign * (c.at(c.row(i), j) - ws.v[j]);
+  }
+  if (v_out) {
+    for (int64_t j = 0; j < m; ++j) v_out[j] = sign * ws.v[j];
+  }
+  return Status::kOk;
+}
+
+}  // namespace detail
+
+// Solves one n x m problem (n <= m, row-major, contiguous). Entries must be valid (see
+// find_invalid_entry); +inf (-inf when maximising) marks a forbidden pair. On kOk, col4row[i]
+// is row i's column; u and v (either may be null) get the duals of the problem as posed:
+// u[i] + v[j] <= c[i][j] when minimising, >= when maximising.
+template <typename T>
+Status solve(int64_t n, int64_t m, const T* cost, bool maximize, int64_t* col4row, double* u,
+             double* v, Workspace& ws) {
+  if (n == 0) {
+    for (int64_t j = 0; j < m; ++j) {
+      if (v) v[j] = 0.0;
+    }
+    return Status::kOk;
+  }
+  return maximize ? detail::solve_signed<T, true>(n, m, cost, col4row, u, v, ws)
+                  : detail::solve_signed<T, false>(n, m, cost, col4row, u, v, ws);
+}
+
+}  // namespace lap
+}  // namespace nat

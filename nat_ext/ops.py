@@ -1,0 +1,79 @@
+"""Python wrappers of the nat ops, and their fake kernels for torch.compile / meta tensors.
+
+The schemas live in csrc/nat.cpp; the fake kernels mirror the C++ shape checks with
+torch._check so that traced code fails the same way eager code does.
+"""
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def assign(feats: Tensor, targets: Tensor) -> Tensor:
+    """The NAT batch reassignment: match feature rows to targets one-to-one, maximising the
+    sum of dot products (equivalently, for L2-normalised rows, minimising the summed squared
+    distances). Exact.
+
+    Args:
+        feats: Tensor[n, d] or Tensor[B, n, d], float32/float64/float16/bfloat16.
+        targets: Tensor[m, d] or Tensor[B, m, d] with m >= n, same dtype and device.
+
+    Returns:
+        int64 Tensor[n] or Tensor[B, n]: for each feats row, the row of targets assigned to it.
+    """
+    return torch.ops.nat.assign.default(feats, targets)
+
+
+def solve_with_duals(cost: Tensor, maximize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Solves the assignment problem and returns an optimality certificate with it.
+
+    Args:
+        cost: Tensor[n, m] or Tensor[B, n, m] with n <= m, floating point. +inf (-inf when
+            maximize=True) marks a forbidden pair.
+        maximize: maximise the total instead of minimising it.
+
+    Returns:
+        (col4row, u, v): int64 Tensor[.., n], the column of each row; float64 Tensor[.., n] and
+        Tensor[.., m], duals with u_i + v_j <= c_ij (>= when maximising) on every finite entry,
+        equality on assigned pairs, and every unassigned column's v at least every assigned
+        column's (at most, when maximising). `check_optimality` verifies all of it.
+    """
+    return torch.ops.nat.linear_sum_assignment_with_duals.default(cost, maximize)
+
+
+def _check_cost(cost: Tensor) -> None:
+    torch._check(cost.dim() in (2, 3), lambda: f"cost should be 2-D or 3-D, got {cost.dim()}-D")
+    torch._check(cost.dtype in _FLOATS, lambda: f"cost should be floating point, got {cost.dtype}")
+    torch._check(cost.shape[-2] <= cost.shape[-1],
+                 lambda: f"cost should have n <= m, got shape {tuple(cost.shape)}")
+
+
+@torch.library.register_fake("nat::linear_sum_assignment")
+def _linear_sum_assignment_fake(cost: Tensor, maximize: bool = False) -> Tensor:
+    _check_cost(cost)
+    return cost.new_empty(cost.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.register_fake("nat::linear_sum_assignment_with_duals")
+def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False):
+    _check_cost(cost)
+    rows = cost.new_empty(cost.shape[:-1], dtype=torch.int64)
+    u = cost.new_empty(cost.shape[:-1], dtype=torch.float64)
+    v = cost.new_empty(cost.shape[:-2] + cost.shape[-1:], dtype=torch.float64)
+    return rows, u, v
+
+
+@torch.library.register_fake("nat::assign")
+def _assign_fake(feats: Tensor, targets: Tensor) -> Tensor:
+    torch._check(feats.dim() in (2, 3), lambda: f"feats should be 2-D or 3-D, got {feats.dim()}-D")
+    torch._check(targets.dim() == feats.dim(),
+                 lambda: f"targets should be {feats.dim()}-D like feats, got {targets.dim()}-D")
+    torch._check(feats.dtype in _FLOATS, lambda: f"feats should be floating point, got {feats.dtype}")
+    torch._check(targets.dtype == feats.dtype,
+                 lambda: f"targets should have the dtype of feats ({feats.dtype}), got {targets.dtype}")
+    torch._check(feats.shape[-1] == targets.shape[-1], lambda: "feats and targets differ in d")
+    if feats.dim() == 3:
+        torch._check(feats.shape[0] == targets.shape[0], lambda: "feats and targets differ in B")
+    torch._check(feats.shape[-2] <= targets.shape[-2], lambda: "assign needs n <= m")
+    return feats.new_empty(feats.shape[:-1], dtype=torch.int64)

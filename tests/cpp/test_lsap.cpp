@@ -1,0 +1,100 @@
+// Calls the torch-free solver core directly: brute force on tiny problems, and the dual
+// certificate on larger ones. Built by CMakeLists.txt and run by ctest in CI.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "lap/lsap.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, unsigned seed, int n, int m) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s (seed %u, n=%d, m=%d)\n", what, seed, n, m);
+  }
+}
+
+// Minimum over all injective maps rows -> columns, by enumerating column permutations.
+double brute_force_min(const std::vector<double>& c, int n, int m) {
+  std::vector<int> cols(m);
+  std::iota(cols.begin(), cols.end(), 0);
+  double best = nat::lap::kInf;
+  do {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += c[i * m + cols[i]];
+    best = std::min(best, s);
+  } while (std::next_permutation(cols.begin(), cols.end()));
+  return best;
+}
+
+// u_i + v_j <= c_ij everywhere, equality on the assignment, unassigned columns priced highest.
+bool certificate_holds(const std::vector<double>& c, int n, int m, const std::vector<int64_t>& x,
+                       const std::vector<double>& u, const std::vector<double>& v) {
+  const double tol = 1e-9;
+  std::vector<char> used(m, 0);
+  double vmax_assigned = -nat::lap::kInf, vmin_free = nat::lap::kInf;
+  for (int i = 0; i < n; ++i) {
+    if (x[i] < 0 || x[i] >= m || used[x[i]]) return false;
+    used[x[i]] = 1;
+    if (std::fabs(u[i] + v[x[i]] - c[i * m + x[i]]) > tol) return false;
+    for (int j = 0; j < m; ++j) {
+      if (std::isfinite(c[i * m + j]) && u[i] + v[j] > c[i * m + j] + tol) return false;
+    }
+  }
+  for (int j = 0; j < m; ++j) {
+    if (used[j]) vmax_assigned = std::max(vmax_assigned, v[j]);
+    else vmin_free = std::min(vmin_free, v[j]);
+  }
+  return vmin_free >= vmax_assigned - tol;
+}
+
+void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  std::vector<double> c(static_cast<size_t>(n) * m);
+  for (auto& x : c) {
+    x = integer_costs ? std::floor(uni(rng) * 4) : uni(rng);
+    if (with_inf && uni(rng) < 0.2) x = nat::lap::kInf;
+  }
+  std::vector<int64_t> x(n);
+  std::vector<double> u(n), v(m);
+  nat::lap::Workspace ws;
+  const auto status = nat::lap::solve<double>(n, m, c.data(), false, x.data(), u.data(), v.data(), ws);
+  const double expected = m <= 8 ? brute_force_min(c, n, m) : nat::lap::kInf;
+  if (status == nat::lap::Status::kInfeasible) {
+    expect(m <= 8 && expected == nat::lap::kInf, "reported infeasible", seed, n, m);
+    return;
+  }
+  expect(certificate_holds(c, n, m, x, u, v), "dual certificate", seed, n, m);
+  if (m <= 8) {
+    double got = 0;
+    for (int i = 0; i < n; ++i) got += c[i * m + x[i]];
+    expect(std::fabs(got - expected) <= 1e-9, "brute-force optimum", seed, n, m);
+  }
+}
+
+}  // namespace
+
+int main() {
+  unsigned seed = 0;
+  int cases = 0;
+  for (int n = 0; n <= 7; ++n) {
+    for (int m = n; m <= 8; ++m) {
+      for (int rep = 0; rep < 20; ++rep, ++cases) {
+        run_case(++seed, n, m, rep % 2 == 0, rep % 3 == 0);
+      }
+    }
+  }
+  for (int rep = 0; rep < 40; ++rep, ++cases) {
+    const int n = 20 + 13 * rep, m = n + (rep % 3) * 17;
+    run_case(++seed, n, m, rep % 2 == 0, rep % 5 == 0);
+  }
+  std::printf("%d passed, %d failed\n", cases - failures, failures);
+  return failures == 0 ? 0 : 1;
+}
