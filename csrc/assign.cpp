@@ -5,24 +5,22 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "ops_common.h"
 
 namespace nat {
 namespace {
 
 at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets) {
   check_assign(feats, targets);
-  // Low-precision inputs are scored in float32: half products would round away the optimum.
-  const auto score_type = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor scores =
-      at::matmul(feats.to(score_type), targets.to(score_type).transpose(-1, -2));
+  const at::Tensor scores = assign_scores(feats, targets);
+  // A host sync, fine here (CPU); the CUDA kernel checks inside the solver instead.
   if (!at::isfinite(scores).all().item<bool>()) {
     for (const auto& [name, t] : {std::pair{"feats", feats}, std::pair{"targets", targets}}) {
       TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "assign: ", name,
                         " contains NaN or infinite values");
     }
     TORCH_CHECK_VALUE(false, "assign: feats @ targets^T overflowed to infinity in ",
-                      score_type, "; normalise the inputs");
+                      scores.scalar_type(), "; normalise the inputs");
   }
   static const auto lsa = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("nat::linear_sum_assignment", "")

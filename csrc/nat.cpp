@@ -13,4 +13,9 @@ TORCH_LIBRARY(nat, m) {
   // feats: [n, d] or [B, n, d]; targets: [m, d] or [B, m, d], n <= m. Returns int64 [n] / [B, n]:
   // the target of each feature row, one-to-one, maximising the sum of dot products.
   m.def("assign(Tensor feats, Tensor targets) -> Tensor");
+  // Test-only: the CUDA solver's algorithm (lap/block_lsap.h) run by `threads` host threads, so
+  // the GPU code path is checked on machines without a GPU. Same outputs as the duals op.
+  m.def(
+      "_linear_sum_assignment_team(Tensor cost, bool maximize, int threads) -> (Tensor col4row, "
+      "Tensor u, Tensor v)");
 }

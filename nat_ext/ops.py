@@ -64,6 +64,11 @@ def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False)
     return rows, u, v
 
 
+@torch.library.register_fake("nat::_linear_sum_assignment_team")
+def _linear_sum_assignment_team_fake(cost: Tensor, maximize: bool, threads: int):
+    return _linear_sum_assignment_with_duals_fake(cost, maximize)
+
+
 @torch.library.register_fake("nat::assign")
 def _assign_fake(feats: Tensor, targets: Tensor) -> Tensor:
     torch._check(feats.dim() in (2, 3), lambda: f"feats should be 2-D or 3-D, got {feats.dim()}-D")

@@ -21,10 +21,10 @@
 #include <limits>
 #include <vector>
 
+#include "lap/status.h"
+
 namespace nat {
 namespace lap {
-
-enum class Status : int { kOk = 0, kInfeasible = 1 };
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -365,7 +365,7 @@ Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, doubl
   int64_t nfree;
   if (n == m) {
     nfree = column_reduction(c, n, col4row, ws);
-    if (nfree < 0) return Status::kInfeasible;
+    if (nfree < 0) return kInfeasible;
   } else {
     for (int64_t i = 0; i < n; ++i) {
       col4row[i] = -1;
@@ -375,14 +375,14 @@ Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, doubl
   }
   for (int pass = 0; pass < 2 && nfree > 0; ++pass) {
     nfree = augmenting_row_reduction(c, m, nfree, col4row, ws);
-    if (nfree < 0) return Status::kInfeasible;
+    if (nfree < 0) return kInfeasible;
   }
   ws.nfree_cols = 0;
   for (int64_t j = 0; j < m; ++j) {
     if (ws.row4col[j] < 0) ws.free_cols[ws.nfree_cols++] = j;
   }
   for (int64_t k = 0; k < nfree; ++k) {
-    if (!augment(c, m, ws.free_rows[k], col4row, ws)) return Status::kInfeasible;
+    if (!augment(c, m, ws.free_rows[k], col4row, ws)) return kInfeasible;
   }
   const double sign = kMax ? -1.0 : 1.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -392,7 +392,7 @@ Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, doubl
   if (v_out) {
     for (int64_t j = 0; j < m; ++j) v_out[j] = sign * ws.v[j];
   }
-  return Status::kOk;
+  return kSolved;
 }
 
 }  // namespace detail
@@ -408,7 +408,7 @@ Status solve(int64_t n, int64_t m, const T* cost, bool maximize, int64_t* col4ro
     for (int64_t j = 0; j < m; ++j) {
       if (v) v[j] = 0.0;
     }
-    return Status::kOk;
+    return kSolved;
   }
   return maximize ? detail::solve_signed<T, true>(n, m, cost, col4row, u, v, ws)
                   : detail::solve_signed<T, false>(n, m, cost, col4row, u, v, ws);

@@ -1,5 +1,5 @@
-// Calls the torch-free solver core directly: brute force on tiny problems, and the dual
-// certificate on larger ones. Built by CMakeLists.txt and run by ctest in CI.
+// Calls the torch-free solver cores directly (the CPU solver, and the GPU solver's algorithm on a
+// serial and a threaded host team): brute force on tiny problems, dual certificates on larger ones. Built by CMakeLists.txt and run by ctest in CI.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -7,16 +7,22 @@
 #include <random>
 #include <vector>
 
+#include <thread>
+
+#include "lap/block_lsap.h"
+#include "lap/host_team.h"
 #include "lap/lsap.h"
 
 namespace {
 
 int failures = 0;
 
+int solver_index = 0;  // which solver run_case is checking, for the failure message
+
 void expect(bool ok, const char* what, unsigned seed, int n, int m) {
   if (!ok) {
     ++failures;
-    std::printf("FAIL %s (seed %u, n=%d, m=%d)\n", what, seed, n, m);
+    std::printf("FAIL %s (solver %d, seed %u, n=%d, m=%d)\n", what, solver_index, seed, n, m);
   }
 }
 
@@ -54,7 +60,36 @@ bool certificate_holds(const std::vector<double>& c, int n, int m, const std::ve
   return vmin_free >= vmax_assigned - tol;
 }
 
-void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf) {
+enum class Solver { kCpu, kTeamSerial, kTeamThreads };
+
+// The GPU algorithm on host threads (or one), with its state in plain vectors.
+nat::lap::Status solve_with_team(int n, int m, const std::vector<double>& c, int threads,
+                                 std::vector<int64_t>& x, std::vector<double>& u,
+                                 std::vector<double>& v) {
+  std::vector<double> w(4 * static_cast<size_t>(m));
+  std::vector<int64_t> iw(2 * static_cast<size_t>(m));
+  const nat::lap::BlockState s{w.data(), w.data() + m, w.data() + 2 * m, w.data() + 3 * m,
+                               iw.data(), iw.data() + m, x.data()};
+  int64_t bad = -1;
+  if (threads == 1) {
+    nat::lap::SerialTeam team;
+    return nat::lap::block_lsap<double, false>(team, n, m, c.data(), s, u.data(), v.data(), &bad);
+  }
+  nat::lap::HostTeamShared shared(threads);
+  nat::lap::Status status = nat::lap::kSolved;
+  std::vector<std::thread> pool;
+  for (int r = 0; r < threads; ++r) {
+    pool.emplace_back([&, r] {
+      nat::lap::HostThreadTeam team(shared, r, threads);
+      const auto st = nat::lap::block_lsap<double, false>(team, n, m, c.data(), s, u.data(), v.data(), &bad);
+      if (r == 0) status = st;
+    });
+  }
+  for (auto& t : pool) t.join();
+  return status;
+}
+
+void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf, Solver solver) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   std::vector<double> c(static_cast<size_t>(n) * m);
@@ -65,7 +100,10 @@ void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf) {
   std::vector<int64_t> x(n);
   std::vector<double> u(n), v(m);
   nat::lap::Workspace ws;
-  const auto status = nat::lap::solve<double>(n, m, c.data(), false, x.data(), u.data(), v.data(), ws);
+  const auto status =
+      solver == Solver::kCpu
+          ? nat::lap::solve<double>(n, m, c.data(), false, x.data(), u.data(), v.data(), ws)
+          : solve_with_team(n, m, c, solver == Solver::kTeamSerial ? 1 : 3, x, u, v);
   const double expected = m <= 8 ? brute_force_min(c, n, m) : nat::lap::kInf;
   if (status == nat::lap::Status::kInfeasible) {
     expect(m <= 8 && expected == nat::lap::kInf, "reported infeasible", seed, n, m);
@@ -82,18 +120,22 @@ void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf) {
 }  // namespace
 
 int main() {
-  unsigned seed = 0;
   int cases = 0;
-  for (int n = 0; n <= 7; ++n) {
-    for (int m = n; m <= 8; ++m) {
-      for (int rep = 0; rep < 20; ++rep, ++cases) {
-        run_case(++seed, n, m, rep % 2 == 0, rep % 3 == 0);
+  for (const Solver solver : {Solver::kCpu, Solver::kTeamSerial, Solver::kTeamThreads}) {
+    solver_index = static_cast<int>(solver);
+    unsigned seed = 0;
+    for (int n = 0; n <= 7; ++n) {
+      for (int m = n; m <= 8; ++m) {
+        for (int rep = 0; rep < 20; ++rep, ++cases) {
+          run_case(++seed, n, m, rep % 2 == 0, rep % 3 == 0, solver);
+        }
       }
     }
-  }
-  for (int rep = 0; rep < 40; ++rep, ++cases) {
-    const int n = 20 + 13 * rep, m = n + (rep % 3) * 17;
-    run_case(++seed, n, m, rep % 2 == 0, rep % 5 == 0);
+    // Host threads meet at a barrier every Dijkstra step: keep their problems small.
+    for (int rep = 0; rep < (solver == Solver::kTeamThreads ? 10 : 40); ++rep, ++cases) {
+      const int n = 20 + 13 * rep, m = n + (rep % 3) * 17;
+      run_case(++seed, n, m, rep % 2 == 0, rep % 5 == 0, solver);
+    }
   }
   std::printf("%d passed, %d failed\n", cases - failures, failures);
   return failures == 0 ? 0 : 1;

@@ -1,0 +1,125 @@
+// What every backend shares: argument checks, the assign score matrix, and the errors raised
+// from a solver's per-problem status, so each is written once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "lap/status.h"
+
+namespace nat {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// cost: [n, m] or [B, n, m] floating point with n <= m.
+inline void check_cost(const at::Tensor& cost, const char* op) {
+  TORCH_CHECK_VALUE(cost.dim() == 2 || cost.dim() == 3, op,
+                    ": cost should be a 2-D [n, m] or 3-D [B, n, m] tensor, got ", cost.dim(),
+                    "-D with shape ", cost.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(cost.scalar_type()), op,
+                   ": cost should be float32, float64, float16 or bfloat16, got ",
+                   cost.scalar_type());
+  const int64_t n = cost.size(-2), m = cost.size(-1);
+  TORCH_CHECK_VALUE(n <= m, op, ": cost should have no more rows than columns (n <= m), got n=",
+                    n, ", m=", m, "; transpose it, or use nat_ext.linear_sum_assignment");
+}
+
+// feats: [n, d] / [B, n, d]; targets: [m, d] / [B, m, d]; same dims, B, d, dtype and device.
+inline void check_assign(const at::Tensor& feats, const at::Tensor& targets) {
+  TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 3,
+                    "assign: feats should be a 2-D [n, d] or 3-D [B, n, d] tensor, got ",
+                    feats.dim(), "-D with shape ", feats.sizes());
+  TORCH_CHECK_VALUE(targets.dim() == feats.dim(), "assign: targets should be ", feats.dim(),
+                    "-D like feats (", feats.sizes(), "), got ", targets.dim(),
+                    "-D with shape ", targets.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(feats.scalar_type()),
+                   "assign: feats should be float32, float64, float16 or bfloat16, got ",
+                   feats.scalar_type());
+  TORCH_CHECK_TYPE(targets.scalar_type() == feats.scalar_type(),
+                   "assign: targets should have the dtype of feats (", feats.scalar_type(),
+                   "), got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(feats.device() == targets.device(),
+                    "assign: feats and targets should be on the same device, got feats on ",
+                    feats.device(), " and targets on ", targets.device());
+  TORCH_CHECK_VALUE(feats.size(-1) == targets.size(-1),
+                    "assign: feats and targets should have the same feature size d, got ",
+                    feats.size(-1), " and ", targets.size(-1));
+  if (feats.dim() == 3) {
+    TORCH_CHECK_VALUE(feats.size(0) == targets.size(0),
+                      "assign: feats and targets should have the same batch size B, got ",
+                      feats.size(0), " and ", targets.size(0));
+  }
+  TORCH_CHECK_VALUE(feats.size(-2) <= targets.size(-2),
+                    "assign: feats should have no more rows than targets (n <= m), got n=",
+                    feats.size(-2), ", m=", targets.size(-2));
+}
+
+// The solver's view of a checked cost: [B, n, m], contiguous, float32 or float64 (float16 and
+// bfloat16 widen to float32 exactly). Also returns whether the input was batched.
+inline std::pair<at::Tensor, bool> prepare_cost(const at::Tensor& cost) {
+  at::Tensor c = cost.scalar_type() == at::kHalf || cost.scalar_type() == at::kBFloat16
+                     ? cost.to(at::kFloat)
+                     : cost;
+  const bool batched = c.dim() == 3;
+  return {(batched ? c : c.unsqueeze(0)).contiguous(), batched};
+}
+
+// Outputs [B, n] int64 and, when asked, float64 duals [B, n] and [B, m] (else empty).
+struct SolveOutputs {
+  at::Tensor col4row, u, v;
+  SolveOutputs(const at::Tensor& cost3d, bool with_duals) {
+    const int64_t B = cost3d.size(0), n = cost3d.size(1), m = cost3d.size(2);
+    const auto f64 = cost3d.options().dtype(at::kDouble);
+    col4row = at::empty({B, n}, cost3d.options().dtype(at::kLong));
+    u = at::empty({with_duals ? B : 0, n}, f64);
+    v = at::empty({with_duals ? B : 0, m}, f64);
+  }
+  // Drops the batch dimension again for unbatched inputs.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(bool batched, bool with_duals) const {
+    if (batched) return {col4row, u, v};
+    return {col4row.squeeze(0), with_duals ? u.squeeze(0) : u, with_duals ? v.squeeze(0) : v};
+  }
+};
+
+// feats @ targets^T in float32 (float64 for float64 inputs): half-precision products would round
+// away the optimum, so low-precision inputs are widened first.
+inline at::Tensor assign_scores(const at::Tensor& feats, const at::Tensor& targets) {
+  const auto score_type = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::matmul(feats.to(score_type), targets.to(score_type).transpose(-1, -2));
+}
+
+// Raises the error for the first problem that failed. `status` is a CPU int64 [B, 2] tensor,
+// {lap::Status, flat index of the bad entry} a problem;
+// `cost` is the [B, n, m] matrix the solver read (for the offending value).
+inline void raise_on_failure(const char* op, const at::Tensor& status, const at::Tensor& cost,
+                             bool batched, bool maximize) {
+  const int64_t* st = status.const_data_ptr<int64_t>();
+  const int64_t B = status.size(0), m = cost.size(2);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::string item = batched ? "[" + std::to_string(b) + "]" : std::string();
+    if (st[2 * b] == lap::kInvalidEntry) {
+      const int64_t i = st[2 * b + 1] / m, j = st[2 * b + 1] % m;
+      const double value = cost[b][i][j].item<double>();
+      if (std::string(op) == "assign") {
+        TORCH_CHECK_VALUE(false, "assign: feats @ targets^T", item, "[", i, "][", j, "] is ", value,
+                          ": feats or targets contains NaN or infinite values, or the product "
+                          "overflowed");
+      }
+      TORCH_CHECK_VALUE(false, op, ": matrix contains invalid numeric entries: cost", item, "[",
+                        i, "][", j, "] is ", value, " (NaN and ",
+                        maximize ? "+inf with maximize=True" : "-inf", " are not allowed; ",
+                        maximize ? "-inf" : "+inf", " marks a forbidden pair)");
+    }
+    TORCH_CHECK_VALUE(st[2 * b] != lap::kInfeasible, op, ": cost matrix is infeasible",
+                      batched ? ": batch item " + std::to_string(b) : std::string(),
+                      " has no assignment of every row that avoids the forbidden (infinite) "
+                      "entries");
+  }
+}
+
+}  // namespace nat

@@ -1,0 +1,149 @@
+"""The CUDA solver's algorithm (csrc/lap/block_lsap.h), tested on the host.
+
+nat::_linear_sum_assignment_team runs the very source the CUDA kernel runs, on a team of host
+threads with a barrier instead of a thread block, so what is checked here is the algorithm, its
+column ownership and its barriers; only the warp-shuffle reductions of cuda/team.cuh are not.
+The GPU itself is tested at the bottom, whenever one is present.
+"""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+import nat_ext
+
+team_solve = torch.ops.nat._linear_sum_assignment_team
+
+
+def scipy_optimum(cost: torch.Tensor, maximize: bool) -> float:
+    c = cost.double().numpy()
+    rows, cols = scipy_lsa(c, maximize=maximize)
+    return c[rows, cols].sum()
+
+
+def check(cost, col4row, u, v, maximize, seed):
+    n = cost.shape[0]
+    got = cost.double()[torch.arange(n), col4row].sum().item()
+    expected = scipy_optimum(cost, maximize)
+    assert abs(got - expected) <= 1e-9 * (1 + abs(expected)), f"seed {seed}: {got} vs {expected}"
+    assert nat_ext.check_optimality(cost, col4row, u, v, maximize=maximize), f"seed {seed}"
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+def test_team_algorithm_matches_scipy(threads, maximize, kind):
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(0, 40, (1,), generator=g))
+        m = n + int(torch.randint(0, 3, (1,), generator=g)) * int(torch.randint(0, 15, (1,), generator=g))
+        cost = torch.rand(n, m, generator=g, dtype=torch.float64)
+        if kind == "ties":
+            cost = (cost * 3).floor()
+        col4row, u, v = team_solve(cost, maximize, threads)
+        check(cost, col4row, u, v, maximize, seed)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_team_algorithm_larger_and_float32(threads):
+    g = torch.Generator().manual_seed(1)
+    for shape in [(150, 150), (100, 230)]:
+        cost = torch.rand(shape, generator=g)
+        col4row, u, v = team_solve(cost, False, threads)
+        check(cost, col4row, u, v, False, shape)
+
+
+def test_team_algorithm_forbidden_and_infeasible():
+    rng = np.random.default_rng(2)
+    for trial in range(15):
+        n, m = rng.integers(1, 25, size=2)
+        n, m = min(n, m), max(n, m)
+        cost = rng.random((n, m))
+        cost[rng.random((n, m)) < 0.4] = np.inf
+        t = torch.from_numpy(cost)
+        try:
+            scipy_lsa(cost)
+        except ValueError:
+            with pytest.raises(ValueError, match="infeasible"):
+                team_solve(t, False, 4)
+            continue
+        col4row, u, v = team_solve(t, False, 4)
+        check(t, col4row, u, v, False, trial)
+
+
+def test_team_algorithm_invalid_entries_and_degenerate():
+    cost = torch.rand(6, 9, dtype=torch.float64)
+    cost[4, 7] = float("nan")
+    cost[5, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"cost\[4\]\[7\] is nan"):  # the first one is named
+        team_solve(cost, False, 4)
+    for value in [0.0, 1e300, 5e-324]:
+        cost = torch.full((20, 33), value, dtype=torch.float64)
+        col4row, u, v = team_solve(cost, False, 4)
+        check(cost, col4row, u, v, False, value)
+
+
+def test_team_algorithm_batched_and_shapes():
+    g = torch.Generator().manual_seed(3)
+    cost = torch.randint(0, 4, (5, 12, 17), generator=g).float()
+    col4row, u, v = team_solve(cost, True, 2)
+    assert col4row.shape == (5, 12) and u.shape == (5, 12) and v.shape == (5, 17)
+    for b in range(5):
+        check(cost[b], col4row[b], u[b], v[b], True, b)
+    torch.library.opcheck(team_solve.default, (cost, True, 2))
+    with pytest.raises(ValueError, match="threads should be in"):
+        team_solve(cost, True, 0)
+
+
+# --- the CUDA kernels themselves (skipped without a GPU) -----------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 7), (33, 70), (256, 256), (4, 100, 100),
+                                   (64, 64, 200), (2, 1024, 1024)])
+def test_cuda_matches_cpu(dtype, shape):
+    g = torch.Generator().manual_seed(4)
+    cost = torch.rand(shape, generator=g).to(dtype)
+    for maximize in (False, True):
+        x, u, v = nat_ext.solve_with_duals(cost.cuda(), maximize=maximize)
+        assert x.is_cuda and u.is_cuda and v.is_cuda
+        assert nat_ext.check_optimality(cost, x.cpu(), u.cpu(), v.cpu(), maximize=maximize)
+        x_cpu = torch.ops.nat.linear_sum_assignment(cost, maximize)
+        c = cost.double()
+        total = torch.gather(c, -1, x.cpu().unsqueeze(-1)).sum()
+        total_cpu = torch.gather(c, -1, x_cpu.unsqueeze(-1)).sum()
+        assert abs(total - total_cpu) <= 1e-9 * (1 + abs(total_cpu))
+
+
+@pytest.mark.cuda
+def test_cuda_errors_and_ties():
+    cost = torch.zeros(300, 300, device="cuda")
+    x, u, v = nat_ext.solve_with_duals(cost)
+    assert nat_ext.check_optimality(cost.cpu(), x.cpu(), u.cpu(), v.cpu())
+    cost[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"cost\[3\]\[5\] is nan"):
+        torch.ops.nat.linear_sum_assignment(cost)
+    cost = torch.rand(3, 4, 4, device="cuda")
+    cost[1, :, 1:] = float("inf")
+    with pytest.raises(ValueError, match="infeasible: batch item 1"):
+        torch.ops.nat.linear_sum_assignment(cost)
+    feats = torch.randn(8, 4, device="cuda")
+    feats[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="feats or targets contains NaN"):
+        nat_ext.assign(feats, torch.randn(8, 4, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_compile_and_opcheck():
+    cost = torch.rand(3, 20, 30, device="cuda")
+    torch.library.opcheck(torch.ops.nat.linear_sum_assignment.default, (cost, False))
+    torch.library.opcheck(torch.ops.nat.linear_sum_assignment_with_duals.default, (cost, True))
+    feats, targets = torch.randn(2, 16, 8, device="cuda"), torch.randn(2, 16, 8, device="cuda")
+    torch.library.opcheck(torch.ops.nat.assign.default, (feats, targets))
+    compiled = torch.compile(lambda f, t: torch.ops.nat.assign(f, t), fullgraph=True)
+    scores = feats.double() @ targets.double().transpose(1, 2)
+    for idx in (compiled(feats, targets), nat_ext.assign(feats.cpu(), targets.cpu()).cuda()):
+        got = torch.gather(scores, -1, idx.unsqueeze(-1)).sum(dim=(1, 2))
+        best = torch.tensor([scipy_optimum(s.cpu(), True) for s in scores], dtype=torch.float64)
+        torch.testing.assert_close(got.cpu(), best, rtol=0, atol=1e-4)
