@@ -91,22 +91,33 @@ def check_optimality(cost: Tensor, col4row: Tensor, u: Tensor, v: Tensor,
     c = torch.as_tensor(cost).to(torch.float64)
     if c.dim() not in (2, 3):
         raise ValueError(f"cost should be 2-D or 3-D, got shape {tuple(c.shape)}")
-    batched = c.dim() == 3
+    batched, cost_shape = c.dim() == 3, tuple(c.shape)
     if not batched:
         c = c.unsqueeze(0)
     B, n, m = c.shape
-    x = torch.as_tensor(col4row, device=c.device).to(torch.int64).reshape(B, n) if n else \
-        torch.zeros(B, 0, dtype=torch.int64, device=c.device)
-    uu = torch.as_tensor(u, device=c.device).to(torch.float64).reshape(B, n)
-    vv = torch.as_tensor(v, device=c.device).to(torch.float64).reshape(B, m)
+    if n > m:
+        raise ValueError(f"cost should have n <= m (transpose it and its duals), got n={n}, m={m}")
+    expected = {"col4row": (B, n), "u": (B, n), "v": (B, m)}
+    given = {"col4row": col4row, "u": u, "v": v}
+    for name, shape in expected.items():
+        given[name] = torch.as_tensor(given[name], device=c.device)
+        if given[name].numel() != shape[0] * shape[1]:
+            want = shape if batched else shape[1:]
+            raise ValueError(f"{name} should have shape {want} for cost of shape "
+                             f"{cost_shape}, got {tuple(given[name].shape)}")
+    x = given["col4row"].to(torch.int64).reshape(B, n)
+    uu = given["u"].to(torch.float64).reshape(B, n)
+    vv = given["v"].to(torch.float64).reshape(B, m)
+    if not (torch.isfinite(uu).all() and torch.isfinite(vv).all()):
+        return False
     if maximize:
         c, uu, vv = -c, -uu, -vv
     finite = torch.isfinite(c)
     if tol is None:
         scale = c[finite].abs().max().item() if finite.any() else 0.0
         tol = 1e-9 * (1.0 + scale)
-    if n > m or n == 0:
-        return n == 0
+    if n == 0:
+        return True
     if ((x < 0) | (x >= m)).any():
         return False
     if (torch.sort(x, dim=-1).values.diff(dim=-1) == 0).any():

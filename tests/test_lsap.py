@@ -154,6 +154,11 @@ def test_check_optimality_rejects_bad_certificates():
     v_bad[free] -= 1.0  # an unassigned column priced below the assigned ones
     u_bad = u.clone()
     assert not nat_ext.check_optimality(cost, col4row, u_bad, v_bad)
+    u_nan = u.clone()
+    u_nan[3] = float("nan")
+    assert not nat_ext.check_optimality(cost, col4row, u_nan, v)
+    with pytest.raises(ValueError, match=r"v should have shape \(40,\)"):
+        nat_ext.check_optimality(cost, col4row, u, v[:-1])
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 1e300, -1e300, 5e-324, 1e-310])
