@@ -105,6 +105,28 @@ def cpu_cases(quick: bool, threads: int) -> list[Case]:
                      lambda c=cost: lap.lapjvs_batch(c, return_cost=False, n_threads=threads),
                      lambda out, c=cost: totals(c, np.stack(out[0]), np.stack(out[1])))
         cases.append(case)
+    return cases + assign_cases("cpu", torch.Generator().manual_seed(0))
+
+
+def assign_cases(device: str, g: torch.Generator) -> list[Case]:
+    """The NAT step itself: n=256 features against their batch's targets, d=2048."""
+    cases = []
+    sync = device == "cuda"
+    for B in (1, 64):
+        feats = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device=device), dim=-1)
+        targets = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device=device), dim=-1)
+        scores = (feats.double() @ targets.double().transpose(1, 2)).cpu().numpy()
+        case = Case(f"assign n=256 d=2048 B={B}", scores, maximize=True)
+        case.add(f"nat assign {device}", lambda f=feats, t=targets: nat_ext.assign(f, t),
+                 lambda out, c=scores: totals(c, *rows_cols_from_col4row(out)), sync=sync)
+        if scipy_lsa:
+            # The NAT step as codebases do it today: scores with torch, copy to numpy, scipy.
+            def today(f=feats, t=targets):
+                s = torch.bmm(f, t.transpose(1, 2)).cpu().numpy()
+                return [scipy_lsa(x, maximize=True) for x in s]
+            case.add(f"{device} scores + .cpu() + scipy", today,
+                     lambda out, c=scores: totals(c, [r for r, _ in out], [k for _, k in out]), sync=sync)
+        cases.append(case)
     return cases
 
 
@@ -130,22 +152,7 @@ def cuda_cases(quick: bool) -> list[Case]:
             case.add("torch-linear-assignment", lambda tb=tb: tla.batch_linear_assignment(tb),
                      lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
         cases.append(case)
-    for B in (1, 64):
-        feats = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device="cuda"), dim=-1)
-        targets = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device="cuda"), dim=-1)
-        scores = (feats.double() @ targets.double().transpose(1, 2)).cpu().numpy()
-        case = Case(f"assign n=256 d=2048 B={B}", scores, maximize=True)
-        case.add("nat assign cuda", lambda f=feats, t=targets: nat_ext.assign(f, t),
-                 lambda out, c=scores: totals(c, *rows_cols_from_col4row(out)), sync=True)
-        if scipy_lsa:
-            # The NAT step as codebases do it today: scores on the GPU, copy to the host, scipy.
-            def today(f=feats, t=targets):
-                s = torch.bmm(f, t.transpose(1, 2)).cpu().numpy()
-                return [scipy_lsa(x, maximize=True) for x in s]
-            case.add("GPU scores + .cpu() + scipy", today,
-                     lambda out, c=scores: totals(c, [r for r, _ in out], [k for _, k in out]), sync=True)
-        cases.append(case)
-    return cases
+    return cases + assign_cases("cuda", g)
 
 
 def run(cases: list[Case], repeats: int) -> list[dict]:

@@ -27,14 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_team_cpu(
   at::Tensor status = at::zeros({B, 2}, cost.options().dtype(at::kLong));
   int64_t* st = status.data_ptr<int64_t>();
   std::vector<double> v(m), d(m), saved_v(m), saved_d(m);
-  std::vector<int64_t> pred(m), row4col(m);
+  std::vector<int64_t> pred(m), row4col(m), free_rows(n);
 
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "_linear_sum_assignment_team", [&] {
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* cb = cost.const_data_ptr<scalar_t>() + b * n * m;
       const lap::BlockState s{v.data(),    d.data(),       saved_v.data(),
                               saved_d.data(), pred.data(), row4col.data(),
-                              out.col4row.data_ptr<int64_t>() + b * n};
+                              out.col4row.data_ptr<int64_t>() + b * n, free_rows.data()};
       double* u = out.u.data_ptr<double>() + b * n;
       double* vo = out.v.data_ptr<double>() + b * m;
       auto run = [&](auto& team) {

@@ -21,13 +21,12 @@ template <typename T, bool kMax>
 __global__ void __launch_bounds__(1024)
     block_lsap_kernel(const T* cost, int64_t n, int64_t m, double* work, int64_t* iwork,
                       int64_t* col4row, double* u, double* v, int64_t* status) {
-  __shared__ lap::Candidate candidate_slots[2 * lap::CudaBlockTeam::kMaxWarps];
-  __shared__ int64_t index_slots[2 * lap::CudaBlockTeam::kMaxWarps];
-  lap::CudaBlockTeam team(candidate_slots, index_slots);
+  __shared__ lap::CudaBlockTeam::Slots slots;
+  lap::CudaBlockTeam team(&slots);
   const int64_t b = blockIdx.x;
   double* w = work + b * 4 * m;
-  int64_t* iw = iwork + b * 2 * m;
-  const lap::BlockState s{w, w + m, w + 2 * m, w + 3 * m, iw, iw + m, col4row + b * n};
+  int64_t* iw = iwork + b * (2 * m + n);
+  const lap::BlockState s{w, w + m, w + 2 * m, w + 3 * m, iw, iw + m, col4row + b * n, iw + 2 * m};
   int64_t bad = -1;
   const lap::Status code = lap::block_lsap<T, kMax>(team, n, m, cost + b * n * m, s,
                                                 u ? u + b * n : nullptr, v ? v + b * m : nullptr,
@@ -54,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
   SolveOutputs out(cost, with_duals);
   if (B == 0) return out.result(batched, with_duals);
   TORCH_CHECK_VALUE(B <= INT32_MAX, op, ": at most 2^31 - 1 problems a call, got ", B);
-  // Workspace from the caching allocator: prices, distances, saved prices and distances; pred
-  // and row4col.
-  at::Tensor work = at::empty({B, 4, m}, cost.options().dtype(at::kDouble));
-  at::Tensor iwork = at::empty({B, 2, m}, cost.options().dtype(at::kLong));
+  // Workspace from the caching allocator: prices, distances, saved prices and distances; pred,
+  // row4col and the free-row list.
+  at::Tensor work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
+  at::Tensor iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
   at::Tensor status = at::empty({B, 2}, cost.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {

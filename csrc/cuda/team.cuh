@@ -1,7 +1,10 @@
 // The Team that lap/block_lsap.h runs on inside a CUDA kernel: one thread block (a multiple of
-// 32 threads) shares one problem. Reductions are warp shuffles, then one slot per warp in shared
-// memory; every reduction doubles as the barrier (with memory ordering) the algorithm relies on.
+// 32 threads) shares one problem. reduce() is a butterfly of warp shuffles, then one slot per
+// warp in shared memory; it doubles as the barrier (with memory ordering) the algorithm relies on.
 #pragma once
+
+#include <cstdint>
+#include <type_traits>
 
 #include "lap/block_lsap.h"
 
@@ -11,61 +14,56 @@ namespace lap {
 class CudaBlockTeam {
  public:
   static constexpr int kMaxWarps = 32;
-  // candidate_slots and index_slots: shared memory, 2 * kMaxWarps entries each (two alternating
-  // sets, so a reduction can start before every thread has read the previous one's result).
-  __device__ CudaBlockTeam(Candidate* candidate_slots, int64_t* index_slots)
-      : candidate_slots_(candidate_slots), index_slots_(index_slots) {}
+  static constexpr int kSlotWords = 14;  // room for the largest value reduced (Top2: 56 bytes)
+  // Shared memory for two alternating sets of per-warp slots, so a reduction can start before
+  // every thread has read the previous one's result.
+  struct Slots {
+    uint32_t words[2][kMaxWarps][kSlotWords];
+  };
+
+  __device__ explicit CudaBlockTeam(Slots* slots) : slots_(slots) {}
 
   __device__ int64_t rank() const { return threadIdx.x; }
   __device__ int64_t size() const { return blockDim.x; }
   __device__ void sync() { __syncthreads(); }
 
-  __device__ Candidate argmin(const Candidate& c) {
-    return reduce(c, candidate_slots_, [](const Candidate& a, const Candidate& b) { return better(a, b); });
-  }
-
-  __device__ int64_t min_index(int64_t k) {
-    return reduce(k, index_slots_, [](int64_t a, int64_t b) { return a < b; });
-  }
-
- private:
-  static constexpr unsigned kFullMask = 0xffffffffu;
-
-  __device__ static int64_t shuffle_xor(int64_t x, int offset) {
-    return __shfl_xor_sync(kFullMask, x, offset);
-  }
-  __device__ static Candidate shuffle_xor(const Candidate& c, int offset) {
-    return Candidate{__shfl_xor_sync(kFullMask, c.d, offset), __shfl_xor_sync(kFullMask, c.v, offset),
-                     __shfl_xor_sync(kFullMask, c.j, offset),
-                     __shfl_xor_sync(kFullMask, c.assigned, offset)};
-  }
-
-  // Block-wide minimum under `less`, returned to every thread: a butterfly within each warp,
-  // then one slot per warp in shared memory.
-  template <typename V, typename Less>
-  __device__ V reduce(V x, V* slot_sets, Less less) {
+  template <typename V, typename Merge>
+  __device__ V reduce(V x, Merge merge) {
+    static_assert(std::is_trivially_copyable<V>::value && sizeof(V) % 4 == 0 &&
+                  sizeof(V) <= 4 * kSlotWords);
+    constexpr int kWords = sizeof(V) / 4;
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const V o = shuffle_xor(x, offset);
-      if (less(o, x)) x = o;
+      uint32_t w[kWords];
+      memcpy(w, &x, sizeof(V));
+#pragma unroll
+      for (int k = 0; k < kWords; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], offset);
+      V other;
+      memcpy(&other, w, sizeof(V));
+      x = merge(x, other);
     }
+    // The butterfly gives every lane the same value only if merge() picks by a total order
+    // (ArgMin, MinIndex and MergeTop2 all do, ties broken by column index).
     const int warps = (blockDim.x + 31) >> 5;
     if (warps == 1) {
       __syncwarp();  // memory ordering between the lanes, as a block barrier would give
       return x;
     }
-    V* slots = slot_sets + parity_ * kMaxWarps;
+    auto& set = slots_->words[parity_];
     parity_ ^= 1;
-    if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = x;
+    if ((threadIdx.x & 31) == 0) memcpy(set[threadIdx.x >> 5], &x, sizeof(V));
     __syncthreads();
-    V best = slots[0];
+    V result;
+    memcpy(&result, set[0], sizeof(V));
     for (int w = 1; w < warps; ++w) {
-      if (less(slots[w], best)) best = slots[w];
+      V other;
+      memcpy(&other, set[w], sizeof(V));
+      result = merge(result, other);
     }
-    return best;
+    return result;
   }
 
-  Candidate* candidate_slots_;
-  int64_t* index_slots_;
+ private:
+  Slots* slots_;
   int parity_ = 0;
 };
 

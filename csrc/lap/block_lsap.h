@@ -1,14 +1,18 @@
 // Exact linear sum assignment solved by a team of threads that share one problem: a CUDA thread
 // block on the GPU, or host threads (or a single one) in the tests. The same source compiles for
-// both; only the Team (barrier and reductions, see host_team.h and cuda/team.cuh) differs.
+// both; only the Team differs (see host_team.h and cuda/team.cuh). A Team provides rank(),
+// size(), sync() (a barrier with memory ordering) and reduce(x, merge): merge() folded over every
+// thread's x, the result returned to all of them, which also acts as a barrier.
 //
-// Algorithm: column reduction (square problems), then shortest augmenting paths (Dijkstra) from
-// each free row, as in lsap.h, with every sweep over the columns split across the team:
+// Algorithm, as in lsap.h: column reduction (square problems), augmenting row reduction (two
+// bounded passes), then shortest augmenting paths (Dijkstra) from each row still free; every sweep
+// over the columns is split across the team:
 //   - thread r owns the columns j with j % team.size() == r: only it reads or writes v[j], d[j],
 //     pred[j] and the saved prices of j, so a Dijkstra step needs no barrier besides the one
 //     inside the arg-min reduction;
 //   - the reduction carries the winner's price, so no thread reads another thread's column;
-//   - row4col and col4row change only in the path flip, done by thread 0 between two barriers.
+//   - row4col and col4row change only in thread 0's writes (end of a row-reduction step, path
+//     flip), followed by a barrier; what the others need of them travels in the reductions.
 // Prices and distances are double whatever T is. Duals and status as in lsap.h.
 #pragma once
 
@@ -30,20 +34,74 @@ namespace lap {
 // ends the search), then the lowest index, so every team size picks the same column.
 struct Candidate {
   double d;
-  double v;  // the column's price, carried so the winner's owner need not be asked
+  double v;   // the column's price, carried so the winner's owner need not be asked
   int64_t j;
-  int32_t assigned;
+  int64_t r;  // the row the column is assigned to, -1 if free
 };
 
 NAT_HD inline bool better(const Candidate& a, const Candidate& b) {
   if (a.d != b.d) return a.d < b.d;
-  if (a.assigned != b.assigned) return a.assigned < b.assigned;
+  if ((a.r < 0) != (b.r < 0)) return a.r < 0;
   return a.j < b.j;
 }
 
 NAT_HD inline Candidate no_candidate() {
-  return Candidate{std::numeric_limits<double>::infinity(), 0.0, INT64_MAX, 1};
+  return Candidate{std::numeric_limits<double>::infinity(), 0.0, INT64_MAX, 0};
 }
+
+// Merge functions for Team::reduce.
+struct ArgMin {
+  NAT_HD Candidate operator()(const Candidate& a, const Candidate& b) const {
+    return better(a, b) ? a : b;
+  }
+};
+struct MinIndex {
+  NAT_HD int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+
+// The two cheapest columns of a row (by reduced cost, then index), for augmenting row reduction,
+// with what their owners know of them (read before the reduction's barrier, so no thread reads
+// state that thread 0 is about to change).
+struct Top2 {
+  double u1, v1;  // cheapest reduced cost, and that column's price
+  int64_t j1, r1; // the column, and the row it is assigned to (-1: free)
+  double u2;
+  int64_t j2, r2;
+};
+
+NAT_HD inline Top2 no_top2() {
+  const double inf = std::numeric_limits<double>::infinity();
+  return Top2{inf, 0.0, INT64_MAX, -1, inf, INT64_MAX, -1};
+}
+
+NAT_HD inline bool cheaper(double ua, int64_t ja, double ub, int64_t jb) {
+  return ua < ub || (ua == ub && ja < jb);
+}
+
+// Adds column j (reduced cost u, price v, assigned to row r) to a Top2.
+NAT_HD inline void offer(Top2& t, double u, double v, int64_t j, int64_t r) {
+  if (cheaper(u, j, t.u1, t.j1)) {
+    t.u2 = t.u1;
+    t.j2 = t.j1;
+    t.r2 = t.r1;
+    t.u1 = u;
+    t.v1 = v;
+    t.j1 = j;
+    t.r1 = r;
+  } else if (cheaper(u, j, t.u2, t.j2)) {
+    t.u2 = u;
+    t.j2 = j;
+    t.r2 = r;
+  }
+}
+
+struct MergeTop2 {
+  NAT_HD Top2 operator()(Top2 a, const Top2& b) const {
+    offer(a, b.u1, b.v1, b.j1, b.r1);
+    offer(a, b.u2, 0.0, b.j2, b.r2);
+    return a;
+  }
+};
 
 // Per-problem state, each array in memory all team threads can reach (global memory on the GPU).
 struct BlockState {
@@ -54,7 +112,11 @@ struct BlockState {
   int64_t* pred;    // [m] row that reached column j
   int64_t* row4col; // [m]
   int64_t* col4row; // [n] (the output)
+  int64_t* free_rows; // [n] rows left for augmenting row reduction
 };
+
+// Bounds price wars in augmenting row reduction, as kArrStepsPerRow in lsap.h.
+constexpr int64_t kTeamArrStepsPerRow = 8;
 
 template <typename T, bool kMax>
 NAT_HD inline double signed_cost(const T* row, int64_t j) {
@@ -80,7 +142,7 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
       break;
     }
   }
-  first_bad = team.min_index(first_bad);
+  first_bad = team.reduce(first_bad, MinIndex{});
   if (first_bad != INT64_MAX) {
     *bad_entry = first_bad;
     return kInvalidEntry;
@@ -119,7 +181,65 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
   }
   team.sync();
 
-  // 3. Shortest augmenting path from each free row.
+  // 3. Augmenting row reduction: each free row takes its cheapest column and lowers that
+  // column's price to its second best, evicting the previous owner (retried at once when the
+  // price moved, else in the next pass). One barrier a step, the reduction's: every thread knows
+  // the evicted row from it, the column's owner updates that column's price and row, and thread 0
+  // writes col4row and the deferred rows, which nobody reads before the pass ends.
+  int64_t nfree = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (s.col4row[i] < 0) {
+      if (rank == 0) s.free_rows[nfree] = i;
+      ++nfree;
+    }
+  }
+  team.sync();
+  for (int pass = 0; pass < 2 && nfree > 0; ++pass) {
+    int64_t k = 0, nnew = 0, steps = 0, retry = -1;
+    while (retry >= 0 || k < nfree) {
+      ++steps;
+      const int64_t i = retry >= 0 ? retry : s.free_rows[k++];
+      retry = -1;
+      const T* row = cost + i * m;
+      Top2 local = no_top2();
+      for (int64_t j = rank; j < m; j += size) {
+        const double vj = s.v[j];
+        offer(local, signed_cost<T, kMax>(row, j) - vj, vj, j, s.row4col[j]);
+      }
+      const Top2 t = team.reduce(local, MergeTop2{});
+      if (!(t.u1 < inf)) return kInfeasible;  // row i has no finite entry
+      int64_t j1 = t.j1, i0 = t.r1;
+      const double v1_new = t.v1 - (t.u2 - t.u1);
+      const bool lowers = t.u2 < inf && v1_new < t.v1;  // a move by an infinite amount is none
+      bool retry_evicted = false;
+      if (steps < kTeamArrStepsPerRow * k) {
+        if (lowers) {
+          if (j1 % size == rank) s.v[j1] = v1_new;
+          retry_evicted = true;
+        } else if (i0 >= 0 && t.u2 < inf) {
+          j1 = t.j2;  // tie: take the equally cheap second column instead of evicting
+          i0 = t.r2;
+        }
+      }
+      if (j1 % size == rank) s.row4col[j1] = i;
+      if (rank == 0) {
+        s.col4row[i] = j1;
+        if (i0 >= 0) s.col4row[i0] = -1;
+        if (i0 >= 0 && !retry_evicted) s.free_rows[nnew] = i0;  // a slot already read
+      }
+      if (i0 >= 0) {
+        if (retry_evicted) {
+          retry = i0;
+        } else {
+          ++nnew;
+        }
+      }
+    }
+    team.sync();
+    nfree = nnew;
+  }
+
+  // 4. Shortest augmenting path from each free row.
   for (int64_t f = 0; f < n; ++f) {
     if (s.col4row[f] >= 0) continue;  // same value in every thread: written before a barrier
     int64_t i = f;
@@ -138,21 +258,21 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
           s.d[j] = h;
           s.pred[j] = i;
         }
-        const Candidate c{dj, vj, j, s.row4col[j] >= 0 ? 1 : 0};
+        const Candidate c{dj, vj, j, s.row4col[j]};
         if (better(c, local)) local = c;
       }
-      win = team.argmin(local);
+      win = team.reduce(local, ArgMin{});
       if (!(win.d < inf)) return kInfeasible;  // nothing reachable: no perfect matching
-      if (!win.assigned) break;                      // reached a free column: the sink
+      if (win.r < 0) break;                          // reached a free column: the sink
       const int64_t jb = win.j;
       if (jb % size == rank) {  // the owner marks it scanned; nobody else touches column jb
         s.saved_v[jb] = win.v;
         s.saved_d[jb] = win.d;
         s.v[jb] = -inf;
       }
-      // Row row4col[jb] is reached at distance win.d through its matched column, whose reduced
-      // cost is that row's minimum: offset every edge out of it by that.
-      i = s.row4col[jb];
+      // Row win.r is reached at distance win.d through its matched column, whose reduced cost is
+      // that row's minimum: offset every edge out of it by that.
+      i = win.r;
       base = win.d - (signed_cost<T, kMax>(cost + i * m, jb) - win.v);
     }
     // Price update of the scanned columns (by their owners) and the path flip (by thread 0).
@@ -173,7 +293,7 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
     team.sync();
   }
 
-  // 4. Duals of the problem as posed.
+  // 5. Duals of the problem as posed.
   const double sign = kMax ? -1.0 : 1.0;
   if (u) {
     for (int64_t i = rank; i < n; i += size) {

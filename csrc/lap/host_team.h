@@ -5,6 +5,8 @@
 
 #include <barrier>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "lap/block_lsap.h"
@@ -16,18 +18,19 @@ struct SerialTeam {
   int64_t rank() const { return 0; }
   int64_t size() const { return 1; }
   void sync() {}
-  Candidate argmin(const Candidate& c) { return c; }
-  int64_t min_index(int64_t k) { return k; }
+  template <typename V, typename Merge>
+  V reduce(const V& x, Merge) {
+    return x;
+  }
 };
 
 // What the threads of one HostThreadTeam share: the barrier and two sets of reduction slots
 // (alternating sets let a reduction start before every thread has read the previous one).
 struct HostTeamShared {
-  explicit HostTeamShared(int64_t size)
-      : barrier(size), candidates(2 * size), indices(2 * size) {}
+  static constexpr size_t kSlotBytes = 64;
+  explicit HostTeamShared(int64_t size) : barrier(size), slots(2 * size * kSlotBytes) {}
   std::barrier<> barrier;
-  std::vector<Candidate> candidates;
-  std::vector<int64_t> indices;
+  std::vector<unsigned char> slots;
 };
 
 class HostThreadTeam {
@@ -38,26 +41,21 @@ class HostThreadTeam {
   int64_t size() const { return size_; }
   void sync() { shared_.barrier.arrive_and_wait(); }
 
-  Candidate argmin(const Candidate& c) {
-    Candidate* slots = shared_.candidates.data() + parity_ * size_;
-    slots[rank_] = c;
+  template <typename V, typename Merge>
+  V reduce(const V& x, Merge merge) {
+    static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= HostTeamShared::kSlotBytes);
+    unsigned char* slots = shared_.slots.data() + parity_ * size_ * HostTeamShared::kSlotBytes;
     parity_ ^= 1;
+    std::memcpy(slots + rank_ * HostTeamShared::kSlotBytes, &x, sizeof(V));
     sync();
-    Candidate best = slots[0];
-    for (int64_t r = 1; r < size_; ++r) {
-      if (better(slots[r], best)) best = slots[r];
+    V result;
+    std::memcpy(&result, slots, sizeof(V));
+    for (int64_t r = 1; r < size_; ++r) {  // the same order in every thread: the same result
+      V other;
+      std::memcpy(&other, slots + r * HostTeamShared::kSlotBytes, sizeof(V));
+      result = merge(result, other);
     }
-    return best;
-  }
-
-  int64_t min_index(int64_t k) {
-    int64_t* slots = shared_.indices.data() + parity_ * size_;
-    slots[rank_] = k;
-    parity_ ^= 1;
-    sync();
-    int64_t best = slots[0];
-    for (int64_t r = 1; r < size_; ++r) best = slots[r] < best ? slots[r] : best;
-    return best;
+    return result;
   }
 
  private:

@@ -67,9 +67,9 @@ nat::lap::Status solve_with_team(int n, int m, const std::vector<double>& c, int
                                  std::vector<int64_t>& x, std::vector<double>& u,
                                  std::vector<double>& v) {
   std::vector<double> w(4 * static_cast<size_t>(m));
-  std::vector<int64_t> iw(2 * static_cast<size_t>(m));
+  std::vector<int64_t> iw(2 * static_cast<size_t>(m) + n);
   const nat::lap::BlockState s{w.data(), w.data() + m, w.data() + 2 * m, w.data() + 3 * m,
-                               iw.data(), iw.data() + m, x.data()};
+                               iw.data(), iw.data() + m, x.data(), iw.data() + 2 * m};
   int64_t bad = -1;
   if (threads == 1) {
     nat::lap::SerialTeam team;
