@@ -1,0 +1,72 @@
+"""Assignment state: stays a permutation; reassignment is optimal for fixed features."""
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from nat_ext.state import Assignment
+from nat_ext.targets import Targets
+
+
+def _batch_loss(feats, targets):
+    return (feats - targets).pow(2).sum(1).sum().item()
+
+
+def test_permutation_invariant_after_many_reassignments():
+    seed, n, d, b = 1, 500, 16, 32
+    g = torch.Generator().manual_seed(seed)
+    targets = Targets(n, d, seed=seed)
+    state = Assignment(n, seed=seed)
+    state.check()
+    changed = 0
+    for _ in range(300):
+        idx = torch.randperm(n, generator=g)[:b]
+        feats = F.normalize(torch.randn(b, d, generator=g), dim=1)
+        changed += state.update(idx, state.reassign(idx, feats, targets.rows))
+        state.check()
+    assert changed > 0, f"seed {seed}: no target ever moved"
+    assert torch.equal(torch.sort(state.perm).values, torch.arange(n))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reassignment_never_increases_batch_loss(seed, dtype):
+    n, d, b = 300, 8, 40
+    g = torch.Generator().manual_seed(seed)
+    targets = Targets(n, d, seed=seed)
+    state = Assignment(n, seed=seed)
+    idx = torch.randperm(n, generator=g)[:b]
+    feats = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    before = _batch_loss(feats, targets.rows(state.perm[idx]).double())
+    new = state.reassign(idx, feats.to(dtype), targets.rows)
+    assert torch.equal(new.sort().values, state.perm[idx].sort().values), "not a redistribution"
+    state.update(idx, new)
+    after = _batch_loss(feats, targets.rows(state.perm[idx]).double())
+    assert after <= before + 1e-6, f"seed {seed}: loss rose {before} -> {after}"
+    # Independent oracle: scipy's optimal loss over all redistributions of the batch's targets.
+    held = targets.rows(new).double()
+    r, c = linear_sum_assignment((feats @ held.t()).numpy(), maximize=True)
+    best = _batch_loss(feats[r], held[c])
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    assert after <= best + tol, f"seed {seed}: {after} above the optimum {best}"
+
+
+def test_check_detects_corruption_and_state_roundtrip():
+    state = Assignment(20, seed=4)
+    saved = state.state_dict()
+    state.perm[3] = state.perm[4]
+    with pytest.raises(RuntimeError, match="permutation"):
+        state.check()
+    state.load_state_dict(saved)
+    state.check()
+    bad = {"perm": torch.zeros(20, dtype=torch.int64)}
+    with pytest.raises(RuntimeError, match="permutation"):
+        state.load_state_dict(bad)
+    with pytest.raises(ValueError, match="perm"):
+        state.load_state_dict({"perm": torch.arange(5)})
+
+
+def test_reassign_shape_error():
+    state = Assignment(10)
+    with pytest.raises(ValueError, match="feats"):
+        state.reassign(torch.arange(3), torch.randn(4, 2), Targets(10, 2, seed=0).rows)
