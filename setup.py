@@ -64,7 +64,6 @@ if with_cuda:
         "nat_ext._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
-        define_macros=[("NAT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
 else:
