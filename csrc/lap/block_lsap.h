@@ -124,6 +124,88 @@ NAT_HD inline double signed_cost(const T* row, int64_t j) {
   return kMax ? -c : c;
 }
 
+// Shortest augmenting paths (Dijkstra) from every row left free, on a state whose matched pairs
+// are tight: for a matched row i, c[i][col4row[i]] - v[col4row[i]] is the row's minimum of
+// c[i][j] - v[j]. block_lsap reaches that state by row reduction; auction_lsap.h by an auction.
+template <typename T, bool kMax, class Team>
+NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, BlockState s) {
+  const int64_t rank = team.rank(), size = team.size();
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t j = rank; j < m; j += size) s.d[j] = inf;
+  team.sync();
+  for (int64_t f = 0; f < n; ++f) {
+    if (s.col4row[f] >= 0) continue;  // same value in every thread: written before a barrier
+    int64_t i = f;
+    double base = 0.0;
+    Candidate win;
+    while (true) {
+      const T* row = cost + i * m;
+      Candidate local = no_candidate();
+      for (int64_t j = rank; j < m; j += size) {
+        const double vj = s.v[j];
+        if (vj == -inf) continue;  // scanned in this search
+        const double h = base + (signed_cost<T, kMax>(row, j) - vj);
+        double dj = s.d[j];
+        if (h < dj) {
+          dj = h;
+          s.d[j] = h;
+          s.pred[j] = i;
+        }
+        const Candidate c{dj, vj, j, s.row4col[j]};
+        if (better(c, local)) local = c;
+      }
+      win = team.reduce(local, ArgMin{});
+      if (!(win.d < inf)) return kInfeasible;  // nothing reachable: no perfect matching
+      if (win.r < 0) break;                          // reached a free column: the sink
+      const int64_t jb = win.j;
+      if (jb % size == rank) {  // the owner marks it scanned; nobody else touches column jb
+        s.saved_v[jb] = win.v;
+        s.saved_d[jb] = win.d;
+        s.v[jb] = -inf;
+      }
+      // Row win.r is reached at distance win.d through its matched column, whose reduced cost is
+      // that row's minimum: offset every edge out of it by that.
+      i = win.r;
+      base = win.d - (signed_cost<T, kMax>(cost + i * m, jb) - win.v);
+    }
+    // Price update of the scanned columns (by their owners) and the path flip (by thread 0).
+    for (int64_t j = rank; j < m; j += size) {
+      if (s.v[j] == -inf) s.v[j] = s.saved_v[j] + (s.saved_d[j] - win.d);
+      s.d[j] = inf;
+    }
+    if (rank == 0) {
+      for (int64_t j = win.j;;) {
+        const int64_t r = s.pred[j];
+        s.row4col[j] = r;
+        const int64_t next = s.col4row[r];
+        s.col4row[r] = j;
+        if (r == f) break;
+        j = next;
+      }
+    }
+    team.sync();
+  }
+
+  return kSolved;
+}
+
+// Writes the duals of the problem as posed (either pointer may be null) from a solved state.
+template <typename T, bool kMax, class Team>
+NAT_HD void block_duals(Team& team, int64_t n, int64_t m, const T* cost, const BlockState& s,
+                        double* u, double* v_out) {
+  const int64_t rank = team.rank(), size = team.size();
+  const double sign = kMax ? -1.0 : 1.0;
+  if (u) {
+    for (int64_t i = rank; i < n; i += size) {
+      const int64_t j = s.col4row[i];
+      u[i] = sign * (signed_cost<T, kMax>(cost + i * m, j) - s.v[j]);
+    }
+  }
+  if (v_out) {
+    for (int64_t j = rank; j < m; j += size) v_out[j] = sign * s.v[j];
+  }
+}
+
 // Solves one n x m problem (n <= m). Returns a Status, the same in every thread; for
 // kInvalidEntry, *bad_entry is the smallest flat index holding NaN or -inf (+inf when
 // maximising). u and v_out (may be null) get the duals of the problem as posed.
@@ -163,7 +245,6 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
       }
     }
     s.v[j] = arg >= 0 || n != m ? best : 0.0;
-    s.d[j] = inf;
     s.pred[j] = arg;  // reused as "cheapest row" until the first search overwrites it
     s.row4col[j] = -1;
   }
@@ -239,73 +320,12 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
     nfree = nnew;
   }
 
-  // 4. Shortest augmenting path from each free row.
-  for (int64_t f = 0; f < n; ++f) {
-    if (s.col4row[f] >= 0) continue;  // same value in every thread: written before a barrier
-    int64_t i = f;
-    double base = 0.0;
-    Candidate win;
-    while (true) {
-      const T* row = cost + i * m;
-      Candidate local = no_candidate();
-      for (int64_t j = rank; j < m; j += size) {
-        const double vj = s.v[j];
-        if (vj == -inf) continue;  // scanned in this search
-        const double h = base + (signed_cost<T, kMax>(row, j) - vj);
-        double dj = s.d[j];
-        if (h < dj) {
-          dj = h;
-          s.d[j] = h;
-          s.pred[j] = i;
-        }
-        const Candidate c{dj, vj, j, s.row4col[j]};
-        if (better(c, local)) local = c;
-      }
-      win = team.reduce(local, ArgMin{});
-      if (!(win.d < inf)) return kInfeasible;  // nothing reachable: no perfect matching
-      if (win.r < 0) break;                          // reached a free column: the sink
-      const int64_t jb = win.j;
-      if (jb % size == rank) {  // the owner marks it scanned; nobody else touches column jb
-        s.saved_v[jb] = win.v;
-        s.saved_d[jb] = win.d;
-        s.v[jb] = -inf;
-      }
-      // Row win.r is reached at distance win.d through its matched column, whose reduced cost is
-      // that row's minimum: offset every edge out of it by that.
-      i = win.r;
-      base = win.d - (signed_cost<T, kMax>(cost + i * m, jb) - win.v);
-    }
-    // Price update of the scanned columns (by their owners) and the path flip (by thread 0).
-    for (int64_t j = rank; j < m; j += size) {
-      if (s.v[j] == -inf) s.v[j] = s.saved_v[j] + (s.saved_d[j] - win.d);
-      s.d[j] = inf;
-    }
-    if (rank == 0) {
-      for (int64_t j = win.j;;) {
-        const int64_t r = s.pred[j];
-        s.row4col[j] = r;
-        const int64_t next = s.col4row[r];
-        s.col4row[r] = j;
-        if (r == f) break;
-        j = next;
-      }
-    }
-    team.sync();
-  }
-
-  // 5. Duals of the problem as posed.
-  const double sign = kMax ? -1.0 : 1.0;
-  if (u) {
-    for (int64_t i = rank; i < n; i += size) {
-      const int64_t j = s.col4row[i];
-      u[i] = sign * (signed_cost<T, kMax>(cost + i * m, j) - s.v[j]);
-    }
-  }
-  if (v_out) {
-    for (int64_t j = rank; j < m; j += size) v_out[j] = sign * s.v[j];
-  }
-  return kSolved;
+  // 4. Shortest augmenting paths, 5. duals.
+  const Status code = block_augment<T, kMax>(team, n, m, cost, s);
+  if (code == kSolved) block_duals<T, kMax>(team, n, m, cost, s, u, v_out);
+  return code;
 }
+
 
 }  // namespace lap
 }  // namespace nat
