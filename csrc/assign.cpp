@@ -10,8 +10,10 @@
 namespace nat {
 namespace {
 
-at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets) {
+at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets,
+                            c10::string_view solver) {
   check_assign(feats, targets);
+  check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
   const at::Tensor scores = assign_scores(feats, targets);
   // A host sync, fine here (CPU); the CUDA kernel checks inside the solver instead.
   if (!at::isfinite(scores).all().item<bool>()) {
@@ -24,8 +26,8 @@ at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets) 
   }
   static const auto lsa = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("nat::linear_sum_assignment", "")
-                              .typed<at::Tensor(const at::Tensor&, bool)>();
-  return lsa.call(scores, /*maximize=*/true);
+                              .typed<at::Tensor(const at::Tensor&, bool, c10::string_view)>();
+  return lsa.call(scores, /*maximize=*/true, solver);
 }
 
 }  // namespace

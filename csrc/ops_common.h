@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 
@@ -27,6 +28,25 @@ inline void check_cost(const at::Tensor& cost, const char* op) {
   const int64_t n = cost.size(-2), m = cost.size(-1);
   TORCH_CHECK_VALUE(n <= m, op, ": cost should have no more rows than columns (n <= m), got n=",
                     n, ", m=", m, "; transpose it, or use nat_ext.linear_sum_assignment");
+}
+
+// The `solver` argument of the ops (see nat.cpp).
+enum class Solver { kAuto, kJv, kAuction };
+
+inline Solver parse_solver(std::string_view name, const char* op) {
+  if (name == "auto") return Solver::kAuto;
+  if (name == "jv") return Solver::kJv;
+  if (name == "auction") return Solver::kAuction;
+  TORCH_CHECK_VALUE(false, op, ": solver should be 'auto', 'jv' or 'auction', got '",
+                    std::string(name), "'");
+}
+
+// The auction solver takes square problems only (its dual bookkeeping assumes every column is
+// matched); the others take any n <= m.
+inline void check_solver_shape(Solver solver, int64_t n, int64_t m, const char* op) {
+  TORCH_CHECK_VALUE(solver != Solver::kAuction || n == m, op,
+                    ": solver='auction' needs square problems (n == m), got n=", n, ", m=", m,
+                    "; use solver='auto' or 'jv'");
 }
 
 // feats: [n, d] / [B, n, d]; targets: [m, d] / [B, m, d]; same dims, B, d, dtype and device.

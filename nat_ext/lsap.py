@@ -32,7 +32,8 @@ def _as_cost_tensor(cost_matrix: Any) -> tuple[Tensor, bool]:
     return torch.from_numpy(arr), True
 
 
-def linear_sum_assignment(cost_matrix: Any, maximize: bool = False) -> tuple[Any, Any]:
+def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
+                          solver: str = "auto") -> tuple[Any, Any]:
     """Drop-in for scipy.optimize.linear_sum_assignment, on numpy arrays or tensors, and batched.
 
     Same results (an optimal assignment; under ties the indices may differ from scipy's), same
@@ -43,6 +44,7 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False) -> tuple[Any
     Args:
         cost_matrix: array_like or Tensor[n, m], or Tensor[B, n, m] for a batch; any n, m.
         maximize: maximise the total instead of minimising it.
+        solver: "auto", "jv" or "auction" (square only); see `nat_ext.solve_with_duals`.
 
     Returns:
         (row_ind, col_ind): int64, each [k] or [B, k] with k = min(n, m); row_ind sorted.
@@ -55,7 +57,7 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False) -> tuple[Any
     n, m = cost.shape[-2:]
     transposed = n > m
     cols = torch.ops.nat.linear_sum_assignment(cost.transpose(-1, -2) if transposed else cost,
-                                               maximize)
+                                               maximize, solver)
     if transposed:
         # cols[j] is the row of original column j; scipy lists pairs in row order.
         col_ind = torch.argsort(cols, dim=-1)

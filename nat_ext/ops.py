@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SOLVERS = ("auto", "jv", "auction")
 
 
-def assign(feats: Tensor, targets: Tensor) -> Tensor:
+def assign(feats: Tensor, targets: Tensor, solver: str = "auto") -> Tensor:
     """The NAT batch reassignment: match feature rows to targets one-to-one, maximising the
     sum of dot products (equivalently, for L2-normalised rows, minimising the summed squared
     distances). Exact.
@@ -18,20 +19,28 @@ def assign(feats: Tensor, targets: Tensor) -> Tensor:
     Args:
         feats: Tensor[n, d] or Tensor[B, n, d], float32/float64/float16/bfloat16.
         targets: Tensor[m, d] or Tensor[B, m, d] with m >= n, same dtype and device.
+        solver: "auto", "jv" or "auction" (see `solve_with_duals`).
 
     Returns:
         int64 Tensor[n] or Tensor[B, n]: for each feats row, the row of targets assigned to it.
     """
-    return torch.ops.nat.assign.default(feats, targets)
+    return torch.ops.nat.assign.default(feats, targets, solver)
 
 
-def solve_with_duals(cost: Tensor, maximize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def solve_with_duals(cost: Tensor, maximize: bool = False,
+                     solver: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Solves the assignment problem and returns an optimality certificate with it.
 
     Args:
         cost: Tensor[n, m] or Tensor[B, n, m] with n <= m, floating point. +inf (-inf when
             maximize=True) marks a forbidden pair.
         maximize: maximise the total instead of minimising it.
+        solver: every choice is exact. "jv": shortest augmenting paths per problem (on the GPU,
+            one thread block a problem). "auction" (square problems only): on the GPU, an
+            epsilon-scaled auction on the whole GPU as a warm start, finished by exact augmenting
+            paths, for single large problems; on the CPU the same algorithm runs serially, which
+            is slow and meant for testing. "auto": "jv" on the CPU; on the GPU "auction" for
+            square problems with n >= 2048 in batches of at most 8, else "jv".
 
     Returns:
         (col4row, u, v): int64 Tensor[.., n], the column of each row; float64 Tensor[.., n] and
@@ -39,25 +48,34 @@ def solve_with_duals(cost: Tensor, maximize: bool = False) -> tuple[Tensor, Tens
         equality on assigned pairs, and every unassigned column's v at least every assigned
         column's (at most, when maximising). `check_optimality` verifies all of it.
     """
-    return torch.ops.nat.linear_sum_assignment_with_duals.default(cost, maximize)
+    return torch.ops.nat.linear_sum_assignment_with_duals.default(cost, maximize, solver)
 
 
-def _check_cost(cost: Tensor) -> None:
+def _check_solver(solver: str, n, m) -> None:
+    torch._check(solver in SOLVERS, lambda: f"solver should be one of {SOLVERS}, got {solver!r}")
+    torch._check(solver != "auction" or n == m,
+                 lambda: f"solver='auction' needs square problems (n == m), got n={n}, m={m}")
+
+
+def _check_cost(cost: Tensor, solver: str = "auto") -> None:
     torch._check(cost.dim() in (2, 3), lambda: f"cost should be 2-D or 3-D, got {cost.dim()}-D")
     torch._check(cost.dtype in _FLOATS, lambda: f"cost should be floating point, got {cost.dtype}")
     torch._check(cost.shape[-2] <= cost.shape[-1],
                  lambda: f"cost should have n <= m, got shape {tuple(cost.shape)}")
+    _check_solver(solver, cost.shape[-2], cost.shape[-1])
 
 
 @torch.library.register_fake("nat::linear_sum_assignment")
-def _linear_sum_assignment_fake(cost: Tensor, maximize: bool = False) -> Tensor:
-    _check_cost(cost)
+def _linear_sum_assignment_fake(cost: Tensor, maximize: bool = False,
+                                solver: str = "auto") -> Tensor:
+    _check_cost(cost, solver)
     return cost.new_empty(cost.shape[:-1], dtype=torch.int64)
 
 
 @torch.library.register_fake("nat::linear_sum_assignment_with_duals")
-def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False):
-    _check_cost(cost)
+def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False,
+                                           solver: str = "auto"):
+    _check_cost(cost, solver)
     rows = cost.new_empty(cost.shape[:-1], dtype=torch.int64)
     u = cost.new_empty(cost.shape[:-1], dtype=torch.float64)
     v = cost.new_empty(cost.shape[:-2] + cost.shape[-1:], dtype=torch.float64)
@@ -65,12 +83,13 @@ def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False)
 
 
 @torch.library.register_fake("nat::_linear_sum_assignment_team")
-def _linear_sum_assignment_team_fake(cost: Tensor, maximize: bool, threads: int):
-    return _linear_sum_assignment_with_duals_fake(cost, maximize)
+def _linear_sum_assignment_team_fake(cost: Tensor, maximize: bool, threads: int,
+                                     solver: str = "jv"):
+    return _linear_sum_assignment_with_duals_fake(cost, maximize, solver)
 
 
 @torch.library.register_fake("nat::assign")
-def _assign_fake(feats: Tensor, targets: Tensor) -> Tensor:
+def _assign_fake(feats: Tensor, targets: Tensor, solver: str = "auto") -> Tensor:
     torch._check(feats.dim() in (2, 3), lambda: f"feats should be 2-D or 3-D, got {feats.dim()}-D")
     torch._check(targets.dim() == feats.dim(),
                  lambda: f"targets should be {feats.dim()}-D like feats, got {targets.dim()}-D")
@@ -81,4 +100,5 @@ def _assign_fake(feats: Tensor, targets: Tensor) -> Tensor:
     if feats.dim() == 3:
         torch._check(feats.shape[0] == targets.shape[0], lambda: "feats and targets differ in B")
     torch._check(feats.shape[-2] <= targets.shape[-2], lambda: "assign needs n <= m")
+    _check_solver(solver, feats.shape[-2], targets.shape[-2])
     return feats.new_empty(feats.shape[:-1], dtype=torch.int64)

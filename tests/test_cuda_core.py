@@ -1,9 +1,11 @@
-"""The CUDA solver's algorithm (csrc/lap/block_lsap.h), tested on the host.
+"""The CUDA solvers' algorithms (csrc/lap/block_lsap.h, csrc/lap/auction_lsap.h), tested on
+the host.
 
-nat::_linear_sum_assignment_team runs the very source the CUDA kernel runs, on a team of host
-threads with a barrier instead of a thread block, so what is checked here is the algorithm, its
-column ownership and its barriers; only the warp-shuffle reductions of cuda/team.cuh are not.
-The GPU itself is tested at the bottom, whenever one is present.
+nat::_linear_sum_assignment_team runs the very source the CUDA kernels run, on host threads with
+a barrier instead of a thread block or a cooperative grid, so what is checked here is the
+algorithms, their data ownership, atomics and barriers; only the warp shuffles and the grid
+barrier of cuda/team.cuh are not. The GPU itself is tested at the bottom, whenever one is
+present.
 """
 
 import numpy as np
@@ -96,17 +98,112 @@ def test_team_algorithm_batched_and_shapes():
         team_solve(cost, True, 0)
 
 
+# --- the large-problem algorithm: auction prepass + exact repair (square only) -------------
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "offset", "normal"])
+def test_auction_algorithm_matches_scipy(threads, maximize, kind):
+    for seed in range(10):
+        g = torch.Generator().manual_seed(100 + seed)
+        n = int(torch.randint(0, 60, (1,), generator=g))
+        cost = torch.rand(n, n, generator=g, dtype=torch.float64)
+        if kind == "ties":
+            cost = (cost * 3).floor()
+        elif kind == "offset":  # prices far below the costs' magnitude: the rounding floor
+            cost = 1e6 + cost
+        elif kind == "normal":
+            cost = torch.randn(n, n, generator=g, dtype=torch.float64) * 1e3
+        col4row, u, v = team_solve(cost, maximize, threads, "auction")
+        check(cost, col4row, u, v, maximize, seed)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_auction_algorithm_larger_and_float32(threads):
+    g = torch.Generator().manual_seed(5)
+    for n in (200, 700):
+        cost = torch.rand(n, n, generator=g)
+        col4row, u, v = team_solve(cost, False, threads, "auction")
+        check(cost, col4row, u, v, False, n)
+    # The public op runs the same algorithm serially for solver="auction" on CPU tensors.
+    x, u, v = nat_ext.solve_with_duals(cost, solver="auction")
+    check(cost, x, u, v, False, "public op")
+
+
+def test_auction_algorithm_forbidden_and_infeasible():
+    rng = np.random.default_rng(6)
+    for trial in range(20):
+        n = int(rng.integers(1, 30))
+        cost = rng.random((n, n))
+        cost[rng.random((n, n)) < 0.5] = np.inf
+        t = torch.from_numpy(cost)
+        try:
+            scipy_lsa(cost)
+        except ValueError:
+            with pytest.raises(ValueError, match="infeasible"):
+                team_solve(t, False, 3, "auction")
+            continue
+        col4row, u, v = team_solve(t, False, 3, "auction")
+        check(t, col4row, u, v, False, trial)
+    # Every row has finite entries, yet rows 0-2 share two columns: the auction's price war
+    # ends on its round budget and the exact repair reports it.
+    cost = torch.rand(30, 30, dtype=torch.float64)
+    cost[:3, 2:] = float("inf")
+    with pytest.raises(ValueError, match="infeasible"):
+        team_solve(cost, False, 2, "auction")
+    cost[5] = float("inf")  # a row with no finite entry is caught before the auction
+    with pytest.raises(ValueError, match="infeasible"):
+        nat_ext.solve_with_duals(cost, solver="auction")
+
+
+def test_auction_algorithm_invalid_entries_and_degenerate():
+    cost = torch.rand(9, 9, dtype=torch.float64)
+    cost[4, 7] = float("nan")
+    cost[6, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"cost\[4\]\[7\] is nan"):
+        team_solve(cost, False, 4, "auction")
+    cost[4, 7] = 0.0
+    with pytest.raises(ValueError, match=r"cost\[6\]\[1\] is -inf"):
+        team_solve(cost, False, 4, "auction")
+    for value in [0.0, 1e300, -1e300, 5e-324]:
+        cost = torch.full((20, 20), value, dtype=torch.float64)
+        col4row, u, v = team_solve(cost, False, 4, "auction")
+        check(cost, col4row, u, v, False, value)
+    for scale in (1e300, 1e-300):
+        cost = torch.rand(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        col4row, u, v = team_solve(cost * scale, True, 3, "auction")
+        check(cost * scale, col4row, u, v, True, scale)
+
+
+def test_auction_batched_and_arguments():
+    g = torch.Generator().manual_seed(8)
+    cost = torch.randint(0, 4, (5, 12, 12), generator=g).float()
+    col4row, u, v = team_solve(cost, True, 2, "auction")
+    for b in range(5):
+        check(cost[b], col4row[b], u[b], v[b], True, b)
+    torch.library.opcheck(team_solve.default, (cost, True, 2, "auction"))
+    torch.library.opcheck(torch.ops.nat.linear_sum_assignment_with_duals.default,
+                          (cost, False, "auction"))
+    with pytest.raises(ValueError, match="needs square problems"):
+        team_solve(torch.rand(3, 4), False, 2, "auction")
+    with pytest.raises(ValueError, match="solver should be 'jv' or 'auction'"):
+        team_solve(cost, False, 2, "auto")
+
+
 # --- the CUDA kernels themselves (skipped without a GPU) -----------------------------------
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("solver", ["auto", "jv", "auction"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 7), (33, 70), (256, 256), (4, 100, 100),
                                    (64, 64, 200), (2, 1024, 1024)])
-def test_cuda_matches_cpu(dtype, shape):
+def test_cuda_matches_cpu(solver, dtype, shape):
+    if solver == "auction" and shape[-1] != shape[-2]:
+        pytest.skip("the auction solver takes square problems only")
     g = torch.Generator().manual_seed(4)
     cost = torch.rand(shape, generator=g).to(dtype)
     for maximize in (False, True):
-        x, u, v = nat_ext.solve_with_duals(cost.cuda(), maximize=maximize)
+        x, u, v = nat_ext.solve_with_duals(cost.cuda(), maximize=maximize, solver=solver)
         assert x.is_cuda and u.is_cuda and v.is_cuda
         assert nat_ext.check_optimality(cost, x.cpu(), u.cpu(), v.cpu(), maximize=maximize)
         x_cpu = torch.ops.nat.linear_sum_assignment(cost, maximize)
@@ -147,3 +244,30 @@ def test_cuda_compile_and_opcheck():
         got = torch.gather(scores, -1, idx.unsqueeze(-1)).sum(dim=(1, 2))
         best = torch.tensor([scipy_optimum(s.cpu(), True) for s in scores], dtype=torch.float64)
         torch.testing.assert_close(got.cpu(), best, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [2048, 4096])
+def test_cuda_auction_large_certified(n):
+    # The sizes where "auto" picks the whole-GPU auction; checked against our CPU solver.
+    g = torch.Generator().manual_seed(n)
+    for cost in (torch.rand(n, n, generator=g), (torch.rand(n, n, generator=g) * 8).floor()):
+        x, u, v = nat_ext.solve_with_duals(cost.cuda())
+        assert nat_ext.check_optimality(cost, x.cpu(), u.cpu(), v.cpu())
+        x_cpu = torch.ops.nat.linear_sum_assignment(cost)
+        c = cost.double()
+        assert abs(c[torch.arange(n), x.cpu()].sum() - c[torch.arange(n), x_cpu].sum()) <= 1e-6
+
+
+@pytest.mark.cuda
+def test_cuda_auction_errors():
+    cost = torch.rand(300, 300, device="cuda")
+    cost[7, 9] = float("nan")
+    with pytest.raises(ValueError, match=r"cost\[7\]\[9\] is nan"):
+        torch.ops.nat.linear_sum_assignment(cost, False, "auction")
+    cost = torch.rand(2, 40, 40, device="cuda")
+    cost[1, :3, 2:] = float("inf")
+    with pytest.raises(ValueError, match="infeasible: batch item 1"):
+        torch.ops.nat.linear_sum_assignment(cost, False, "auction")
+    with pytest.raises(ValueError, match="needs square problems"):
+        torch.ops.nat.linear_sum_assignment(torch.rand(3, 5, device="cuda"), False, "auction")

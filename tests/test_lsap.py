@@ -262,6 +262,35 @@ def test_op_argument_errors():
         nat_ext.linear_sum_assignment(torch.zeros(2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="got a 1-D array"):
         nat_ext.linear_sum_assignment(torch.zeros(3))
+    with pytest.raises(ValueError, match="solver should be 'auto', 'jv' or 'auction', got 'hungarian'"):
+        op(torch.zeros(2, 2), False, "hungarian")
+    with pytest.raises(ValueError, match="solver='auction' needs square problems.*n=2, m=3"):
+        op(torch.zeros(2, 3), False, "auction")
+    with pytest.raises(ValueError, match="solver='auction' needs square"):
+        nat_ext.assign(torch.zeros(2, 4), torch.zeros(3, 4), solver="auction")
+    with pytest.raises(RuntimeError, match="solver should be one of"):
+        op(torch.empty(2, 2, device="meta"), False, "hungarian")
+
+
+@pytest.mark.parametrize("solver", ["auto", "jv", "auction"])
+def test_every_solver_is_exact(solver):
+    """The solver argument changes the algorithm, never the optimum (against scipy)."""
+    g = torch.Generator().manual_seed(9)
+    for maximize in (False, True):
+        cost = torch.rand(3, 90, 90, generator=g, dtype=torch.float64)
+        x, u, v = nat_ext.solve_with_duals(cost, maximize=maximize, solver=solver)
+        assert nat_ext.check_optimality(cost, x, u, v, maximize=maximize)
+        for b in range(3):
+            rows, cols = scipy_lsa(cost[b].numpy(), maximize=maximize)
+            assert abs(cost[b][torch.arange(90), x[b]].sum().item()
+                       - cost[b].numpy()[rows, cols].sum()) < 1e-9
+        rows, cols = nat_ext.linear_sum_assignment(cost[0].numpy(), maximize, solver=solver)
+        assert isinstance(cols, np.ndarray) and sorted(cols.tolist()) == list(range(90))
+    feats, targets = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    idx = nat_ext.assign(feats, targets, solver=solver)
+    scores = (feats.double() @ targets.double().T).numpy()
+    rows, cols = scipy_lsa(scores, maximize=True)
+    assert abs(scores[np.arange(40), idx.numpy()].sum() - scores[rows, cols].sum()) < 1e-6
 
 
 # --- torch integration -----------------------------------------------------------------------
@@ -273,6 +302,7 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.nat.linear_sum_assignment.default, (cost, maximize))
             torch.library.opcheck(torch.ops.nat.linear_sum_assignment_with_duals.default,
                                   (cost, maximize))
+    torch.library.opcheck(torch.ops.nat.linear_sum_assignment.default, (cost, True, "auction"))
 
 
 def test_torch_compile_fullgraph():

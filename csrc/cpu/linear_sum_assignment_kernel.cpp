@@ -1,11 +1,13 @@
 // CPU kernels of nat::linear_sum_assignment and nat::linear_sum_assignment_with_duals:
-// the batch solved in parallel by the host solver core (lap/lsap.h).
+// the batch solved in parallel by the host solver core (lap/lsap.h); solver='auction' runs the
+// GPU's large-problem algorithm serially instead (cpu/team_solve.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "cpu/team_solve.h"
 #include "lap/lsap.h"
 #include "ops_common.h"
 
@@ -13,13 +15,22 @@ namespace nat {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_in, bool maximize,
+                                                         c10::string_view solver_name,
                                                          bool with_duals, const char* op) {
   check_cost(cost_in, op);
+  const Solver solver = parse_solver(solver_name, op);
+  check_solver_shape(solver, cost_in.size(-2), cost_in.size(-1), op);
   const auto [cost, batched] = prepare_cost(cost_in);
   const int64_t B = cost.size(0), n = cost.size(1), m = cost.size(2);
-  SolveOutputs out(cost, with_duals);
   at::Tensor status = at::zeros({B, 2}, cost.options().dtype(at::kLong));
   int64_t* st = status.data_ptr<int64_t>();
+  if (solver == Solver::kAuction) {
+    SolveOutputs out(cost, true);
+    solve_on_host_threads(cost, maximize, 1, solver, out, st);
+    raise_on_failure(op, status, cost, batched, maximize);
+    return out.result(batched, with_duals);
+  }
+  SolveOutputs out(cost, with_duals);
 
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment", [&] {
     const scalar_t* data = cost.const_data_ptr<scalar_t>();
@@ -45,13 +56,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_
   return out.result(batched, with_duals);
 }
 
-at::Tensor linear_sum_assignment_cpu(const at::Tensor& cost, bool maximize) {
-  return std::get<0>(solve_cpu(cost, maximize, false, "linear_sum_assignment"));
+at::Tensor linear_sum_assignment_cpu(const at::Tensor& cost, bool maximize,
+                                     c10::string_view solver) {
+  return std::get<0>(solve_cpu(cost, maximize, solver, false, "linear_sum_assignment"));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_with_duals_cpu(
-    const at::Tensor& cost, bool maximize) {
-  return solve_cpu(cost, maximize, true, "linear_sum_assignment_with_duals");
+    const at::Tensor& cost, bool maximize, c10::string_view solver) {
+  return solve_cpu(cost, maximize, solver, true, "linear_sum_assignment_with_duals");
 }
 
 }  // namespace

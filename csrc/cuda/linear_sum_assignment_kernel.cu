@@ -1,21 +1,30 @@
 // CUDA kernels of nat::linear_sum_assignment, nat::linear_sum_assignment_with_duals and
-// nat::assign: one thread block per problem runs lap/block_lsap.h (the algorithm the CPU tests
-// run through nat::_linear_sum_assignment_team). One host sync per call: reading the
-// per-problem status, so that NaN, -inf and infeasible inputs raise instead of returning junk.
+// nat::assign. Two solvers, whose algorithms the CPU tests run through
+// nat::_linear_sum_assignment_team:
+//   - "jv": one thread block per problem runs lap/block_lsap.h;
+//   - "auction" (square problems): a cooperative kernel on the whole GPU runs the auction
+//     prepass of lap/auction_lsap.h, then one block finishes with exact augmenting paths; the
+//     problems of a batch go one after another.
+// One host sync per call: reading the per-problem status, so that NaN, -inf and infeasible
+// inputs raise instead of returning junk.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <string_view>
 #include <tuple>
 
 #include "cuda/team.cuh"
+#include "lap/auction_lsap.h"
 #include "lap/block_lsap.h"
 #include "ops_common.h"
 
 namespace nat {
 namespace {
+
+constexpr int kGridBlockThreads = 256;  // per block of the cooperative auction kernel
 
 template <typename T, bool kMax>
 __global__ void __launch_bounds__(1024)
@@ -44,48 +53,139 @@ int threads_for(int64_t m) {
   return static_cast<int>(32 * std::min<int64_t>(std::max<int64_t>(warps, 1), 32));
 }
 
+template <typename T, bool kMax>
+__global__ void __launch_bounds__(kGridBlockThreads)
+    auction_prepass_kernel(const T* cost, int64_t n, lap::AuctionState s, int64_t* status) {
+  lap::CudaGrid grid;
+  int64_t bad = -1;
+  const lap::Status code = lap::auction_prepass<T, kMax>(grid, n, cost, s, &bad);
+  if (grid.rank() == 0) {
+    status[0] = code;
+    status[1] = bad;
+  }
+}
+
+template <typename T, bool kMax>
+__global__ void __launch_bounds__(1024)
+    auction_repair_kernel(const T* cost, int64_t n, lap::BlockState s, double* u, double* v,
+                          int64_t* status) {
+  if (status[0] != lap::kSolved) return;  // the prepass failed: its status stands
+  __shared__ lap::CudaBlockTeam::Slots slots;
+  lap::CudaBlockTeam team(&slots);
+  const lap::Status code = lap::block_augment<T, kMax>(team, n, n, cost, s);  // barriers first
+  if (code == lap::kSolved) lap::block_duals<T, kMax>(team, n, n, cost, s, u, v);
+  if (threadIdx.x == 0) status[0] = code;
+}
+
+// Auto choice of solver. Provisional, from host step counts (tests/cpp/test_lsap.cpp) until a
+// GPU measures the crossover: at n = 4096 the one-block solver takes ~79k dependent steps and
+// the auction ~1.3k rounds (two grid barriers each) plus a few hundred steps; at n = 1024 the
+// two are close (8.7k steps against 1.5k rounds). Batches of large problems run one after
+// another under the auction, so it pays only for few of them.
+constexpr int64_t kAuctionMinSize = 2048;
+constexpr int64_t kAuctionMaxBatch = 8;
+
+bool use_auction(Solver solver, int64_t B, int64_t n, int64_t m) {
+  if (solver != Solver::kAuto) return solver == Solver::kAuction;
+  return n == m && n >= kAuctionMinSize && B <= kAuctionMaxBatch;
+}
+
+template <typename T, bool kMax>
+void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
+                    const at::Tensor& status, cudaStream_t stream) {
+  const int64_t B = cost.size(0), n = cost.size(1);
+  // Prices, row duals, distances, saved prices and distances; row4col, pred, keys, counters.
+  at::Tensor work = at::empty({B, 5 * n}, cost.options().dtype(at::kDouble));
+  at::Tensor iwork = at::empty({B, 3 * n + lap::kNumCounters}, cost.options().dtype(at::kLong));
+  // As many blocks as fit on the GPU at once, which a grid barrier requires.
+  auto prepass = auction_prepass_kernel<T, kMax>;
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, prepass,
+                                                               kGridBlockThreads, 0));
+  TORCH_CHECK(blocks_per_sm > 0, "linear_sum_assignment: the auction kernel does not fit on ",
+              "this GPU");
+  const int blocks = blocks_per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  for (int64_t b = 0; b < B; ++b) {
+    double* w = work.data_ptr<double>() + b * 5 * n;
+    int64_t* iw = iwork.data_ptr<int64_t>() + b * (3 * n + lap::kNumCounters);
+    const lap::AuctionState a{w, w + n, out.col4row.data_ptr<int64_t>() + b * n, iw,
+                              reinterpret_cast<uint64_t*>(iw + 2 * n),
+                              reinterpret_cast<uint64_t*>(iw + 3 * n)};
+    const lap::BlockState r = lap::repair_state(a, w + 2 * n, w + 3 * n, w + 4 * n, iw + n);
+    const T* c = cost.const_data_ptr<T>() + b * n * n;
+    int64_t nn = n;
+    int64_t* st = status.data_ptr<int64_t>() + 2 * b;
+    void* args[] = {&c, &nn, const_cast<lap::AuctionState*>(&a), &st};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(prepass), blocks,
+                                               kGridBlockThreads, args, 0, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    double* u = with_duals ? out.u.data_ptr<double>() + b * n : nullptr;
+    double* v = with_duals ? out.v.data_ptr<double>() + b * n : nullptr;
+    auction_repair_kernel<T, kMax><<<1, threads_for(n), 0, stream>>>(c, n, r, u, v, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost_in, bool maximize,
+                                                          c10::string_view solver_name,
                                                           bool with_duals, const char* op) {
   check_cost(cost_in, op);
+  const Solver solver = parse_solver(solver_name, op);
+  check_solver_shape(solver, cost_in.size(-2), cost_in.size(-1), op);
   const c10::cuda::CUDAGuard guard(cost_in.device());
   const auto [cost, batched] = prepare_cost(cost_in);
   const int64_t B = cost.size(0), n = cost.size(1), m = cost.size(2);
   SolveOutputs out(cost, with_duals);
-  if (B == 0) return out.result(batched, with_duals);
+  if (B == 0 || n == 0) {
+    out.v.zero_();  // no rows: every column is free, priced 0
+    return out.result(batched, with_duals);
+  }
   TORCH_CHECK_VALUE(B <= INT32_MAX, op, ": at most 2^31 - 1 problems a call, got ", B);
-  // Workspace from the caching allocator: prices, distances, saved prices and distances; pred,
-  // row4col and the free-row list.
-  at::Tensor work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
-  at::Tensor iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
   at::Tensor status = at::empty({B, 2}, cost.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
-    auto kernel = maximize ? block_lsap_kernel<scalar_t, true> : block_lsap_kernel<scalar_t, false>;
-    kernel<<<static_cast<unsigned>(B), threads_for(m), 0, stream>>>(
-        cost.const_data_ptr<scalar_t>(), n, m, work.data_ptr<double>(), iwork.data_ptr<int64_t>(),
-        out.col4row.data_ptr<int64_t>(), with_duals ? out.u.data_ptr<double>() : nullptr,
-        with_duals ? out.v.data_ptr<double>() : nullptr, status.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  if (use_auction(solver, B, n, m)) {
+    AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
+      (maximize ? launch_auction<scalar_t, true> : launch_auction<scalar_t, false>)(
+          cost, out, with_duals, status, stream);
+    });
+  } else {
+    // Workspace from the caching allocator: prices, distances, saved prices and distances;
+    // pred, row4col and the free-row list.
+    at::Tensor work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
+    at::Tensor iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
+    AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
+      auto kernel =
+          maximize ? block_lsap_kernel<scalar_t, true> : block_lsap_kernel<scalar_t, false>;
+      kernel<<<static_cast<unsigned>(B), threads_for(m), 0, stream>>>(
+          cost.const_data_ptr<scalar_t>(), n, m, work.data_ptr<double>(),
+          iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(),
+          with_duals ? out.u.data_ptr<double>() : nullptr,
+          with_duals ? out.v.data_ptr<double>() : nullptr, status.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   raise_on_failure(op, status.cpu(), cost, batched, maximize);
   return out.result(batched, with_duals);
 }
 
-at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost, bool maximize) {
-  return std::get<0>(solve_cuda(cost, maximize, false, "linear_sum_assignment"));
+at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost, bool maximize,
+                                      c10::string_view solver) {
+  return std::get<0>(solve_cuda(cost, maximize, solver, false, "linear_sum_assignment"));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_with_duals_cuda(
-    const at::Tensor& cost, bool maximize) {
-  return solve_cuda(cost, maximize, true, "linear_sum_assignment_with_duals");
+    const at::Tensor& cost, bool maximize, c10::string_view solver) {
+  return solve_cuda(cost, maximize, solver, true, "linear_sum_assignment_with_duals");
 }
 
 // Scores by cuBLAS (through ATen), read by the solver as they are: it applies the sign for
 // maximisation on load, so no conversion pass is needed between the two.
-at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets) {
+at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
+                       c10::string_view solver) {
   check_assign(feats, targets);
+  check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
   const c10::cuda::CUDAGuard guard(feats.device());
-  return std::get<0>(solve_cuda(assign_scores(feats, targets), true, false, "assign"));
+  return std::get<0>(solve_cuda(assign_scores(feats, targets), true, solver, false, "assign"));
 }
 
 }  // namespace
