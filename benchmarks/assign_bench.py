@@ -140,6 +140,11 @@ def cuda_cases(quick: bool) -> list[Case]:
         case = Case(name + " float32", cost)
         case.add("nat cuda", lambda t=t: torch.ops.nat.linear_sum_assignment(t),
                  lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
+        # Each GPU solver by name where "auto" has a choice to make (single large problems).
+        for solver in (("jv", "auction") if t.dim() == 2 else ()):
+            case.add(f"nat cuda solver={solver}",
+                     lambda t=t, s=solver: torch.ops.nat.linear_sum_assignment(t, False, s),
+                     lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
         tc = t.cpu()
         case.add("nat cpu", lambda tc=tc: torch.ops.nat.linear_sum_assignment(tc),
                  lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)))

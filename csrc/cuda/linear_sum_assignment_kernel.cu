@@ -24,7 +24,11 @@
 namespace nat {
 namespace {
 
-constexpr int kGridBlockThreads = 256;  // per block of the cooperative auction kernel
+// The cooperative auction kernel: 2 blocks of 512 threads an SM give one warp per row up to
+// n = 32 x (number of SMs) (4224 rows on an H100) while keeping the grid barrier's arrival
+// count low (it grows with the number of blocks).
+constexpr int kGridBlockThreads = 512;
+constexpr int kGridBlocksPerSm = 2;
 
 template <typename T, bool kMax>
 __global__ void __launch_bounds__(1024)
@@ -54,7 +58,7 @@ int threads_for(int64_t m) {
 }
 
 template <typename T, bool kMax>
-__global__ void __launch_bounds__(kGridBlockThreads)
+__global__ void __launch_bounds__(kGridBlockThreads, kGridBlocksPerSm)
     auction_prepass_kernel(const T* cost, int64_t n, lap::AuctionState s, int64_t* status) {
   lap::CudaGrid grid;
   int64_t bad = -1;
@@ -97,14 +101,15 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
   // Prices, row duals, distances, saved prices and distances; row4col, pred, keys, counters.
   at::Tensor work = at::empty({B, 5 * n}, cost.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({B, 3 * n + lap::kNumCounters}, cost.options().dtype(at::kLong));
-  // As many blocks as fit on the GPU at once, which a grid barrier requires.
+  // No more blocks than fit on the GPU at once, which a grid barrier requires.
   auto prepass = auction_prepass_kernel<T, kMax>;
   int blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, prepass,
                                                                kGridBlockThreads, 0));
   TORCH_CHECK(blocks_per_sm > 0, "linear_sum_assignment: the auction kernel does not fit on ",
               "this GPU");
-  const int blocks = blocks_per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int blocks = std::min(blocks_per_sm, kGridBlocksPerSm) *
+                     at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   for (int64_t b = 0; b < B; ++b) {
     double* w = work.data_ptr<double>() + b * 5 * n;
     int64_t* iw = iwork.data_ptr<int64_t>() + b * (3 * n + lap::kNumCounters);
