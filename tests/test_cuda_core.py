@@ -175,6 +175,32 @@ def test_auction_algorithm_invalid_entries_and_degenerate():
         check(cost * scale, col4row, u, v, True, scale)
 
 
+@pytest.mark.parametrize("log2_scale", [1020, 1023, -1000, -1070])
+def test_auction_algorithm_near_the_limits_of_double(log2_scale):
+    """Costs whose prices would overflow or underflow: the auction steps aside, the exact repair
+    answers alone. Brute force over all 5! assignments is the oracle, on the costs divided by the
+    (power of two) scale so that its sums do not overflow."""
+    import itertools
+    rng = np.random.default_rng(10)
+    perms = np.array(list(itertools.permutations(range(5))))
+    scale = 2.0 ** log2_scale
+    for trial in range(200):
+        cost = rng.random((5, 5)) * scale * (1 if trial % 2 else -1)
+        col4row, u, v = team_solve(torch.from_numpy(cost), False, 2 + trial % 3, "auction")
+        unit = cost / scale
+        best = unit[np.arange(5), perms].sum(axis=1).min()
+        got = unit[np.arange(5), col4row.numpy()].sum()
+        assert got <= best + 1e-9, f"trial {trial}: {got} vs {best}"
+
+
+def test_auction_algorithm_heavy_ties_use_the_round_budget():
+    # Integer costs 0..3 make the Jacobi auction a long price war: it stops on its round budget
+    # and hands its matching to the repair, which must still be exact.
+    cost = torch.randint(0, 4, (600, 600), generator=torch.Generator().manual_seed(11)).double()
+    col4row, u, v = team_solve(cost, False, 4, "auction")
+    check(cost, col4row, u, v, False, "ties 600")
+
+
 def test_auction_batched_and_arguments():
     g = torch.Generator().manual_seed(8)
     cost = torch.randint(0, 4, (5, 12, 12), generator=g).float()

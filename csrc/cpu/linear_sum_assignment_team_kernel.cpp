@@ -58,11 +58,15 @@ void solve_on_host_threads(const at::Tensor& cost, bool maximize, int64_t thread
         run(grid, team);
         continue;
       }
+      // Even thread counts pair up into groups of two lanes, so the auction's lane-strided row
+      // scans and group reductions run as on the GPU (in warps of 32 there).
+      const int64_t lanes = threads % 2 == 0 ? 2 : 1;
       lap::HostTeamShared shared(threads);
+      auto group_shares = lap::make_group_shares(threads, lanes);
       std::vector<std::thread> pool;
       for (int64_t r = 0; r < threads; ++r) {
         pool.emplace_back([&, r] {
-          lap::HostThreadGrid grid(shared, r, threads);
+          lap::HostThreadGrid grid(shared, *group_shares[r / lanes], r, threads, lanes);
           lap::HostThreadTeam team(shared, r, threads);
           run(grid, team);
         });

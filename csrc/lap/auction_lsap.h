@@ -100,6 +100,8 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
   for (int64_t j = rank; j < n; j += size) {
     s.v[j] = 0.0;
     s.keys[j] = kNoKey;
+    s.row4col[j] = -1;
+    s.col4row[j] = -1;
   }
   if (rank == 0) {
     for (int k = 0; k < kNumCounters; ++k) counter[k] = 0;
@@ -139,8 +141,13 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
     return kInvalidEntry;
   }
   if (g.load(&counter[kEmptyRow]) != kNoKey) return kInfeasible;
-  const double range = from_order_key(~g.load(&counter[kCostMax])) -
-                       from_order_key(g.load(&counter[kCostMin]));
+  const double lowest_cost = from_order_key(g.load(&counter[kCostMin]));
+  const double highest_cost = from_order_key(~g.load(&counter[kCostMax]));
+  const double range = highest_cost - lowest_cost;
+  // Prices move by a few times the range, so away from the limits of double the auction's
+  // arithmetic neither overflows nor underflows. Near them, or when all finite costs are equal
+  // (any matching is optimal), it is skipped: the repair alone is exact from v = 0.
+  const bool run_auction = range > 0x1p-900 && fmax(fabs(lowest_cost), fabs(highest_cost)) <= 0x1p900;
 
   // The bid key: the new price rounded up (in key order) to clear the low bits, which hold the
   // bidder's row, so one atomic min picks the lowest price and its bidder together.
@@ -148,12 +155,15 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
   while ((int64_t{1} << index_bits) < n) ++index_bits;
   const uint64_t index_mask = (uint64_t{1} << index_bits) - 1;
 
-  double eps = range > 0 ? range / 4 : 1.0;
+  double eps = range / 4;
   const double final_eps = ldexp(eps, -kFinalEpsilonLog2) / static_cast<double>(n);
   const int64_t stop_free = n / kStopDivisor;
-  const int64_t round_budget = 4 * n + 1000;  // ends price wars on infeasible problems
+  // Ends price wars (infeasible problems, heavy ties); what is matched then goes to the repair.
+  const int64_t round_budget = n + 2000;
   int64_t rounds = 0;
-  for (bool last = false; !last; eps = fmax(eps / kEpsilonFactor, final_eps)) {
+  int sweeps = 0;
+  for (bool last = !run_auction; !last; eps = fmax(eps / kEpsilonFactor, final_eps)) {
+    if (rounds >= round_budget) break;
     last = eps <= final_eps;
     // Each phase starts unmatched, keeping the prices.
     for (int64_t j = rank; j < n; j += size) {
@@ -211,15 +221,15 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
   // minimum is split over row chunks so that every thread has work.
   const int64_t chunks = size / n > 0 ? size / n : 1;
   const int64_t chunk_rows = (n + chunks - 1) / chunks;
-  int sweeps = 0;
-  for (; sweeps < kMaxSweeps; ++sweeps) {
-    uint64_t* changed = &counter[kChanged + sweeps % 3];
+  for (int sweep = 0; run_auction && sweep < kMaxSweeps; ++sweep) {
+    ++sweeps;
+    uint64_t* changed = &counter[kChanged + sweep % 3];
     for (int64_t i = rank; i < n; i += size) {
       const int64_t j = s.col4row[i];
       s.u[i] = j >= 0 ? signed_cost<T, kMax>(cost + i * n, j) - s.v[j] : inf;
       s.keys[i] = order_key(s.v[i]);
     }
-    if (rank == 0) counter[kChanged + (sweeps + 1) % 3] = 0;  // the next sweep's flag
+    if (rank == 0) counter[kChanged + (sweep + 1) % 3] = 0;  // the next sweep's flag
     g.sync();
     for (int64_t w = rank; w < n * chunks; w += size) {
       const int64_t j = w % n, first = (w / n) * chunk_rows;
@@ -230,7 +240,7 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
         const double c = signed_cost<T, kMax>(cost + i * n, j) - s.u[i];
         lowest = c < lowest ? c : lowest;
       }
-      if (lowest < s.v[j]) g.atomic_min(&s.keys[j], order_key(lowest));
+      if (lowest < s.v[j] && lowest > -inf) g.atomic_min(&s.keys[j], order_key(lowest));
     }
     g.sync();
     for (int64_t j = rank; j < n; j += size) {
@@ -256,7 +266,7 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
       lowest = c < lowest ? c : lowest;
     }
     lowest = g.group_reduce(lowest, MinDouble{});
-    if (lane == 0 && lowest < own) {
+    if (lane == 0 && (lowest < own || !(own < inf))) {
       s.col4row[i] = -1;
       s.row4col[j] = -1;
     }

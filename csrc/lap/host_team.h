@@ -8,6 +8,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -66,7 +67,7 @@ class HostThreadTeam {
   int parity_ = 0;
 };
 
-// Grids: each thread is a group of one lane, so group_reduce is the identity.
+// The serial grid: one thread, a group of one lane.
 struct SerialGrid : SerialTeam {
   int64_t group() const { return 0; }
   int64_t groups() const { return 1; }
@@ -81,20 +82,32 @@ struct SerialGrid : SerialTeam {
   uint64_t load(const uint64_t* p) const { return *p; }
 };
 
+// One HostTeamShared per group of `lanes` threads, for HostThreadGrid.
+inline std::vector<std::unique_ptr<HostTeamShared>> make_group_shares(int64_t threads,
+                                                                      int64_t lanes) {
+  std::vector<std::unique_ptr<HostTeamShared>> shares;
+  for (int64_t g = 0; g < threads / lanes; ++g) shares.push_back(std::make_unique<HostTeamShared>(lanes));
+  return shares;
+}
+
+// Threads in groups of `lanes` consecutive ranks; a group's lanes share `group_shared` (a
+// barrier and slots of their own), so group_reduce is a real reduction, as a warp's on the GPU.
 class HostThreadGrid {
  public:
-  HostThreadGrid(HostTeamShared& shared, int64_t rank, int64_t size)
-      : shared_(shared), rank_(rank), size_(size) {}
+  HostThreadGrid(HostTeamShared& shared, HostTeamShared& group_shared, int64_t rank, int64_t size,
+                 int64_t lanes)
+      : shared_(shared), group_team_(group_shared, rank % lanes, lanes), rank_(rank),
+        size_(size), lanes_(lanes) {}
   int64_t rank() const { return rank_; }
   int64_t size() const { return size_; }
-  int64_t group() const { return rank_; }
-  int64_t groups() const { return size_; }
-  int64_t lane() const { return 0; }
-  int64_t lanes() const { return 1; }
+  int64_t group() const { return rank_ / lanes_; }
+  int64_t groups() const { return size_ / lanes_; }
+  int64_t lane() const { return rank_ % lanes_; }
+  int64_t lanes() const { return lanes_; }
   void sync() { shared_.barrier.arrive_and_wait(); }
   template <typename V, typename Merge>
-  V group_reduce(const V& x, Merge) {
-    return x;
+  V group_reduce(const V& x, Merge merge) {
+    return group_team_.reduce(x, merge);
   }
   void atomic_min(uint64_t* p, uint64_t x) {
     std::atomic_ref<uint64_t> a(*p);
@@ -109,7 +122,8 @@ class HostThreadGrid {
 
  private:
   HostTeamShared& shared_;
-  int64_t rank_, size_;
+  HostThreadTeam group_team_;
+  int64_t rank_, size_, lanes_;
 };
 
 }  // namespace lap

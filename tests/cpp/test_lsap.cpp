@@ -126,11 +126,13 @@ nat::lap::Status solve_with_auction(int n, const std::vector<double>& c, int thr
     if (stats) *stats = {counters[nat::lap::kRounds], counters[nat::lap::kSweeps], counters[nat::lap::kFreeRows], team.steps};
     return status;
   }
+  const int lanes = threads % 2 == 0 ? 2 : 1;  // lane-strided scans, as in a warp
   nat::lap::HostTeamShared shared(threads);
+  auto group_shares = nat::lap::make_group_shares(threads, lanes);
   std::vector<std::thread> pool;
   for (int r = 0; r < threads; ++r) {
     pool.emplace_back([&, r] {
-      nat::lap::HostThreadGrid grid(shared, r, threads);
+      nat::lap::HostThreadGrid grid(shared, *group_shares[r / lanes], r, threads, lanes);
       nat::lap::HostThreadTeam team(shared, r, threads);
       const auto st = nat::lap::auction_lsap<double, false>(grid, team, n, c.data(), a, b, u.data(), v.data(), &bad);
       if (r == 0) status = st;
@@ -158,7 +160,7 @@ void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf, So
     status = solve_with_team(n, m, c, solver == Solver::kTeamSerial ? 1 : 3, x, u, v);
   } else {
     if (n != m) return;  // the auction solver takes square problems only
-    status = solve_with_auction(n, c, solver == Solver::kAuctionSerial ? 1 : 3, x, u, v);
+    status = solve_with_auction(n, c, solver == Solver::kAuctionSerial ? 1 : 4, x, u, v);
   }
   const double expected = m <= 8 ? brute_force_min(c, n, m) : nat::lap::kInf;
   if (status == nat::lap::Status::kInfeasible) {
