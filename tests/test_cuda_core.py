@@ -297,3 +297,19 @@ def test_cuda_auction_errors():
         torch.ops.nat.linear_sum_assignment(cost, False, "auction")
     with pytest.raises(ValueError, match="needs square problems"):
         torch.ops.nat.linear_sum_assignment(torch.rand(3, 5, device="cuda"), False, "auction")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", ["jv", "auction"])
+def test_cuda_side_stream_other_device_and_strides(solver):
+    # Kernels go on the caller's current stream and device; inputs of any strides.
+    devices = [torch.device("cuda", i) for i in range(min(torch.cuda.device_count(), 2))]
+    g = torch.Generator().manual_seed(12)
+    for device in devices:
+        cost = torch.rand(3, 300, 300, generator=g).transpose(1, 2)  # non-contiguous
+        stream = torch.cuda.Stream(device=device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            x, u, v = nat_ext.solve_with_duals(cost.to(device), solver=solver)
+        stream.synchronize()
+        assert x.device == device
+        assert nat_ext.check_optimality(cost, x.cpu(), u.cpu(), v.cpu())

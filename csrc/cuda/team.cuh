@@ -17,8 +17,8 @@ namespace nat {
 namespace lap {
 
 // merge() folded over the 32 lanes of a warp by a butterfly of shuffles; every lane gets the
-// same value provided merge() picks by a total order (ArgMin, MinIndex, MergeTop2 and the
-// min/max merges all do, ties broken by index).
+// same value provided merge() picks by a total order (ArgMin, MinIndex and MergeTop2 do, ties
+// broken by index; MinDouble / MaxDouble may differ in the sign of a zero, which compares equal).
 template <typename V, typename Merge>
 __device__ V warp_allreduce(V x, Merge merge) {
   static_assert(std::is_trivially_copyable<V>::value && sizeof(V) % 4 == 0);
