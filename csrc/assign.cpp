@@ -1,22 +1,27 @@
-// nat::assign for every backend: the score matrix feats @ targets^T, then the assignment that
-// maximises it through nat::linear_sum_assignment on the same device. Registered as
-// CompositeExplicitAutograd so a backend (CUDA) can still override it with a fused kernel.
+// nat::assign and nat::assign_ex for every backend: the score matrix feats @ targets^T, then the
+// assignment that maximises it through nat::linear_sum_assignment_ex on the same device.
+// Registered as CompositeExplicitAutograd so a backend (CUDA) can still override them with a
+// fused kernel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "ops_common.h"
 
 namespace nat {
 namespace {
 
-at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets,
-                            c10::string_view solver) {
+std::tuple<at::Tensor, at::Tensor> assign_ex_composite(const at::Tensor& feats,
+                                                       const at::Tensor& targets,
+                                                       c10::string_view solver,
+                                                       bool check_errors) {
   check_assign(feats, targets);
   check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
   const at::Tensor scores = assign_scores(feats, targets);
   // A host sync, fine here (CPU); the CUDA kernel checks inside the solver instead.
-  if (!at::isfinite(scores).all().item<bool>()) {
+  if (check_errors && !at::isfinite(scores).all().item<bool>()) {
     for (const auto& [name, t] : {std::pair{"feats", feats}, std::pair{"targets", targets}}) {
       TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "assign: ", name,
                         " contains NaN or infinite values");
@@ -24,16 +29,25 @@ at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets,
     TORCH_CHECK_VALUE(false, "assign: feats @ targets^T overflowed to infinity in ",
                       scores.scalar_type(), "; normalise the inputs");
   }
-  static const auto lsa = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("nat::linear_sum_assignment", "")
-                              .typed<at::Tensor(const at::Tensor&, bool, c10::string_view)>();
-  return lsa.call(scores, /*maximize=*/true, solver);
+  // Finite scores can fail nothing; otherwise the caller asked for the status, not an error.
+  static const auto lsa_ex =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nat::linear_sum_assignment_ex", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, c10::string_view,
+                                                    bool)>();
+  return lsa_ex.call(scores, /*maximize=*/true, solver, /*check_errors=*/false);
+}
+
+at::Tensor assign_composite(const at::Tensor& feats, const at::Tensor& targets,
+                            c10::string_view solver) {
+  return std::get<0>(assign_ex_composite(feats, targets, solver, /*check_errors=*/true));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nat, CompositeExplicitAutograd, m) {
   m.impl("assign", &assign_composite);
+  m.impl("assign_ex", &assign_ex_composite);
 }
 
 }  // namespace nat

@@ -18,6 +18,16 @@ TORCH_LIBRARY(nat, m) {
   // feats: [n, d] or [B, n, d]; targets: [m, d] or [B, m, d], n <= m. Returns int64 [n] / [B, n]:
   // the target of each feature row, one-to-one, maximising the sum of dot products.
   m.def("assign(Tensor feats, Tensor targets, str solver=\"auto\") -> Tensor");
+  // The _ex variants, as torch.linalg's: with check_errors=False they never sync with the host
+  // and never raise for the values of the input; info ([B] / [], int64, on the input's device)
+  // holds each problem's status (0 solved, 1 infeasible, 2 NaN or -inf entry) and the rows of a
+  // failed problem are -1. With check_errors=True they raise as the plain ops do.
+  m.def(
+      "linear_sum_assignment_ex(Tensor cost, bool maximize=False, str solver=\"auto\", "
+      "bool check_errors=False) -> (Tensor col4row, Tensor info)");
+  m.def(
+      "assign_ex(Tensor feats, Tensor targets, str solver=\"auto\", bool check_errors=False) -> "
+      "(Tensor col4row, Tensor info)");
   // Test-only: the CUDA solvers' algorithms ("jv": lap/block_lsap.h; "auction":
   // lap/auction_lsap.h) run by `threads` host threads, so the GPU code paths are checked on
   // machines without a GPU. Same outputs as the duals op.

@@ -142,4 +142,24 @@ inline void raise_on_failure(const char* op, const at::Tensor& status, const at:
   }
 }
 
+// Ends a solve. With info == nullptr: raises for the first failed problem (one host sync on
+// CUDA). Else (the _ex ops without check_errors): no host sync; *info gets each problem's
+// lap::Status ([B], or [] unbatched: 0 solved, 1 infeasible, 2 invalid entry) and the rows of
+// failed problems are set to -1, so no failure can pass for an answer.
+inline void finish_solve(const char* op, const at::Tensor& status, const at::Tensor& cost,
+                         bool batched, bool maximize, SolveOutputs& out, at::Tensor* info) {
+  if (!info) {
+    raise_on_failure(op, status.cpu(), cost, batched, maximize);
+    return;
+  }
+  *info = status.select(1, 0).clone();
+  out.col4row.masked_fill_(info->ne(lap::kSolved).unsqueeze(1), -1);
+  if (!batched) *info = info->squeeze(0);
+}
+
+// The info of an _ex op whose problems all succeeded (check_errors=True raised otherwise).
+inline at::Tensor zero_info(const at::Tensor& col4row) {
+  return at::zeros(col4row.sizes().slice(0, col4row.dim() - 1), col4row.options());
+}
+
 }  // namespace nat

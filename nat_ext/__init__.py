@@ -1,9 +1,10 @@
 """nat_ext: Noise As Targets (Bojanowski & Joulin, ICML 2017) for PyTorch, with exact batched
 linear assignment ops on CPU and GPU.
 
-Ops (torch.ops.nat.*): assign, linear_sum_assignment, linear_sum_assignment_with_duals.
+Ops (torch.ops.nat.*): assign, linear_sum_assignment, linear_sum_assignment_with_duals, and
+the sync-free assign_ex, linear_sum_assignment_ex.
 Python API: assign, linear_sum_assignment (a drop-in for scipy's), solve_with_duals,
-check_optimality.
+check_optimality, assign_ex, linear_sum_assignment_ex.
 """
 
 import importlib.machinery
@@ -29,6 +30,7 @@ _load_library()
 
 from . import ops  # noqa: E402  (registers the fake kernels)
 from .lsap import check_optimality, linear_sum_assignment  # noqa: E402
-from .ops import assign, solve_with_duals  # noqa: E402
+from .ops import assign, assign_ex, linear_sum_assignment_ex, solve_with_duals  # noqa: E402
 
-__all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "ops"]
+__all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
+           "linear_sum_assignment_ex", "ops"]

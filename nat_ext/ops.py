@@ -51,6 +51,45 @@ def solve_with_duals(cost: Tensor, maximize: bool = False,
     return torch.ops.nat.linear_sum_assignment_with_duals.default(cost, maximize, solver)
 
 
+def linear_sum_assignment_ex(cost: Tensor, maximize: bool = False, solver: str = "auto",
+                             check_errors: bool = False) -> tuple[Tensor, Tensor]:
+    """`torch.ops.nat.linear_sum_assignment` without the host sync, as torch.linalg's _ex ops.
+
+    With check_errors=False the call never waits for the device and never raises for the values
+    of cost (shapes, dtypes and arguments are still checked at once): each problem's outcome is
+    returned in `info`, and the rows of a problem that failed are all -1, so a failure cannot
+    pass for an assignment. With check_errors=True it raises as the plain op does.
+
+    Args:
+        cost: Tensor[n, m] or Tensor[B, n, m] with n <= m, floating point.
+        maximize: maximise the total instead of minimising it.
+        solver: "auto", "jv" or "auction" (see `solve_with_duals`).
+        check_errors: raise (after a host sync) instead of reporting through `info`.
+
+    Returns:
+        (col4row, info): int64 Tensor[.., n], the column of each row (-1 in failed problems);
+        int64 Tensor[B] (or [] unbatched) on cost's device: 0 solved, 1 infeasible, 2 a NaN or
+        -inf entry (+inf when maximising).
+    """
+    return torch.ops.nat.linear_sum_assignment_ex.default(cost, maximize, solver, check_errors)
+
+
+def assign_ex(feats: Tensor, targets: Tensor, solver: str = "auto",
+              check_errors: bool = False) -> tuple[Tensor, Tensor]:
+    """`assign` without the host sync: (col4row, info) as in `linear_sum_assignment_ex`
+    (info 2 when feats @ targets^T holds a NaN or an infinity).
+
+    Args:
+        feats: Tensor[n, d] or Tensor[B, n, d]. targets: Tensor[m, d] or Tensor[B, m, d], m >= n.
+        solver: "auto", "jv" or "auction".
+        check_errors: raise (after a host sync) instead of reporting through `info`.
+
+    Returns:
+        (col4row, info): int64 Tensor[.., n] (-1 in failed problems) and int64 Tensor[B] / [].
+    """
+    return torch.ops.nat.assign_ex.default(feats, targets, solver, check_errors)
+
+
 def _check_solver(solver: str, n, m) -> None:
     torch._check(solver in SOLVERS, lambda: f"solver should be one of {SOLVERS}, got {solver!r}")
     torch._check(solver != "auction" or n == m,
@@ -86,6 +125,20 @@ def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False,
 def _linear_sum_assignment_team_fake(cost: Tensor, maximize: bool, threads: int,
                                      solver: str = "jv"):
     return _linear_sum_assignment_with_duals_fake(cost, maximize, solver)
+
+
+@torch.library.register_fake("nat::linear_sum_assignment_ex")
+def _linear_sum_assignment_ex_fake(cost: Tensor, maximize: bool = False, solver: str = "auto",
+                                   check_errors: bool = False):
+    cols = _linear_sum_assignment_fake(cost, maximize, solver)
+    return cols, cost.new_empty(cost.shape[:-2], dtype=torch.int64)
+
+
+@torch.library.register_fake("nat::assign_ex")
+def _assign_ex_fake(feats: Tensor, targets: Tensor, solver: str = "auto",
+                    check_errors: bool = False):
+    cols = _assign_fake(feats, targets, solver)
+    return cols, feats.new_empty(feats.shape[:-2], dtype=torch.int64)
 
 
 @torch.library.register_fake("nat::assign")

@@ -325,6 +325,60 @@ def test_meta_tensors_give_shapes():
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("solver", ["jv", "auction"])
+def test_ex_ops_report_failures_instead_of_raising(device, solver):
+    """The _ex ops: no raise for bad values, per-problem info, -1 rows where a problem failed;
+    the solved problems' answers are optimal (scipy)."""
+    g = torch.Generator().manual_seed(13)
+    cost = torch.rand(4, 30, 30, generator=g, dtype=torch.float64)
+    cost[1, 3, 4] = float("nan")          # invalid entry
+    cost[2, :3, 2:] = float("inf")         # infeasible: 3 rows share 2 columns
+    cols, info = nat_ext.linear_sum_assignment_ex(cost.to(device), solver=solver)
+    assert cols.device.type == device and info.device.type == device
+    assert info.tolist() == [0, 2, 1, 0]
+    assert (cols[1:3] == -1).all()
+    for b in (0, 3):
+        rows, expected = scipy_lsa(cost[b].numpy())
+        assert abs(cost[b][torch.arange(30), cols[b].cpu()].sum().item()
+                   - cost[b].numpy()[rows, expected].sum()) < 1e-9
+    cols1, info1 = nat_ext.linear_sum_assignment_ex(cost[1].to(device), solver=solver)
+    assert info1.shape == () and info1.item() == 2 and (cols1 == -1).all()
+    with pytest.raises(ValueError, match=r"cost\[1\]\[3\]\[4\] is nan"):
+        nat_ext.linear_sum_assignment_ex(cost.to(device), solver=solver, check_errors=True)
+    cols, info = nat_ext.linear_sum_assignment_ex(cost[[0, 3]].to(device), True, solver, True)
+    assert info.tolist() == [0, 0] and sorted(cols[0].tolist()) == list(range(30))
+    feats, targets = torch.randn(2, 30, 8, generator=g), torch.randn(2, 30, 8, generator=g)
+    feats[0, 5, 1] = float("nan")
+    idx, info = nat_ext.assign_ex(feats.to(device), targets.to(device), solver)
+    assert info.tolist() == [2, 0] and (idx[0] == -1).all()
+    scores = (feats[1].double() @ targets[1].double().T).numpy()
+    rows, best = scipy_lsa(scores, maximize=True)
+    assert abs(scores[np.arange(30), idx[1].cpu().numpy()].sum() - scores[rows, best].sum()) < 1e-5
+    with pytest.raises(ValueError, match="feats contains NaN"):
+        nat_ext.assign_ex(feats.to(device), targets.to(device), solver, check_errors=True)
+    torch.library.opcheck(torch.ops.nat.linear_sum_assignment_ex.default,
+                          (cost[[0, 3]].to(device), False, solver, False))
+    torch.library.opcheck(torch.ops.nat.assign_ex.default,
+                          (feats[1:].to(device), targets[1:].to(device), solver, False))
+
+
+def test_ex_ops_meta_and_compile():
+    cols, info = torch.ops.nat.linear_sum_assignment_ex(torch.empty(7, 5, 9, device="meta"))
+    assert cols.shape == (7, 5) and info.shape == (7,) and info.dtype == torch.int64
+    cols, info = torch.ops.nat.assign_ex(torch.empty(5, 3, device="meta"), torch.empty(5, 3, device="meta"))
+    assert cols.shape == (5,) and info.shape == ()
+
+    @torch.compile(fullgraph=True)
+    def step(f, t):
+        idx, info = torch.ops.nat.assign_ex(f, t)
+        return idx, info
+
+    f, t = torch.randn(3, 16, 4), torch.randn(3, 16, 4)
+    idx, info = step(f, t)
+    assert info.tolist() == [0, 0, 0] and torch.equal(idx, nat_ext.assign(f, t))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_devices_agree(device):
     cost = torch.rand(8, 64, 80, generator=torch.Generator().manual_seed(6))
     cols = torch.ops.nat.linear_sum_assignment(cost.to(device), False)

@@ -14,9 +14,11 @@
 namespace nat {
 namespace {
 
+// info: see finish_solve (nullptr: raise on failure).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_in, bool maximize,
                                                          c10::string_view solver_name,
-                                                         bool with_duals, const char* op) {
+                                                         bool with_duals, const char* op,
+                                                         at::Tensor* info = nullptr) {
   check_cost(cost_in, op);
   const Solver solver = parse_solver(solver_name, op);
   check_solver_shape(solver, cost_in.size(-2), cost_in.size(-1), op);
@@ -27,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_
   if (solver == Solver::kAuction) {
     SolveOutputs out(cost, true);
     solve_on_host_threads(cost, maximize, 1, solver, out, st);
-    raise_on_failure(op, status, cost, batched, maximize);
+    finish_solve(op, status, cost, batched, maximize, out, info);
     return out.result(batched, with_duals);
   }
   SolveOutputs out(cost, with_duals);
@@ -52,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_
       }
     });
   });
-  raise_on_failure(op, status, cost, batched, maximize);
+  finish_solve(op, status, cost, batched, maximize, out, info);
   return out.result(batched, with_duals);
 }
 
@@ -66,11 +68,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_with_duals_
   return solve_cpu(cost, maximize, solver, true, "linear_sum_assignment_with_duals");
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cpu(const at::Tensor& cost,
+                                                                bool maximize,
+                                                                c10::string_view solver,
+                                                                bool check_errors) {
+  at::Tensor info;
+  at::Tensor cols = std::get<0>(solve_cpu(cost, maximize, solver, false, "linear_sum_assignment_ex",
+                                          check_errors ? nullptr : &info));
+  return {cols, check_errors ? zero_info(cols) : info};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nat, CPU, m) {
   m.impl("linear_sum_assignment", &linear_sum_assignment_cpu);
   m.impl("linear_sum_assignment_with_duals", &linear_sum_assignment_with_duals_cpu);
+  m.impl("linear_sum_assignment_ex", &linear_sum_assignment_ex_cpu);
 }
 
 }  // namespace nat

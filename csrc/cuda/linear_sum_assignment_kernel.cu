@@ -131,9 +131,11 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
   }
 }
 
+// info: see finish_solve (nullptr: raise on failure, the one host sync).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost_in, bool maximize,
                                                           c10::string_view solver_name,
-                                                          bool with_duals, const char* op) {
+                                                          bool with_duals, const char* op,
+                                                          at::Tensor* info = nullptr) {
   check_cost(cost_in, op);
   const Solver solver = parse_solver(solver_name, op);
   check_solver_shape(solver, cost_in.size(-2), cost_in.size(-1), op);
@@ -143,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
   SolveOutputs out(cost, with_duals);
   if (B == 0 || n == 0) {
     out.v.zero_();  // no rows: every column is free, priced 0
+    if (info) *info = zero_info(batched ? out.col4row : out.col4row.squeeze(0));
     return out.result(batched, with_duals);
   }
   TORCH_CHECK_VALUE(B <= INT32_MAX, op, ": at most 2^31 - 1 problems a call, got ", B);
@@ -169,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  raise_on_failure(op, status.cpu(), cost, batched, maximize);
+  finish_solve(op, status, cost, batched, maximize, out, info);
   return out.result(batched, with_duals);
 }
 
@@ -183,14 +186,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sum_assignment_with_duals_
   return solve_cuda(cost, maximize, solver, true, "linear_sum_assignment_with_duals");
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cuda(const at::Tensor& cost,
+                                                                 bool maximize,
+                                                                 c10::string_view solver,
+                                                                 bool check_errors) {
+  at::Tensor info;
+  at::Tensor cols = std::get<0>(solve_cuda(cost, maximize, solver, false,
+                                           "linear_sum_assignment_ex",
+                                           check_errors ? nullptr : &info));
+  return {cols, check_errors ? zero_info(cols) : info};
+}
+
 // Scores by cuBLAS (through ATen), read by the solver as they are: it applies the sign for
 // maximisation on load, so no conversion pass is needed between the two.
-at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
-                       c10::string_view solver) {
+std::tuple<at::Tensor, at::Tensor> assign_ex_cuda(const at::Tensor& feats,
+                                                  const at::Tensor& targets,
+                                                  c10::string_view solver, bool check_errors) {
   check_assign(feats, targets);
   check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
   const c10::cuda::CUDAGuard guard(feats.device());
-  return std::get<0>(solve_cuda(assign_scores(feats, targets), true, solver, false, "assign"));
+  at::Tensor info;
+  at::Tensor cols = std::get<0>(solve_cuda(assign_scores(feats, targets), true, solver, false,
+                                           "assign", check_errors ? nullptr : &info));
+  return {cols, check_errors ? zero_info(cols) : info};
+}
+
+at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
+                       c10::string_view solver) {
+  return std::get<0>(assign_ex_cuda(feats, targets, solver, /*check_errors=*/true));
 }
 
 }  // namespace
@@ -198,7 +221,9 @@ at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
 TORCH_LIBRARY_IMPL(nat, CUDA, m) {
   m.impl("linear_sum_assignment", &linear_sum_assignment_cuda);
   m.impl("linear_sum_assignment_with_duals", &linear_sum_assignment_with_duals_cuda);
+  m.impl("linear_sum_assignment_ex", &linear_sum_assignment_ex_cuda);
   m.impl("assign", &assign_cuda);
+  m.impl("assign_ex", &assign_ex_cuda);
 }
 
 }  // namespace nat
