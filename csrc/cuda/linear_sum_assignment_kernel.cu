@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string_view>
 #include <tuple>
 
@@ -30,15 +31,26 @@ namespace {
 constexpr int kGridBlockThreads = 512;
 constexpr int kGridBlocksPerSm = 2;
 
+// A problem's block_lsap state: 4 double arrays of m (prices, distances, and their saved
+// values), 2 int64 arrays of m (pred, row4col) and the n free rows.
+int64_t state_bytes(int64_t n, int64_t m) { return 8 * (6 * m + n); }
+
+// Up to this size (m <= ~2k) the state lives in shared memory: every Dijkstra step reads and
+// writes it, and global stores do not stay in L1, so in global memory each step would wait on
+// L2 round trips. Larger problems keep it in global memory (workspace from the allocator).
+constexpr int64_t kMaxSharedState = 96 * 1024;
+
 template <typename T, bool kMax>
 __global__ void __launch_bounds__(1024)
     block_lsap_kernel(const T* cost, int64_t n, int64_t m, double* work, int64_t* iwork,
                       int64_t* col4row, double* u, double* v, int64_t* status) {
   __shared__ lap::CudaBlockTeam::Slots slots;
+  extern __shared__ __align__(8) unsigned char shared_state[];
   lap::CudaBlockTeam team(&slots);
   const int64_t b = blockIdx.x;
-  double* w = work + b * 4 * m;
-  int64_t* iw = iwork + b * (2 * m + n);
+  // work == nullptr: the state is in the dynamic shared memory the launch reserved for it.
+  double* w = work ? work + b * 4 * m : reinterpret_cast<double*>(shared_state);
+  int64_t* iw = work ? iwork + b * (2 * m + n) : reinterpret_cast<int64_t*>(w + 4 * m);
   const lap::BlockState s{w, w + m, w + 2 * m, w + 3 * m, iw, iw + m, col4row + b * n, iw + 2 * m};
   int64_t bad = -1;
   const lap::Status code = lap::block_lsap<T, kMax>(team, n, m, cost + b * n * m, s,
@@ -157,16 +169,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
           cost, out, with_duals, status, stream);
     });
   } else {
-    // Workspace from the caching allocator: prices, distances, saved prices and distances;
-    // pred, row4col and the free-row list.
-    at::Tensor work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
-    at::Tensor iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
+    // The state in shared memory where it fits (kMaxSharedState, and what this GPU allows a
+    // block beside the reduction slots), else workspace from the caching allocator.
+    const int64_t bytes = state_bytes(n, m);
+    const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const bool in_shared =
+        bytes <= std::min<int64_t>(kMaxSharedState,
+                                   optin - int64_t{sizeof(lap::CudaBlockTeam::Slots)});
+    at::Tensor work, iwork;
+    if (!in_shared) {
+      work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
+      iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
+    }
     AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
       auto kernel =
           maximize ? block_lsap_kernel<scalar_t, true> : block_lsap_kernel<scalar_t, false>;
-      kernel<<<static_cast<unsigned>(B), threads_for(m), 0, stream>>>(
-          cost.const_data_ptr<scalar_t>(), n, m, work.data_ptr<double>(),
-          iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(),
+      if (in_shared) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
+      }
+      kernel<<<static_cast<unsigned>(B), threads_for(m), in_shared ? bytes : 0, stream>>>(
+          cost.const_data_ptr<scalar_t>(), n, m, in_shared ? nullptr : work.data_ptr<double>(),
+          in_shared ? nullptr : iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(),
           with_duals ? out.u.data_ptr<double>() : nullptr,
           with_duals ? out.v.data_ptr<double>() : nullptr, status.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
