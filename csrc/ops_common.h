@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -107,10 +108,14 @@ struct SolveOutputs {
 };
 
 // feats @ targets^T in float32 (float64 for float64 inputs): half-precision products would round
-// away the optimum, so low-precision inputs are widened first.
+// away the optimum, so low-precision inputs are widened first. A -inf score (an overflow, or an
+// infinite input) becomes NaN: maximising, the solvers would read -inf as a forbidden pair, but
+// for assign every non-finite score is an invalid input, reported the same way on every device.
 inline at::Tensor assign_scores(const at::Tensor& feats, const at::Tensor& targets) {
   const auto score_type = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::matmul(feats.to(score_type), targets.to(score_type).transpose(-1, -2));
+  at::Tensor scores =
+      at::matmul(feats.to(score_type), targets.to(score_type).transpose(-1, -2));
+  return scores.masked_fill_(scores.isneginf(), std::numeric_limits<double>::quiet_NaN());
 }
 
 // Raises the error for the first problem that failed. `status` is a CPU int64 [B, 2] tensor,
@@ -124,12 +129,12 @@ inline void raise_on_failure(const char* op, const at::Tensor& status, const at:
     const std::string item = batched ? "[" + std::to_string(b) + "]" : std::string();
     if (st[2 * b] == lap::kInvalidEntry) {
       const int64_t i = st[2 * b + 1] / m, j = st[2 * b + 1] % m;
-      const double value = cost[b][i][j].item<double>();
       if (std::string(op) == "assign") {
-        TORCH_CHECK_VALUE(false, "assign: feats @ targets^T", item, "[", i, "][", j, "] is ", value,
-                          ": feats or targets contains NaN or infinite values, or the product "
-                          "overflowed");
+        TORCH_CHECK_VALUE(false, "assign: feats @ targets^T", item, "[", i, "][", j,
+                          "] is not finite: feats or targets contains NaN or infinite values, or "
+                          "the product overflowed");
       }
+      const double value = cost[b][i][j].item<double>();
       TORCH_CHECK_VALUE(false, op, ": matrix contains invalid numeric entries: cost", item, "[",
                         i, "][", j, "] is ", value, " (NaN and ",
                         maximize ? "+inf with maximize=True" : "-inf", " are not allowed; ",
@@ -152,7 +157,7 @@ inline void finish_solve(const char* op, const at::Tensor& status, const at::Ten
     raise_on_failure(op, status.cpu(), cost, batched, maximize);
     return;
   }
-  *info = status.select(1, 0).clone();
+  *info = status.select(1, 0).clone(at::MemoryFormat::Contiguous);
   out.col4row.masked_fill_(info->ne(lap::kSolved).unsqueeze(1), -1);
   if (!batched) *info = info->squeeze(0);
 }

@@ -356,6 +356,20 @@ def test_ex_ops_report_failures_instead_of_raising(device, solver):
     assert abs(scores[np.arange(30), idx[1].cpu().numpy()].sum() - scores[rows, best].sum()) < 1e-5
     with pytest.raises(ValueError, match="feats contains NaN"):
         nat_ext.assign_ex(feats.to(device), targets.to(device), solver, check_errors=True)
+    # A score that overflows to -inf is an invalid input (not a forbidden pair) on every device.
+    big_f = torch.tensor([[1e20, 0.0], [1.0, 0.0]], device=device)
+    big_t = torch.tensor([[-1e20, 0.0], [1.0, 0.0]], device=device)
+    idx, info = nat_ext.assign_ex(big_f, big_t)
+    assert info.item() == 2 and (idx == -1).all()
+    with pytest.raises(ValueError, match="overflowed|not finite"):
+        nat_ext.assign(big_f, big_t)
+    if device == "cuda":  # the sync-free promise, checked by torch itself
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            nat_ext.linear_sum_assignment_ex(cost.to(device), solver=solver)
+            nat_ext.assign_ex(feats.to(device), targets.to(device), solver)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.library.opcheck(torch.ops.nat.linear_sum_assignment_ex.default,
                           (cost[[0, 3]].to(device), False, solver, False))
     torch.library.opcheck(torch.ops.nat.assign_ex.default,

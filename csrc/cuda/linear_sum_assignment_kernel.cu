@@ -169,26 +169,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
           cost, out, with_duals, status, stream);
     });
   } else {
-    // The state in shared memory where it fits (kMaxSharedState, and what this GPU allows a
-    // block beside the reduction slots), else workspace from the caching allocator.
-    const int64_t bytes = state_bytes(n, m);
-    const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    const bool in_shared =
-        bytes <= std::min<int64_t>(kMaxSharedState,
-                                   optin - int64_t{sizeof(lap::CudaBlockTeam::Slots)});
-    at::Tensor work, iwork;
-    if (!in_shared) {
-      work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
-      iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
-    }
     AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
       auto kernel =
           maximize ? block_lsap_kernel<scalar_t, true> : block_lsap_kernel<scalar_t, false>;
+      // The state goes to shared memory where it fits (kMaxSharedState, and what this GPU lets
+      // a block have beside the reduction slots) and the whole batch still runs in one wave;
+      // with more problems than that, more blocks at a time (global state) may do better: to
+      // be measured. The attribute is always set to the same cap, so concurrent callers agree.
+      const int64_t bytes = state_bytes(n, m);
+      const int threads = threads_for(m);
+      const auto* props = at::cuda::getCurrentDeviceProperties();
+      const int cap = static_cast<int>(std::min<int64_t>(
+          kMaxSharedState, props->sharedMemPerBlockOptin - sizeof(lap::CudaBlockTeam::Slots)));
+      bool in_shared = bytes <= cap;
       if (in_shared) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(bytes)));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                                     bytes));
+        in_shared = B <= int64_t{per_sm} * props->multiProcessorCount;
       }
-      kernel<<<static_cast<unsigned>(B), threads_for(m), in_shared ? bytes : 0, stream>>>(
+      at::Tensor work, iwork;
+      if (!in_shared) {
+        work = at::empty({B, 4 * m}, cost.options().dtype(at::kDouble));
+        iwork = at::empty({B, 2 * m + n}, cost.options().dtype(at::kLong));
+      }
+      kernel<<<static_cast<unsigned>(B), threads, in_shared ? bytes : 0, stream>>>(
           cost.const_data_ptr<scalar_t>(), n, m, in_shared ? nullptr : work.data_ptr<double>(),
           in_shared ? nullptr : iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(),
           with_duals ? out.u.data_ptr<double>() : nullptr,
