@@ -115,7 +115,9 @@ inline at::Tensor assign_scores(const at::Tensor& feats, const at::Tensor& targe
   const auto score_type = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scores =
       at::matmul(feats.to(score_type), targets.to(score_type).transpose(-1, -2));
-  return scores.masked_fill_(scores.isneginf(), std::numeric_limits<double>::quiet_NaN());
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  return scores.nan_to_num_(nan, inf, nan);  // only -inf changes: one in-place pass
 }
 
 // Raises the error for the first problem that failed. `status` is a CPU int64 [B, 2] tensor,
