@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(1024)
 
 // Auto choice of solver. Provisional, from host step counts (tests/cpp/test_lsap.cpp) until a
 // GPU measures the crossover: at n = 4096 the one-block solver takes ~79k dependent steps and
-// the auction ~850 rounds (two grid barriers each) plus 0.5k-4.5k steps; at n = 1024, 8.7k
-// steps against ~700 rounds, close enough that the per-round cost decides. Batches of large
+// the auction ~700 rounds (two grid barriers each) plus a few hundred steps; at n = 1024, 8.7k
+// steps against ~500 rounds, close enough that the per-round cost decides. Batches of large
 // problems run one after another under the auction, so it pays only for few of them.
 constexpr int64_t kAuctionMinSize = 2048;
 constexpr int64_t kAuctionMaxBatch = 8;

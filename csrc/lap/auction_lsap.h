@@ -10,8 +10,8 @@
 //      checked with the same double arithmetic Dijkstra uses, so the result is optimal whatever
 //      the auction did, and the duals certify it.
 // Why this split: measured on the host (tests/cpp/test_lsap.cpp prints it), at n = 4096 the
-// auction needs about 850 rounds (two grid barriers each, all rows' scans in parallel) and
-// leaves about ten free rows needing 0.5k-4.5k Dijkstra steps, where the one-block solver
+// auction needs about 700 rounds (two grid barriers each, all rows' scans in parallel) and
+// leaves about ten free rows needing a few hundred Dijkstra steps, where the one-block solver
 // needs about 79k dependent steps.
 //
 // A Grid provides rank()/size() over all threads, group()/groups() and lane()/lanes() (a group
@@ -77,14 +77,18 @@ struct MinDouble {
 struct MaxDouble {
   NAT_HD double operator()(double a, double b) const { return a > b ? a : b; }
 };
-// Epsilon goes from range/4 down by this factor each phase, to range / (n * 2^20).
+// Epsilon goes from range/64 down by a factor of 4 each phase, to range / (n * 2^22). Starting at
+// range/64 rather than range/4 took 20-40% fewer rounds on the host (n = 1024, 2048, 4096, 4
+// seeds, uniform and dot-product costs); range/1024 left longer repairs on dot-product costs.
+constexpr double kFirstEpsilonDivisor = 64.0;
 constexpr double kEpsilonFactor = 4.0;
-constexpr int kFinalEpsilonLog2 = 20;
+constexpr int kFinalEpsilonLog2 = 22;
 // A phase ends once at most n / kStopDivisor rows are unmatched: the long tail of a Jacobi
 // auction is a price war among few rows, which Dijkstra settles in fewer steps. 256 was chosen
-// on the host over 128 and 512 (n = 2048 and 4096, 6 seeds, uniform and dot-product costs) by
-// a latency model of 4 us a round, 1.5 us a Dijkstra step and 40 us a sweep: means 4.8 ms
-// against 19 ms (128) and 9.9 ms (512) at n = 4096. The model is a guess until a GPU measures.
+// on the host over 128 and 512 (n = 2048 and 4096, 4-6 seeds, uniform and dot-product costs)
+// by a latency model of 4 us a round, 1.5 us a Dijkstra step and 40 us a sweep: means 3.3 ms
+// against 4.1 ms (128) and 5.1 ms (512) at n = 4096 (docs/benchmarks.md has the table). The
+// model is a guess until a GPU measures.
 constexpr int64_t kStopDivisor = 256;
 constexpr int kMaxSweeps = 64;
 
@@ -158,8 +162,8 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
   while ((int64_t{1} << index_bits) < n) ++index_bits;
   const uint64_t index_mask = (uint64_t{1} << index_bits) - 1;
 
-  double eps = range / 4;
-  const double final_eps = ldexp(eps, -kFinalEpsilonLog2) / static_cast<double>(n);
+  const double final_eps = ldexp(range, -kFinalEpsilonLog2) / static_cast<double>(n);
+  double eps = range / kFirstEpsilonDivisor;
   const int64_t stop_free = n / kStopDivisor;
   // Ends price wars (infeasible problems, heavy ties); what is matched then goes to the repair.
   const int64_t round_budget = n + 2000;
