@@ -17,8 +17,7 @@ std::tuple<at::Tensor, at::Tensor> assign_ex_composite(const at::Tensor& feats,
                                                        const at::Tensor& targets,
                                                        c10::string_view solver,
                                                        bool check_errors) {
-  check_assign(feats, targets);
-  check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
+  check_assign(feats, targets, solver);
   const at::Tensor scores = assign_scores(feats, targets);
   // A host sync, fine here (CPU); the CUDA kernel checks inside the solver instead.
   if (check_errors && !at::isfinite(scores).all().item<bool>()) {

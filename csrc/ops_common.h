@@ -50,8 +50,10 @@ inline void check_solver_shape(Solver solver, int64_t n, int64_t m, const char* 
                     "; use solver='auto' or 'jv'");
 }
 
-// feats: [n, d] / [B, n, d]; targets: [m, d] / [B, m, d]; same dims, B, d, dtype and device.
-inline void check_assign(const at::Tensor& feats, const at::Tensor& targets) {
+// feats: [n, d] / [B, n, d]; targets: [m, d] / [B, m, d]; same dims, B, d, dtype and device;
+// a solver name that takes the problem's shape.
+inline void check_assign(const at::Tensor& feats, const at::Tensor& targets,
+                         std::string_view solver) {
   TORCH_CHECK_VALUE(feats.dim() == 2 || feats.dim() == 3,
                     "assign: feats should be a 2-D [n, d] or 3-D [B, n, d] tensor, got ",
                     feats.dim(), "-D with shape ", feats.sizes());
@@ -78,6 +80,7 @@ inline void check_assign(const at::Tensor& feats, const at::Tensor& targets) {
   TORCH_CHECK_VALUE(feats.size(-2) <= targets.size(-2),
                     "assign: feats should have no more rows than targets (n <= m), got n=",
                     feats.size(-2), ", m=", targets.size(-2));
+  check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
 }
 
 // The solver's view of a checked cost: [B, n, m], contiguous, float32 or float64 (float16 and
@@ -164,9 +167,14 @@ inline void finish_solve(const char* op, const at::Tensor& status, const at::Ten
   if (!batched) *info = info->squeeze(0);
 }
 
-// The info of an _ex op whose problems all succeeded (check_errors=True raised otherwise).
-inline at::Tensor zero_info(const at::Tensor& col4row) {
-  return at::zeros(col4row.sizes().slice(0, col4row.dim() - 1), col4row.options());
+// An _ex op's result from solve(info), a backend's solve that takes finish_solve's `info`:
+// with check_errors it raises on failure, so every problem's info is 0.
+template <class Solve>
+std::tuple<at::Tensor, at::Tensor> solve_ex(bool check_errors, Solve solve) {
+  at::Tensor info;
+  at::Tensor cols = solve(check_errors ? nullptr : &info);
+  if (check_errors) info = at::zeros(cols.sizes().slice(0, cols.dim() - 1), cols.options());
+  return {cols, info};
 }
 
 }  // namespace nat

@@ -56,6 +56,19 @@ def test_team_algorithm_larger_and_float32(threads):
         check(cost, col4row, u, v, False, shape)
 
 
+def check_or_infeasible(cost: np.ndarray, threads: int, solver: str, trial) -> None:
+    """Solves cost on the team; scipy says whether it must instead be reported infeasible."""
+    t = torch.from_numpy(cost)
+    try:
+        scipy_lsa(cost)
+    except ValueError:
+        with pytest.raises(ValueError, match="infeasible"):
+            team_solve(t, False, threads, solver)
+        return
+    col4row, u, v = team_solve(t, False, threads, solver)
+    check(t, col4row, u, v, False, trial)
+
+
 def test_team_algorithm_forbidden_and_infeasible():
     rng = np.random.default_rng(2)
     for trial in range(15):
@@ -63,15 +76,7 @@ def test_team_algorithm_forbidden_and_infeasible():
         n, m = min(n, m), max(n, m)
         cost = rng.random((n, m))
         cost[rng.random((n, m)) < 0.4] = np.inf
-        t = torch.from_numpy(cost)
-        try:
-            scipy_lsa(cost)
-        except ValueError:
-            with pytest.raises(ValueError, match="infeasible"):
-                team_solve(t, False, 4)
-            continue
-        col4row, u, v = team_solve(t, False, 4)
-        check(t, col4row, u, v, False, trial)
+        check_or_infeasible(cost, 4, "jv", trial)
 
 
 def test_team_algorithm_invalid_entries_and_degenerate():
@@ -136,15 +141,7 @@ def test_auction_algorithm_forbidden_and_infeasible():
         n = int(rng.integers(1, 30))
         cost = rng.random((n, n))
         cost[rng.random((n, n)) < 0.5] = np.inf
-        t = torch.from_numpy(cost)
-        try:
-            scipy_lsa(cost)
-        except ValueError:
-            with pytest.raises(ValueError, match="infeasible"):
-                team_solve(t, False, 3, "auction")
-            continue
-        col4row, u, v = team_solve(t, False, 3, "auction")
-        check(t, col4row, u, v, False, trial)
+        check_or_infeasible(cost, 3, "auction", trial)
     # Every row has finite entries, yet rows 0-2 share two columns: the auction's price war
     # ends on its round budget and the exact repair reports it.
     cost = torch.rand(30, 30, dtype=torch.float64)

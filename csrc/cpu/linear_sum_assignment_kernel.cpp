@@ -72,10 +72,10 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cpu(const at::Tensor
                                                                 bool maximize,
                                                                 c10::string_view solver,
                                                                 bool check_errors) {
-  at::Tensor info;
-  at::Tensor cols = std::get<0>(solve_cpu(cost, maximize, solver, false, "linear_sum_assignment_ex",
-                                          check_errors ? nullptr : &info));
-  return {cols, check_errors ? zero_info(cols) : info};
+  return solve_ex(check_errors, [&](at::Tensor* info) {
+    return std::get<0>(
+        solve_cpu(cost, maximize, solver, false, "linear_sum_assignment_ex", info));
+  });
 }
 
 }  // namespace

@@ -125,14 +125,14 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
   for (int64_t b = 0; b < B; ++b) {
     double* w = work.data_ptr<double>() + b * 5 * n;
     int64_t* iw = iwork.data_ptr<int64_t>() + b * (3 * n + lap::kNumCounters);
-    const lap::AuctionState a{w, w + n, out.col4row.data_ptr<int64_t>() + b * n, iw,
+    lap::AuctionState a{w, w + n, out.col4row.data_ptr<int64_t>() + b * n, iw,
                               reinterpret_cast<uint64_t*>(iw + 2 * n),
                               reinterpret_cast<uint64_t*>(iw + 3 * n)};
     const lap::BlockState r = lap::repair_state(a, w + 2 * n, w + 3 * n, w + 4 * n, iw + n);
     const T* c = cost.const_data_ptr<T>() + b * n * n;
     int64_t nn = n;
     int64_t* st = status.data_ptr<int64_t>() + 2 * b;
-    void* args[] = {&c, &nn, const_cast<lap::AuctionState*>(&a), &st};
+    void* args[] = {&c, &nn, &a, &st};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(prepass), blocks,
                                                kGridBlockThreads, args, 0, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -157,7 +157,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
   SolveOutputs out(cost, with_duals);
   if (B == 0 || n == 0) {
     out.v.zero_();  // no rows: every column is free, priced 0
-    if (info) *info = zero_info(batched ? out.col4row : out.col4row.squeeze(0));
+    if (info) {
+      const at::Tensor solved = at::zeros({B}, out.col4row.options());
+      *info = batched ? solved : solved.squeeze(0);
+    }
     return out.result(batched, with_duals);
   }
   TORCH_CHECK_VALUE(B <= INT32_MAX, op, ": at most 2^31 - 1 problems a call, got ", B);
@@ -221,11 +224,10 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cuda(const at::Tenso
                                                                  bool maximize,
                                                                  c10::string_view solver,
                                                                  bool check_errors) {
-  at::Tensor info;
-  at::Tensor cols = std::get<0>(solve_cuda(cost, maximize, solver, false,
-                                           "linear_sum_assignment_ex",
-                                           check_errors ? nullptr : &info));
-  return {cols, check_errors ? zero_info(cols) : info};
+  return solve_ex(check_errors, [&](at::Tensor* info) {
+    return std::get<0>(
+        solve_cuda(cost, maximize, solver, false, "linear_sum_assignment_ex", info));
+  });
 }
 
 // Scores by cuBLAS (through ATen), read by the solver as they are: it applies the sign for
@@ -233,13 +235,12 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> assign_ex_cuda(const at::Tensor& feats,
                                                   const at::Tensor& targets,
                                                   c10::string_view solver, bool check_errors) {
-  check_assign(feats, targets);
-  check_solver_shape(parse_solver(solver, "assign"), feats.size(-2), targets.size(-2), "assign");
+  check_assign(feats, targets, solver);
   const c10::cuda::CUDAGuard guard(feats.device());
-  at::Tensor info;
-  at::Tensor cols = std::get<0>(solve_cuda(assign_scores(feats, targets), true, solver, false,
-                                           "assign", check_errors ? nullptr : &info));
-  return {cols, check_errors ? zero_info(cols) : info};
+  const at::Tensor scores = assign_scores(feats, targets);
+  return solve_ex(check_errors, [&](at::Tensor* info) {
+    return std::get<0>(solve_cuda(scores, true, solver, false, "assign", info));
+  });
 }
 
 at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
