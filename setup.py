@@ -49,22 +49,27 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
-with_cuda = force_cuda or (torch.version.cuda is not None and cuda_home is not None)
+# FORCE_CUDA=1: the CUDA ops or a failed build; FORCE_CUDA=0: CPU ops only (a quick build);
+# unset: the CUDA ops when a toolkit and a CUDA build of torch are both there.
+force_cuda = os.environ.get("FORCE_CUDA") == "1"
+no_cuda = os.environ.get("FORCE_CUDA") == "0"
+with_cuda = force_cuda or (not no_cuda and torch.version.cuda is not None and cuda_home is not None)
 if force_cuda and cuda_home is None:
     sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder above nvcc's bin/")
 
 cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3"]
+# The sources are C++20 (std::barrier, std::atomic_ref in the host team): say so, since torch's
+# builder passes its own default otherwise (-std=c++17 up to torch 2.11, c++20 later).
+cxx_flags = ["-O3", "-std=c++20"]
 if with_cuda:
     include_dirs += pip_cuda_include_dirs()
     ext = CUDAExtension(
         "nat_ext._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
     )
 else:
     ext = CppExtension("nat_ext._C", cpp_sources, include_dirs=include_dirs,
