@@ -268,7 +268,7 @@ def test_op_argument_errors():
         op(torch.zeros(2, 3), False, "auction")
     with pytest.raises(ValueError, match="solver='auction' needs square"):
         nat_ext.assign(torch.zeros(2, 4), torch.zeros(3, 4), solver="auction")
-    with pytest.raises(RuntimeError, match="solver should be one of"):
+    with pytest.raises(ValueError, match="solver should be .auto., .jv. or .auction., got .hungarian."):
         op(torch.empty(2, 2, device="meta"), False, "hungarian")
 
 

@@ -11,6 +11,13 @@
 // equality on assigned pairs, v[j] == 0 on unassigned columns and v[j] <= 0 elsewhere (the
 // rectangular case; see nat_ext.check_optimality).
 //
+// Ties: the answer is a function of the cost matrix alone. Among the optimal assignments, col4row
+// is the lexicographically smallest (row 0's column as small as it can be, then row 1's, ...): a
+// last pass (canonicalize) moves each row, in order, to its smallest column that an optimal
+// assignment keeping the earlier rows can give it. Optimal here means every pair tight for the
+// solver's duals in double arithmetic, which is exact for integer costs (below 2^53); a constant
+// matrix gives the identity, as scipy does.
+//
 // Plain C++ on pointers and sizes: no torch, so the CPU kernel, a C++ test and the CUDA
 // host-side core can share it.
 #pragma once
@@ -33,6 +40,7 @@ struct Workspace {
   std::vector<double> v, d, scanned_v, scanned_d;
   std::vector<int64_t> row4col, pred, free_rows, scanned, colmin_row, free_cols;
   std::vector<char> unique;
+  std::vector<int64_t> seen, parent, via_col, stack, stack_pos;  // canonicalize's search
   int64_t nfree_cols = 0;
 
   void resize(int64_t n, int64_t m) {
@@ -357,6 +365,105 @@ bool augment(const Rows<T, kMax>& c, int64_t m, int64_t f, int64_t* col4row, Wor
   return true;
 }
 
+// The tie rule (see the top of this file). The optimal assignments are exactly the matchings
+// that use tight pairs only (reduced cost c_ij - v_j equal to the row's, u_i) and, when m > n,
+// cover every column whose price is below the highest: complementary slackness with the duals
+// the solver found, whichever optimal assignment it returned. Modelling the m - n surplus
+// columns as held by interchangeable dummy rows (tight wherever v_j == vmax) makes that a
+// perfect matching problem, so row i can move to column j < col4row[i] exactly when an
+// alternating path of tight pairs leads from j's holder, through rows > i (rows < i are fixed)
+// or the dummies, to row i's old column c0 (or, for a dummy, to any column at vmax when c0 is
+// at vmax too). Row i takes the first column that has one. A depth-first search per row; rows
+// it finds dead stay dead for the rest of that row's candidates. Extra cost: a scan of each
+// row's columns left of its own, plus the searches, short unless there are many ties.
+template <typename T, bool kMax>
+void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row,
+                  const double* v, Workspace& ws) {
+  int64_t* row4col = ws.row4col.data();
+  const int64_t dummy = n;  // the node of the m - n dummy rows
+  double vmax = -kInf;
+  for (int64_t j = 0; j < m; ++j) vmax = v[j] > vmax ? v[j] : vmax;
+  ws.seen.assign(n + 1, -1);
+  ws.parent.resize(n + 1);
+  ws.via_col.resize(n + 1);
+  ws.stack.resize(n + 1);
+  ws.stack_pos.resize(n + 1);
+  int64_t* seen = ws.seen.data();
+  int64_t* parent = ws.parent.data();
+  int64_t* via_col = ws.via_col.data();
+  int64_t* stack = ws.stack.data();
+  int64_t* stack_pos = ws.stack_pos.data();
+  // The node that holds column k: its row, or the dummies for a surplus column.
+  auto holder = [&](int64_t k) { return row4col[k] < 0 ? dummy : row4col[k]; };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c0 = col4row[i];
+    const T* row_i = c.row(i);
+    const double ui = c.at(row_i, c0) - v[c0];
+    for (int64_t j = 0; j < c0; ++j) {
+      if (c.at(row_i, j) - v[j] != ui) continue;  // not tight
+      const int64_t start = holder(j);
+      if (start != dummy && start < i) continue;  // held by a fixed row
+      if (seen[start] == i) continue;             // known dead end
+      // Depth-first search from start for a node that can take c0.
+      seen[start] = i;
+      parent[start] = -1;
+      via_col[start] = j;
+      int64_t depth = 0, found = -1;
+      stack[depth] = start;
+      stack_pos[depth++] = -1;
+      while (depth > 0 && found < 0) {
+        const int64_t x = stack[depth - 1];
+        int64_t& k = stack_pos[depth - 1];
+        const T* row_x = x == dummy ? nullptr : c.row(x);
+        const double ux = x == dummy ? 0.0 : c.at(row_x, col4row[x]) - v[col4row[x]];
+        auto tight = [&](int64_t col) {
+          return x == dummy ? v[col] == vmax : c.at(row_x, col) - v[col] == ux;
+        };
+        if (k < 0) {
+          if (tight(c0)) {
+            found = x;
+            break;
+          }
+          k = 0;
+        }
+        int64_t next = -1;
+        for (; k < m && next < 0; ++k) {
+          if (k == c0 || !tight(k)) continue;
+          const int64_t h = holder(k);
+          if (h == x || (h != dummy && h < i) || seen[h] == i) continue;
+          next = h;
+          seen[h] = i;
+          parent[h] = x;
+          via_col[h] = k;
+        }
+        if (next >= 0) {
+          stack[depth] = next;
+          stack_pos[depth++] = -1;
+        } else {
+          --depth;
+        }
+      }
+      if (found < 0) continue;
+      // Shift along the path: found takes c0, each node's parent takes the node's column.
+      for (int64_t y = found, take = c0;;) {
+        const int64_t old = via_col[y];
+        if (y == dummy) {
+          row4col[take] = -1;
+        } else {
+          col4row[y] = take;
+          row4col[take] = y;
+        }
+        if (y == start) break;
+        take = old;
+        y = parent[y];
+      }
+      col4row[i] = j;
+      row4col[j] = i;
+      break;
+    }
+  }
+}
+
 template <typename T, bool kMax>
 Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, double* u, double* v_out,
                     Workspace& ws) {
@@ -384,6 +491,7 @@ Status solve_signed(int64_t n, int64_t m, const T* cost, int64_t* col4row, doubl
   for (int64_t k = 0; k < nfree; ++k) {
     if (!augment(c, m, ws.free_rows[k], col4row, ws)) return kInfeasible;
   }
+  canonicalize(c, n, m, col4row, ws.v.data(), ws);
   const double sign = kMax ? -1.0 : 1.0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = col4row[i];
@@ -412,6 +520,21 @@ Status solve(int64_t n, int64_t m, const T* cost, bool maximize, int64_t* col4ro
   }
   return maximize ? detail::solve_signed<T, true>(n, m, cost, col4row, u, v, ws)
                   : detail::solve_signed<T, false>(n, m, cost, col4row, u, v, ws);
+}
+
+// The tie rule for a square problem solved elsewhere (the auction): col4row optimal, v the
+// column duals as posed (u_i + v_j <= c_ij, >= when maximising, tight on assigned pairs).
+template <typename T>
+void canonicalize_square(int64_t n, const T* cost, bool maximize, int64_t* col4row,
+                         const double* v_posed, Workspace& ws) {
+  ws.resize(n, n);
+  for (int64_t j = 0; j < n; ++j) ws.v[j] = maximize ? -v_posed[j] : v_posed[j];
+  for (int64_t i = 0; i < n; ++i) ws.row4col[col4row[i]] = i;
+  if (maximize) {
+    detail::canonicalize(detail::Rows<T, true>{cost, n}, n, n, col4row, ws.v.data(), ws);
+  } else {
+    detail::canonicalize(detail::Rows<T, false>{cost, n}, n, n, col4row, ws.v.data(), ws);
+  }
 }
 
 }  // namespace lap
