@@ -376,9 +376,11 @@ bool augment(const Rows<T, kMax>& c, int64_t m, int64_t f, int64_t* col4row, Wor
 // at vmax too). Row i takes the first column that has one. A depth-first search per row; rows
 // it finds dead stay dead for the rest of that row's candidates. Extra cost: a scan of each
 // row's columns left of its own, plus the searches, short unless there are many ties.
+// tol: how far from tight a pair may be and still count as tight; 0 for lap::solve's own
+// duals (exact equality), a rounding margin for duals from other arithmetic (the auction).
 template <typename T, bool kMax>
 void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row,
-                  const double* v, Workspace& ws) {
+                  const double* v, Workspace& ws, double tol = 0.0) {
   int64_t* row4col = ws.row4col.data();
   const int64_t dummy = n;  // the node of the m - n dummy rows
   double vmax = -kInf;
@@ -400,7 +402,7 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
     const T* row_i = c.row(i);
     const double ui = c.at(row_i, c0) - v[c0];
     for (int64_t j = 0; j < c0; ++j) {
-      if (c.at(row_i, j) - v[j] != ui) continue;  // not tight
+      if (!(std::abs(c.at(row_i, j) - v[j] - ui) <= tol)) continue;  // not tight
       const int64_t start = holder(j);
       if (start != dummy && start < i) continue;  // held by a fixed row
       if (seen[start] == i) continue;             // known dead end
@@ -417,7 +419,7 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
         const T* row_x = x == dummy ? nullptr : c.row(x);
         const double ux = x == dummy ? 0.0 : c.at(row_x, col4row[x]) - v[col4row[x]];
         auto tight = [&](int64_t col) {
-          return x == dummy ? v[col] == vmax : c.at(row_x, col) - v[col] == ux;
+          return x == dummy ? v[col] >= vmax - tol : std::abs(c.at(row_x, col) - v[col] - ux) <= tol;
         };
         if (k < 0) {
           if (tight(c0)) {
@@ -523,17 +525,28 @@ Status solve(int64_t n, int64_t m, const T* cost, bool maximize, int64_t* col4ro
 }
 
 // The tie rule for a square problem solved elsewhere (the auction): col4row optimal, v the
-// column duals as posed (u_i + v_j <= c_ij, >= when maximising, tight on assigned pairs).
+// column duals as posed (u_i + v_j <= c_ij, >= when maximising, tight on assigned pairs). Those
+// duals are not the integers lap::solve keeps on integer costs, so a pair counts as tight up to
+// a rounding margin, 1e-12 of the largest finite |c_ij| or |v_j| (plus 1e-12).
 template <typename T>
 void canonicalize_square(int64_t n, const T* cost, bool maximize, int64_t* col4row,
                          const double* v_posed, Workspace& ws) {
   ws.resize(n, n);
-  for (int64_t j = 0; j < n; ++j) ws.v[j] = maximize ? -v_posed[j] : v_posed[j];
+  double scale = 1.0;
+  for (int64_t k = 0; k < n * n; ++k) {
+    const double a = std::abs(static_cast<double>(cost[k]));
+    if (a < kInf && a > scale) scale = a;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    ws.v[j] = maximize ? -v_posed[j] : v_posed[j];
+    scale = std::abs(ws.v[j]) > scale ? std::abs(ws.v[j]) : scale;
+  }
   for (int64_t i = 0; i < n; ++i) ws.row4col[col4row[i]] = i;
+  const double tol = 1e-12 * scale;
   if (maximize) {
-    detail::canonicalize(detail::Rows<T, true>{cost, n}, n, n, col4row, ws.v.data(), ws);
+    detail::canonicalize(detail::Rows<T, true>{cost, n}, n, n, col4row, ws.v.data(), ws, tol);
   } else {
-    detail::canonicalize(detail::Rows<T, false>{cost, n}, n, n, col4row, ws.v.data(), ws);
+    detail::canonicalize(detail::Rows<T, false>{cost, n}, n, n, col4row, ws.v.data(), ws, tol);
   }
 }
 
