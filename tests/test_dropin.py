@@ -116,6 +116,22 @@ def test_tie_rule_is_the_lexicographically_smallest_optimum(n, m, maximize):
             assert tuple(auction.tolist()) == expected, f"seed {seed} (auction)"
 
 
+@pytest.mark.parametrize("n,m", [(9, 9), (10, 10), (8, 11), (11, 11)])
+def test_tie_rule_against_scipy_on_lexicographic_weights(n, m):
+    """Larger than brute force reaches: with integer costs, the lexicographically smallest
+    optimum is scipy's unique optimum of cost * big + sum_i col_i * m^(n-1-i) (all exact in
+    float64: below 2^53)."""
+    weights = np.array([[j * float(m) ** (n - 1 - i) for j in range(m)] for i in range(n)])
+    big = float(m) ** n
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        cost = rng.integers(0, 3, size=(n, m)).astype(np.float64)
+        assert (cost.max() * n + 1) * big < 2 ** 53
+        _, expected = SCIPY_LSA(cost * big + weights)
+        rows, cols = nat_ext.linear_sum_assignment(cost)
+        np.testing.assert_array_equal(cols, expected, err_msg=f"seed {seed}")
+
+
 def test_tie_rule_for_more_rows_than_columns_applies_to_the_transpose():
     for seed in range(30):
         cost = np.random.default_rng(seed).integers(0, 3, size=(6, 4)).astype(np.float64)

@@ -40,7 +40,7 @@ struct Workspace {
   std::vector<double> v, d, scanned_v, scanned_d;
   std::vector<int64_t> row4col, pred, free_rows, scanned, colmin_row, free_cols;
   std::vector<char> unique;
-  std::vector<int64_t> seen, parent, via_col, stack, stack_pos;  // canonicalize's search
+  std::vector<int64_t> seen, parent, via_col, stack, stack_pos, adj_start, adj;  // canonicalize
   int64_t nfree_cols = 0;
 
   void resize(int64_t n, int64_t m) {
@@ -372,10 +372,75 @@ bool augment(const Rows<T, kMax>& c, int64_t m, int64_t f, int64_t* col4row, Wor
 // columns as held by interchangeable dummy rows (tight wherever v_j == vmax) makes that a
 // perfect matching problem, so row i can move to column j < col4row[i] exactly when an
 // alternating path of tight pairs leads from j's holder, through rows > i (rows < i are fixed)
-// or the dummies, to row i's old column c0 (or, for a dummy, to any column at vmax when c0 is
-// at vmax too). Row i takes the first column that has one. A depth-first search per row; rows
-// it finds dead stay dead for the rest of that row's candidates. Extra cost: a scan of each
-// row's columns left of its own, plus the searches, short unless there are many ties.
+// or the dummies, to row i's old column c0. Row i takes the first column that has one: a
+// depth-first search per candidate; nodes found dead stay dead for the rest of row i's
+// candidates.
+//
+// Cost: one sweep of the matrix collects the tight pairs. Augmenting row reduction leaves many
+// rows tight on two columns, so most problems have some; but when the graph "node -> holder of
+// another of its tight columns" has no cycle, the optimum is unique and nothing moves (the
+// usual case for real-valued costs). Only with a cycle (true ties) do the searches run, on the
+// stored pairs, or, past kTightPairsPerNode of them a node on average (dense ties: constant or
+// small-integer costs), by scanning rows, where paths are short.
+constexpr int64_t kTightPairsPerNode = 8;
+
+// Appends the columns k of a row with |c_k - v_k - u| <= tol to out, ascending; false (and out
+// partly filled) once out would pass cap. Four columns a step with GCC vector extensions: tight
+// columns are rare, so the loop is a compare and one test a step (AVX2 where the CPU has it).
+template <typename T, bool kMax>
+__attribute__((always_inline)) inline bool tight_columns_impl(const T* row, const double* v,
+                                                              int64_t m, double u, double tol,
+                                                              std::vector<int64_t>& out,
+                                                              size_t cap) {
+  typedef double v4d __attribute__((vector_size(32)));
+  typedef int64_t v4l __attribute__((vector_size(32)));
+  typedef T v4t __attribute__((vector_size(4 * sizeof(T))));
+  const v4d u4 = {u, u, u, u}, tol4 = {tol, tol, tol, tol};
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    v4t ct;
+    v4d vv;
+    std::memcpy(&ct, row + j, sizeof ct);
+    std::memcpy(&vv, v + j, sizeof vv);
+    v4d cc = __builtin_convertvector(ct, v4d);
+    if (kMax) cc = -cc;
+    const v4d h = (cc - vv) - u4;
+    const v4l tight = (h <= tol4) & (h >= -tol4);
+    if (!(tight[0] | tight[1] | tight[2] | tight[3])) continue;
+    for (int l = 0; l < 4; ++l) {
+      if (!tight[l]) continue;
+      if (out.size() == cap) return false;
+      out.push_back(j + l);
+    }
+  }
+  for (; j < m; ++j) {
+    const double h = Rows<T, kMax>::at(row, j) - v[j] - u;
+    if (!(h <= tol && h >= -tol)) continue;
+    if (out.size() == cap) return false;
+    out.push_back(j);
+  }
+  return true;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T, bool kMax>
+__attribute__((target("avx2"))) bool tight_columns_avx2(const T* row, const double* v, int64_t m,
+                                                        double u, double tol,
+                                                        std::vector<int64_t>& out, size_t cap) {
+  return tight_columns_impl<T, kMax>(row, v, m, u, tol, out, cap);
+}
+#endif
+
+template <typename T, bool kMax>
+bool tight_columns(const T* row, const double* v, int64_t m, double u, double tol,
+                   std::vector<int64_t>& out, size_t cap) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return tight_columns_avx2<T, kMax>(row, v, m, u, tol, out, cap);
+#endif
+  return tight_columns_impl<T, kMax>(row, v, m, u, tol, out, cap);
+}
+
 // tol: how far from tight a pair may be and still count as tight; 0 for lap::solve's own
 // duals (exact equality), a rounding margin for duals from other arithmetic (the auction).
 template <typename T, bool kMax>
@@ -385,6 +450,33 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
   const int64_t dummy = n;  // the node of the m - n dummy rows
   double vmax = -kInf;
   for (int64_t j = 0; j < m; ++j) vmax = v[j] > vmax ? v[j] : vmax;
+  auto holder = [&](int64_t k) { return row4col[k] < 0 ? dummy : row4col[k]; };
+  auto row_u = [&](int64_t x) { return c.at(c.row(x), col4row[x]) - v[col4row[x]]; };
+  auto is_tight = [&](int64_t x, double ux, int64_t k) {
+    if (x == dummy) return v[k] >= vmax - tol;
+    const double h = c.at(c.row(x), k) - v[k] - ux;
+    return h <= tol && h >= -tol;
+  };
+
+  // The tight pairs of each node, own column included (ascending), while few enough.
+  std::vector<int64_t>& start = ws.adj_start;
+  std::vector<int64_t>& adj = ws.adj;
+  start.resize(n + 2);
+  adj.clear();
+  const size_t cap = static_cast<size_t>(kTightPairsPerNode * (n + 1));
+  bool stored = true;
+  for (int64_t x = 0; x < n && stored; ++x) {
+    start[x] = static_cast<int64_t>(adj.size());
+    stored = tight_columns<T, kMax>(c.row(x), v, m, row_u(x), tol, adj, cap);
+  }
+  start[n] = static_cast<int64_t>(adj.size());
+  for (int64_t k = 0; k < m && stored && m > n; ++k) {
+    if (v[k] < vmax - tol) continue;
+    stored = adj.size() < cap;
+    if (stored) adj.push_back(k);
+  }
+  start[n + 1] = static_cast<int64_t>(adj.size());
+
   ws.seen.assign(n + 1, -1);
   ws.parent.resize(n + 1);
   ws.via_col.resize(n + 1);
@@ -395,44 +487,83 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
   int64_t* via_col = ws.via_col.data();
   int64_t* stack = ws.stack.data();
   int64_t* stack_pos = ws.stack_pos.data();
-  // The node that holds column k: its row, or the dummies for a surplus column.
-  auto holder = [&](int64_t k) { return row4col[k] < 0 ? dummy : row4col[k]; };
+  // The next tight column of node x (not its own) from position pos on, or -1; pos advances.
+  auto next_tight = [&](int64_t x, double ux, int64_t& pos) -> int64_t {
+    if (stored) {
+      while (pos < start[x + 1] - start[x]) {
+        const int64_t k = adj[start[x] + pos++];
+        if (holder(k) != x) return k;
+      }
+      return -1;
+    }
+    while (pos < m) {
+      const int64_t k = pos++;
+      if (holder(k) != x && is_tight(x, ux, k)) return k;
+    }
+    return -1;
+  };
+
+  if (stored) {
+    // Unique optimum unless the graph x -> holder(k) over tight k has a cycle (3-colour DFS;
+    // seen: -1 new, 0 on the stack, 1 done).
+    bool cycle = false;
+    for (int64_t root = 0; root <= n && !cycle; ++root) {
+      if (seen[root] >= 0) continue;
+      int64_t depth = 0;
+      stack[depth] = root;
+      stack_pos[depth++] = 0;
+      seen[root] = 0;
+      while (depth > 0 && !cycle) {
+        const int64_t x = stack[depth - 1];
+        const int64_t k = next_tight(x, 0.0, stack_pos[depth - 1]);
+        if (k < 0) {
+          seen[x] = 1;
+          --depth;
+          continue;
+        }
+        const int64_t h = holder(k);
+        if (seen[h] == 0) {
+          cycle = true;
+        } else if (seen[h] < 0) {
+          seen[h] = 0;
+          stack[depth] = h;
+          stack_pos[depth++] = 0;
+        }
+      }
+    }
+    if (!cycle) return;
+    ws.seen.assign(n + 1, -1);
+  }
+
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c0 = col4row[i];
-    const T* row_i = c.row(i);
-    const double ui = c.at(row_i, c0) - v[c0];
-    for (int64_t j = 0; j < c0; ++j) {
-      if (!(std::abs(c.at(row_i, j) - v[j] - ui) <= tol)) continue;  // not tight
-      const int64_t start = holder(j);
-      if (start != dummy && start < i) continue;  // held by a fixed row
-      if (seen[start] == i) continue;             // known dead end
-      // Depth-first search from start for a node that can take c0.
-      seen[start] = i;
-      parent[start] = -1;
-      via_col[start] = j;
+    const double ui = row_u(i);
+    for (int64_t pos_i = 0;;) {
+      const int64_t j = next_tight(i, ui, pos_i);
+      if (j < 0 || j > c0) break;  // columns come in ascending order
+      const int64_t first = holder(j);
+      if ((first != dummy && first < i) || seen[first] == i) continue;  // fixed, or dead
+      // Depth-first search from first for a node that can take c0.
+      seen[first] = i;
+      parent[first] = -1;
+      via_col[first] = j;
       int64_t depth = 0, found = -1;
-      stack[depth] = start;
+      stack[depth] = first;
       stack_pos[depth++] = -1;
-      while (depth > 0 && found < 0) {
+      while (depth > 0) {
         const int64_t x = stack[depth - 1];
-        int64_t& k = stack_pos[depth - 1];
-        const T* row_x = x == dummy ? nullptr : c.row(x);
-        const double ux = x == dummy ? 0.0 : c.at(row_x, col4row[x]) - v[col4row[x]];
-        auto tight = [&](int64_t col) {
-          return x == dummy ? v[col] >= vmax - tol : std::abs(c.at(row_x, col) - v[col] - ux) <= tol;
-        };
-        if (k < 0) {
-          if (tight(c0)) {
+        const double ux = x == dummy ? 0.0 : row_u(x);
+        if (stack_pos[depth - 1] < 0) {
+          if (is_tight(x, ux, c0)) {
             found = x;
             break;
           }
-          k = 0;
+          stack_pos[depth - 1] = 0;
         }
         int64_t next = -1;
-        for (; k < m && next < 0; ++k) {
-          if (k == c0 || !tight(k)) continue;
+        for (int64_t k; next < 0 && (k = next_tight(x, ux, stack_pos[depth - 1])) >= 0;) {
           const int64_t h = holder(k);
-          if (h == x || (h != dummy && h < i) || seen[h] == i) continue;
+          if (k == c0 || (h != dummy && h < i) || seen[h] == i) continue;
           next = h;
           seen[h] = i;
           parent[h] = x;
@@ -455,7 +586,7 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
           col4row[y] = take;
           row4col[take] = y;
         }
-        if (y == start) break;
+        if (y == first) break;
         take = old;
         y = parent[y];
       }
