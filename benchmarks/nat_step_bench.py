@@ -21,10 +21,13 @@ that turns the column indices into the batch's new target ids.
 Routes: "as is" (scipy); "patch_scipy" (the same code, run after nat_ext.patch_scipy(), imported
 after it as the porting guide says); "full" (cost building + solve replaced by nat_ext.assign on
 the device, the update vectorised in torch). Every route's assignment is checked to reach the
-same objective as the as-is route. Speedup = as-is time / route time.
+same objective as the as-is route. The routes take turns call by call; the table shows each
+route's best call (the least disturbed by other work on the machine), the JSON the medians too. Speedup = as-is time / route time. CPU runs use one torch thread
+unless --threads says otherwise (the codebases' numpy and scipy work is single-threaded too).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -96,21 +99,26 @@ def pattern_b_full(feats: torch.Tensor, idx: torch.Tensor, assignment: torch.Ten
 
 # --- timing ------------------------------------------------------------------------------------
 
-def seconds(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_routes(routes: dict, repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """(best, median) seconds of each route, {name: (context manager factory, step)}. The routes
+    take turns, one call each per round, so a burst of other load on the machine hits them
+    alike."""
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for r in range(repeats + 1):  # round 0 warms up
+        for name, (context, fn) in routes.items():
+            with context():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
 
 
-def bench_a(b: int, d: int, device: str, repeats: int, seed: int) -> dict[str, float]:
+def bench_a(b: int, d: int, device: str, repeats: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     N = 4 * b
     feats = torch.randn(b, d, generator=g).to(device)
@@ -118,15 +126,15 @@ def bench_a(b: int, d: int, device: str, repeats: int, seed: int) -> dict[str, f
     idx = torch.randperm(N, generator=g)[:b]
     # The timed runs update their own copy of the targets, as training does (no copy timed).
     tn = targets0.numpy().copy()
-    tn_run, idx_np = tn.copy(), idx.numpy()
-    as_is = lambda: pattern_a_as_is(feats, idx_np, tn_run)  # noqa: E731
+    tn_run, tn_patched, idx_np = tn.copy(), tn.copy(), idx.numpy()
     tt = targets0.to(device)
     tt_run, idx_dev = tt.clone(), idx.to(device)
-    full = lambda: pattern_a_full(feats, idx_dev, tt_run)  # noqa: E731
-    times = {"as is": seconds(as_is, repeats, device)}
-    with nat_ext.scipy_patched():
-        times["patch_scipy"] = seconds(as_is, repeats, device)
-    times["full"] = seconds(full, repeats, device)
+    times = time_routes({
+        "as is": (contextlib.nullcontext, lambda: pattern_a_as_is(feats, idx_np, tn_run)),
+        "patch_scipy": (nat_ext.scipy_patched,
+                        lambda: pattern_a_as_is(feats, idx_np, tn_patched)),
+        "full": (contextlib.nullcontext, lambda: pattern_a_full(feats, idx_dev, tt_run)),
+    }, repeats, device)
     # Same objective: sum of squared distances of the batch to its new targets.
     t_np = tn.copy()
     pattern_a_as_is(feats, idx.numpy(), t_np)
@@ -139,7 +147,7 @@ def bench_a(b: int, d: int, device: str, repeats: int, seed: int) -> dict[str, f
     return times
 
 
-def bench_b(b: int, d: int, device: str, repeats: int, seed: int) -> dict[str, float]:
+def bench_b(b: int, d: int, device: str, repeats: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     N = 4 * b
     feats = torch.randn(b, d, generator=g).to(device)
@@ -147,15 +155,16 @@ def bench_b(b: int, d: int, device: str, repeats: int, seed: int) -> dict[str, f
     assignment0 = torch.randperm(N, generator=g).to(device)
     idx = torch.randperm(N, generator=g)[:b].to(device)
     step = import_pattern_b()
-    a_run = assignment0.clone()
-    times = {"as is": seconds(lambda: step(feats, idx, a_run, targets), repeats, device)}
     with nat_ext.scipy_patched():
         patched_step = import_pattern_b()  # the codebase imported after the patch
-        assert any(c.cell_contents is nat_ext.linear_sum_assignment
-                   for c in patched_step.__closure__)
-        times["patch_scipy"] = seconds(lambda: patched_step(feats, idx, a_run, targets),
-                                       repeats, device)
-    times["full"] = seconds(lambda: pattern_b_full(feats, idx, a_run, targets), repeats, device)
+    assert any(c.cell_contents is nat_ext.linear_sum_assignment for c in patched_step.__closure__)
+    a_run, a_patched, a_full_run = (assignment0.clone() for _ in range(3))
+    times = time_routes({
+        "as is": (contextlib.nullcontext, lambda: step(feats, idx, a_run, targets)),
+        "patch_scipy": (contextlib.nullcontext,
+                        lambda: patched_step(feats, idx, a_patched, targets)),
+        "full": (contextlib.nullcontext, lambda: pattern_b_full(feats, idx, a_full_run, targets)),
+    }, repeats, device)
     # Same objective: total cosine of the batch to its new targets.
     a_ref, a_full = assignment0.clone(), assignment0.clone()
     step(feats, idx, a_ref, targets)
@@ -173,16 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dim", type=int, nargs="+", default=[64, 512, 2048])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per route (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per route (median)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a small shared machine, more "
+                             "threads wait on each other; say what you use)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is present")
+    torch.set_num_threads(args.threads)
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                     f"{torch.get_num_threads()} torch threads")
-    print(f"NAT reassignment step, {args.device} ({machine}), median of {args.repeats}; "
-          "speedup = as-is time / route time\n")
+    print(f"NAT reassignment step, {args.device} ({machine}), best of {args.repeats} "
+          "(medians in the JSON); speedup = as-is time / route time\n")
     header = (f"{'pattern':<8} {'b':>4} {'d':>5} {'as is ms':>9} {'patch_scipy ms':>15} "
               f"{'speedup':>8} {'full ms':>8} {'speedup':>8}")
     print(header)
@@ -192,18 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batch:
             for d in args.dim:
                 t = bench(b, d, args.device, args.repeats, seed=b * 7 + d)
+                best = {k: v[0] for k, v in t.items()}
                 row = {"pattern": pattern, "b": b, "d": d, "device": args.device,
-                       "as_is_ms": t["as is"] * 1e3, "patch_scipy_ms": t["patch_scipy"] * 1e3,
-                       "full_ms": t["full"] * 1e3,
-                       "patch_scipy_speedup": t["as is"] / t["patch_scipy"],
-                       "full_speedup": t["as is"] / t["full"]}
+                       "as_is_ms": best["as is"] * 1e3, "patch_scipy_ms": best["patch_scipy"] * 1e3,
+                       "full_ms": best["full"] * 1e3,
+                       "patch_scipy_speedup": best["as is"] / best["patch_scipy"],
+                       "full_speedup": best["as is"] / best["full"],
+                       "median_ms": {k: v[1] * 1e3 for k, v in t.items()},
+                       "median_speedup": {k: t["as is"][1] / v[1] for k, v in t.items()}}
                 rows.append(row)
                 print(f"{pattern:<8} {b:>4} {d:>5} {row['as_is_ms']:>9.2f} "
                       f"{row['patch_scipy_ms']:>15.2f} {row['patch_scipy_speedup']:>7.2f}x "
                       f"{row['full_ms']:>8.2f} {row['full_speedup']:>7.2f}x")
     if args.json:
         meta = {"device": args.device, "machine": machine, "torch": torch.__version__,
-                "repeats": args.repeats, "time": time.strftime("%Y-%m-%d %H:%M")}
+                "repeats": args.repeats, "threads": args.threads, "time": time.strftime("%Y-%m-%d %H:%M")}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"\nwrote {args.json}")
