@@ -41,14 +41,18 @@ def assign(feats: Any, targets: Any, solver: str = "auto") -> Any:
         int64 [n] or [B, n]: for each feats row, the row of targets assigned to it; a Tensor on
         the inputs' device, or a numpy array when neither input is a tensor.
     """
-    device = next((x.device for x in (feats, targets) if isinstance(x, Tensor)), None)
-    f, t = (x if isinstance(x, Tensor) else to_tensor(as_float_array(x, name)).to(device)
-            for x, name in ((feats, "feats"), (targets, "targets")))
-    if f.dtype != t.dtype and f.dtype in _FLOATS and t.dtype in _FLOATS:
-        wide = torch.promote_types(f.dtype, t.dtype)
-        f, t = f.to(wide), t.to(wide)
-    cols = torch.ops.nat.assign.default(f, t, solver)
-    return cols if device is not None else cols.numpy()
+    tensors = isinstance(feats, Tensor), isinstance(targets, Tensor)
+    if not all(tensors):
+        device = feats.device if tensors[0] else targets.device if tensors[1] else None
+        if not tensors[0]:
+            feats = to_tensor(as_float_array(feats, "feats")).to(device)
+        if not tensors[1]:
+            targets = to_tensor(as_float_array(targets, "targets")).to(device)
+    if feats.dtype != targets.dtype and feats.dtype in _FLOATS and targets.dtype in _FLOATS:
+        wide = torch.promote_types(feats.dtype, targets.dtype)
+        feats, targets = feats.to(wide), targets.to(wide)
+    cols = torch.ops.nat.assign.default(feats, targets, solver)
+    return cols if any(tensors) else cols.numpy()
 
 
 def solve_with_duals(cost: Tensor, maximize: bool = False,

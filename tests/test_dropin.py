@@ -277,3 +277,18 @@ def test_assign_mixed_dtypes_compute_in_the_wider():
     assert isinstance(cols, torch.Tensor) and torch.equal(cols, wide)
     with pytest.raises(TypeError, match="assign: feats should be float32"):
         nat_ext.assign(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3))
+
+
+def test_wrappers_trace_whole_under_torch_compile():
+    """The drop-in and assign, on tensors, stay inside one graph (no break on the numpy path)."""
+    @torch.compile(fullgraph=True)
+    def step(cost, feats, targets):
+        rows, cols = nat_ext.linear_sum_assignment(cost)
+        return cols, nat_ext.assign(feats, targets)  # float32 with float64: promoted
+
+    g = torch.Generator().manual_seed(4)
+    cost, feats = torch.rand(3, 5, 6, generator=g), torch.randn(3, 5, 4, generator=g)
+    targets = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    cols, idx = step(cost, feats, targets)
+    assert torch.equal(cols, nat_ext.linear_sum_assignment(cost)[1])
+    assert torch.equal(idx, torch.ops.nat.assign(feats.double(), targets))
