@@ -116,16 +116,22 @@ def test_tie_rule_is_the_lexicographically_smallest_optimum(n, m, maximize):
             assert tuple(auction.tolist()) == expected, f"seed {seed} (auction)"
 
 
-@pytest.mark.parametrize("n,m", [(9, 9), (10, 10), (8, 11), (11, 11)])
-def test_tie_rule_against_scipy_on_lexicographic_weights(n, m):
+@pytest.mark.parametrize("n,m", [(9, 9), (10, 10), (8, 11), (11, 11), (6, 12)])
+@pytest.mark.parametrize("kind", ["0..2", "mostly 0", "mostly 1"])
+def test_tie_rule_against_scipy_on_lexicographic_weights(n, m, kind):
     """Larger than brute force reaches: with integer costs, the lexicographically smallest
     optimum is scipy's unique optimum of cost * big + sum_i col_i * m^(n-1-i) (all exact in
-    float64: below 2^53)."""
+    float64: below 2^53). "mostly 0" makes most pairs tight, past what the tie pass stores, so
+    it searches by scanning rows; the others keep the tight pairs stored."""
     weights = np.array([[j * float(m) ** (n - 1 - i) for j in range(m)] for i in range(n)])
     big = float(m) ** n
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        cost = rng.integers(0, 3, size=(n, m)).astype(np.float64)
+        if kind == "0..2":
+            cost = rng.integers(0, 3, size=(n, m)).astype(np.float64)
+        else:
+            ones = rng.random((n, m)) < (0.15 if kind == "mostly 0" else 0.85)
+            cost = ones.astype(np.float64)
         assert (cost.max() * n + 1) * big < 2 ** 53
         _, expected = SCIPY_LSA(cost * big + weights)
         rows, cols = nat_ext.linear_sum_assignment(cost)
