@@ -10,10 +10,11 @@ scipy_patched route scipy.optimize.linear_sum_assignment to ours (see docs/porti
 
 from pathlib import Path
 
+import torch  # noqa: F401  (first: _C links against libtorch)
+
 try:
-    # Importing _C loads the op library, which registers torch.ops.nat.* (the import of torch
-    # first provides the symbols it links against), and gives the numpy entry point.
-    import torch  # noqa: F401
+    # Importing _C loads the op library, which registers torch.ops.nat.*, and gives the numpy
+    # entry point of the scipy drop-in.
     from . import _C  # noqa: F401
 except ImportError as e:
     raise ImportError(

@@ -27,7 +27,8 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
     (-inf when maximising) are forbidden pairs. Any byte order, strides and read-only arrays are
     taken as they are; numpy input never goes through torch unless batched.
 
-    Ties: the answer depends on the cost matrix only. For n <= m, col_ind is the
+    Ties (numpy input, and tensors on the CPU; the CUDA kernels return an optimal assignment
+    without this rule): the answer depends on the cost matrix only. For n <= m, col_ind is the
     lexicographically smallest among the optimal assignments (so a constant matrix gives the
     identity, as scipy does); for n > m the rule applies to the transpose: the row of each
     column, in column order, is lexicographically smallest. Optimal means tight for the solver's
