@@ -62,9 +62,18 @@ struct Workspace {
 // sign for maximisation is applied), or -1 when every entry is valid.
 template <typename T>
 int64_t find_invalid_entry(const T* cost, int64_t count, bool maximize) {
-  for (int64_t k = 0; k < count; ++k) {
-    const double c = static_cast<double>(cost[k]);
-    if (std::isnan(c) || c == (maximize ? kInf : -kInf)) return k;
+  // Valid means c > -inf (c < +inf when maximising): false for NaN too. A branch-free pass in
+  // blocks (which the compiler vectorises), then the index searched only in a bad block.
+  constexpr int64_t kBlock = 256;
+  const T lim = static_cast<T>(maximize ? kInf : -kInf);
+  for (int64_t b = 0; b < count; b += kBlock) {
+    const int64_t e = b + kBlock < count ? b + kBlock : count;
+    bool bad = false;
+    for (int64_t k = b; k < e; ++k) bad |= maximize ? !(cost[k] < lim) : !(cost[k] > lim);
+    if (!bad) continue;
+    for (int64_t k = b; k < e; ++k) {
+      if (maximize ? !(cost[k] < lim) : !(cost[k] > lim)) return k;
+    }
   }
   return -1;
 }
@@ -384,61 +393,75 @@ bool augment(const Rows<T, kMax>& c, int64_t m, int64_t f, int64_t* col4row, Wor
 // small-integer costs), by scanning rows, where paths are short.
 constexpr int64_t kTightPairsPerNode = 8;
 
-// Appends the columns k of a row with |c_k - v_k - u| <= tol to out, ascending; false (and out
-// partly filled) once out would pass cap. Four columns a step with GCC vector extensions: tight
-// columns are rare, so the loop is a compare and one test a step (AVX2 where the CPU has it).
+// Collects the tight pairs of rows 0..n-1 (|c_ij - v_j - u_i| <= tol, u_i from the row's own
+// column), own columns included, ascending per row: row x's in adj[start[x], start[x + 1]).
+// Returns false (adj partly filled) once adj would pass cap. Sets *extra when some row is
+// tight on a column other than its own. Four columns a step with GCC vector extensions: tight
+// pairs are rare, so the loop is a compare and one test a step (AVX2 where the CPU has it).
 template <typename T, bool kMax>
-__attribute__((always_inline)) inline bool tight_columns_impl(const T* row, const double* v,
-                                                              int64_t m, double u, double tol,
-                                                              std::vector<int64_t>& out,
-                                                              size_t cap) {
+__attribute__((always_inline)) inline bool tight_pairs_impl(const T* cost, int64_t n, int64_t m,
+                                                            const double* v,
+                                                            const int64_t* col4row, double tol,
+                                                            std::vector<int64_t>& start,
+                                                            std::vector<int64_t>& adj,
+                                                            size_t cap, bool* extra) {
   typedef double v4d __attribute__((vector_size(32)));
   typedef int64_t v4l __attribute__((vector_size(32)));
   typedef T v4t __attribute__((vector_size(4 * sizeof(T))));
-  const v4d u4 = {u, u, u, u}, tol4 = {tol, tol, tol, tol};
-  int64_t j = 0;
-  for (; j + 4 <= m; j += 4) {
-    v4t ct;
-    v4d vv;
-    std::memcpy(&ct, row + j, sizeof ct);
-    std::memcpy(&vv, v + j, sizeof vv);
-    v4d cc = __builtin_convertvector(ct, v4d);
-    if (kMax) cc = -cc;
-    const v4d h = (cc - vv) - u4;
-    const v4l tight = (h <= tol4) & (h >= -tol4);
-    if (!(tight[0] | tight[1] | tight[2] | tight[3])) continue;
-    for (int l = 0; l < 4; ++l) {
-      if (!tight[l]) continue;
-      if (out.size() == cap) return false;
-      out.push_back(j + l);
+  const v4d tol4 = {tol, tol, tol, tol};
+  for (int64_t x = 0; x < n; ++x) {
+    start[x] = static_cast<int64_t>(adj.size());
+    const T* row = cost + x * m;
+    const double u = Rows<T, kMax>::at(row, col4row[x]) - v[col4row[x]];
+    const v4d u4 = {u, u, u, u};
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      v4t ct;
+      v4d vv;
+      std::memcpy(&ct, row + j, sizeof ct);
+      std::memcpy(&vv, v + j, sizeof vv);
+      v4d cc = __builtin_convertvector(ct, v4d);
+      if (kMax) cc = -cc;
+      const v4d h = (cc - vv) - u4;
+      const v4l tight = (h <= tol4) & (h >= -tol4);
+      if (!(tight[0] | tight[1] | tight[2] | tight[3])) continue;
+      for (int l = 0; l < 4; ++l) {
+        if (!tight[l]) continue;
+        if (adj.size() == cap) return false;
+        adj.push_back(j + l);
+      }
     }
-  }
-  for (; j < m; ++j) {
-    const double h = Rows<T, kMax>::at(row, j) - v[j] - u;
-    if (!(h <= tol && h >= -tol)) continue;
-    if (out.size() == cap) return false;
-    out.push_back(j);
+    for (; j < m; ++j) {
+      const double h = Rows<T, kMax>::at(row, j) - v[j] - u;
+      if (!(h <= tol && h >= -tol)) continue;
+      if (adj.size() == cap) return false;
+      adj.push_back(j);
+    }
+    if (static_cast<int64_t>(adj.size()) - start[x] > 1) *extra = true;
   }
   return true;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T, bool kMax>
-__attribute__((target("avx2"))) bool tight_columns_avx2(const T* row, const double* v, int64_t m,
-                                                        double u, double tol,
-                                                        std::vector<int64_t>& out, size_t cap) {
-  return tight_columns_impl<T, kMax>(row, v, m, u, tol, out, cap);
+__attribute__((target("avx2"))) bool tight_pairs_avx2(const T* cost, int64_t n, int64_t m,
+                                                      const double* v, const int64_t* col4row,
+                                                      double tol, std::vector<int64_t>& start,
+                                                      std::vector<int64_t>& adj, size_t cap,
+                                                      bool* extra) {
+  return tight_pairs_impl<T, kMax>(cost, n, m, v, col4row, tol, start, adj, cap, extra);
 }
 #endif
 
 template <typename T, bool kMax>
-bool tight_columns(const T* row, const double* v, int64_t m, double u, double tol,
-                   std::vector<int64_t>& out, size_t cap) {
+bool tight_pairs(const T* cost, int64_t n, int64_t m, const double* v, const int64_t* col4row,
+                 double tol, std::vector<int64_t>& start, std::vector<int64_t>& adj, size_t cap,
+                 bool* extra) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return tight_columns_avx2<T, kMax>(row, v, m, u, tol, out, cap);
+  if (has_avx2) return tight_pairs_avx2<T, kMax>(cost, n, m, v, col4row, tol, start, adj, cap, extra);
 #endif
-  return tight_columns_impl<T, kMax>(row, v, m, u, tol, out, cap);
+  return tight_pairs_impl<T, kMax>(cost, n, m, v, col4row, tol, start, adj, cap, extra);
 }
 
 // tol: how far from tight a pair may be and still count as tight; 0 for lap::solve's own
@@ -464,11 +487,10 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
   start.resize(n + 2);
   adj.clear();
   const size_t cap = static_cast<size_t>(kTightPairsPerNode * (n + 1));
-  bool stored = true;
-  for (int64_t x = 0; x < n && stored; ++x) {
-    start[x] = static_cast<int64_t>(adj.size());
-    stored = tight_columns<T, kMax>(c.row(x), v, m, row_u(x), tol, adj, cap);
-  }
+  // Every cycle passes through a row with a tight pair off its own column: without one, the
+  // optimum is unique.
+  bool extra = false;
+  bool stored = tight_pairs<T, kMax>(c.data, n, m, v, col4row, tol, start, adj, cap, &extra);
   start[n] = static_cast<int64_t>(adj.size());
   for (int64_t k = 0; k < m && stored && m > n; ++k) {
     if (v[k] < vmax - tol) continue;
@@ -476,6 +498,7 @@ void canonicalize(const Rows<T, kMax>& c, int64_t n, int64_t m, int64_t* col4row
     if (stored) adj.push_back(k);
   }
   start[n + 1] = static_cast<int64_t>(adj.size());
+  if (stored && !extra) return;
 
   ws.seen.assign(n + 1, -1);
   ws.parent.resize(n + 1);
