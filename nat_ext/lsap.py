@@ -12,6 +12,7 @@ from ._arrays import as_float_array, to_tensor
 from .ops import _FLOATS
 
 _lsa_numpy = _C._lsa_numpy  # the lean numpy path (csrc/numpy_lsap.cpp), bound once
+_ndarray = np.ndarray
 
 
 def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
@@ -47,7 +48,7 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
     """
     # `type(..) is` costs a fifth of isinstance(.., Tensor) and keeps torch.compile off the
     # numpy path (tensors never take it).
-    if type(cost_matrix) is np.ndarray and (solver == "auto" or solver == "jv"):
+    if type(cost_matrix) is _ndarray and (solver == "auto" or solver == "jv"):
         out = _lsa_numpy(cost_matrix, maximize)  # None unless 2-D, float, native, aligned
         if out is not None:
             return out
