@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a small shared machine, more "
                              "threads wait on each other; say what you use)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="measure the whole grid this many times; best over all runs, and "
+                             "the median of the runs' medians")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -194,32 +197,39 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                     f"{torch.get_num_threads()} torch threads")
-    print(f"NAT reassignment step, {args.device} ({machine}), best of {args.repeats} "
-          "(medians in the JSON); speedup = as-is time / route time\n")
+    print(f"NAT reassignment step, {args.device} ({machine}), best of {args.repeats} calls x "
+          f"{args.runs} run(s) (medians in the JSON); speedup = as-is time / route time\n")
     header = (f"{'pattern':<8} {'b':>4} {'d':>5} {'as is ms':>9} {'patch_scipy ms':>15} "
               f"{'speedup':>8} {'full ms':>8} {'speedup':>8}")
     print(header)
     print("-" * len(header))
+    # Every cell measured in each run; the runs go over the whole grid in turn, so a long burst
+    # of other load on the machine spoils one run of a cell, not all of them.
+    cells = [(pattern, bench, b, d) for pattern, bench in (("A", bench_a), ("B", bench_b))
+             for b in args.batch for d in args.dim]
+    measured: dict[tuple, list[dict]] = {}
+    for _ in range(args.runs):
+        for pattern, bench, b, d in cells:
+            t = bench(b, d, args.device, args.repeats, seed=b * 7 + d)
+            measured.setdefault((pattern, b, d), []).append(t)
     rows = []
-    for pattern, bench in (("A", bench_a), ("B", bench_b)):
-        for b in args.batch:
-            for d in args.dim:
-                t = bench(b, d, args.device, args.repeats, seed=b * 7 + d)
-                best = {k: v[0] for k, v in t.items()}
-                row = {"pattern": pattern, "b": b, "d": d, "device": args.device,
-                       "as_is_ms": best["as is"] * 1e3, "patch_scipy_ms": best["patch_scipy"] * 1e3,
-                       "full_ms": best["full"] * 1e3,
-                       "patch_scipy_speedup": best["as is"] / best["patch_scipy"],
-                       "full_speedup": best["as is"] / best["full"],
-                       "median_ms": {k: v[1] * 1e3 for k, v in t.items()},
-                       "median_speedup": {k: t["as is"][1] / v[1] for k, v in t.items()}}
-                rows.append(row)
-                print(f"{pattern:<8} {b:>4} {d:>5} {row['as_is_ms']:>9.2f} "
-                      f"{row['patch_scipy_ms']:>15.2f} {row['patch_scipy_speedup']:>7.2f}x "
-                      f"{row['full_ms']:>8.2f} {row['full_speedup']:>7.2f}x")
+    for (pattern, b, d), runs in measured.items():
+        best = {k: min(t[k][0] for t in runs) for k in runs[0]}
+        median = {k: statistics.median(t[k][1] for t in runs) for k in runs[0]}
+        row = {"pattern": pattern, "b": b, "d": d, "device": args.device,
+               "as_is_ms": best["as is"] * 1e3, "patch_scipy_ms": best["patch_scipy"] * 1e3,
+               "full_ms": best["full"] * 1e3,
+               "patch_scipy_speedup": best["as is"] / best["patch_scipy"],
+               "full_speedup": best["as is"] / best["full"],
+               "median_ms": {k: v * 1e3 for k, v in median.items()},
+               "median_speedup": {k: median["as is"] / v for k, v in median.items()}}
+        rows.append(row)
+        print(f"{pattern:<8} {b:>4} {d:>5} {row['as_is_ms']:>9.2f} "
+              f"{row['patch_scipy_ms']:>15.2f} {row['patch_scipy_speedup']:>7.2f}x "
+              f"{row['full_ms']:>8.2f} {row['full_speedup']:>7.2f}x")
     if args.json:
         meta = {"device": args.device, "machine": machine, "torch": torch.__version__,
-                "repeats": args.repeats, "threads": args.threads, "time": time.strftime("%Y-%m-%d %H:%M")}
+                "repeats": args.repeats, "runs": args.runs, "threads": args.threads, "time": time.strftime("%Y-%m-%d %H:%M")}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"\nwrote {args.json}")
