@@ -1,6 +1,7 @@
 """scipy-compatible linear_sum_assignment on numpy arrays and tensors, and the optimality check
 for the dual certificates our solvers return."""
 
+import re
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from .ops import _FLOATS
 
 _lsa_numpy = _C._lsa_numpy  # the lean numpy path (csrc/numpy_lsap.cpp), bound once
 _ndarray = np.ndarray
+_INDEX = re.compile(r"cost((?:\[\d+\])?)\[(\d+)\]\[(\d+)\]")  # cost[b][i][j] / cost[i][j]
 
 
 def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
@@ -73,8 +75,14 @@ def _linear_sum_assignment(cost_matrix: Any, maximize: bool, solver: str) -> tup
                          f"(3-D), got a {cost.dim()}-D array of shape {tuple(cost.shape)}")
     n, m = cost.shape[-2:]
     transposed = n > m
-    cols = torch.ops.nat.linear_sum_assignment(cost.transpose(-1, -2) if transposed else cost,
-                                               maximize, solver)
+    try:
+        cols = torch.ops.nat.linear_sum_assignment(
+            cost.transpose(-1, -2) if transposed else cost, maximize, solver)
+    except ValueError as e:
+        if not transposed:
+            raise
+        # The op read the transpose: name the caller's entry, cost[..][i][j], not cost[..][j][i].
+        raise ValueError(_INDEX.sub(r"cost\1[\3][\2]", str(e))) from None
     if transposed:
         # cols[j] is the row of original column j; scipy lists pairs in row order.
         col_ind = torch.argsort(cols, dim=-1)

@@ -236,6 +236,12 @@ def test_messages_name_the_argument_and_read_well():
     cost[3, 1] = np.nan
     with pytest.raises(ValueError, match=r"cost\[3\]\[1\] is nan"):
         nat_ext.linear_sum_assignment(cost)
+    with pytest.raises(ValueError, match=r"cost\[3\]\[1\] is nan"):
+        nat_ext.linear_sum_assignment(torch.from_numpy(cost))
+    batch = np.ones((2, 5, 3))
+    batch[1, 4, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"cost\[1\]\[4\]\[0\] is -inf"):
+        nat_ext.linear_sum_assignment(batch)
     with pytest.raises(TypeError, match="cost_matrix: Cannot cast array data"):
         nat_ext.linear_sum_assignment(np.array([["a", "b"]]))
     with pytest.raises(ValueError, match="cost_matrix: expected a matrix .* got a 1-D"):
