@@ -1,5 +1,5 @@
 // CUDA kernels of nat::linear_sum_assignment, nat::linear_sum_assignment_with_duals and
-// nat::assign. Two solvers, whose algorithms the CPU tests run through
+// nat::linear_sum_assignment_ex (and through them nat::assign). Two solvers, whose algorithms the CPU tests run through
 // nat::_linear_sum_assignment_team:
 //   - "jv": one thread block per problem runs lap/block_lsap.h;
 //   - "auction" (square problems): a cooperative kernel on the whole GPU runs the auction
@@ -230,32 +230,15 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cuda(const at::Tenso
   });
 }
 
-// Scores by cuBLAS (through ATen), read by the solver as they are: it applies the sign for
-// maximisation on load, so no conversion pass is needed between the two.
-std::tuple<at::Tensor, at::Tensor> assign_ex_cuda(const at::Tensor& feats,
-                                                  const at::Tensor& targets,
-                                                  c10::string_view solver, bool check_errors) {
-  check_assign(feats, targets, solver);
-  const c10::cuda::CUDAGuard guard(feats.device());
-  const at::Tensor scores = assign_scores(feats, targets);
-  return solve_ex(check_errors, [&](at::Tensor* info) {
-    return std::get<0>(solve_cuda(scores, true, solver, false, "assign", info));
-  });
-}
-
-at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
-                       c10::string_view solver) {
-  return std::get<0>(assign_ex_cuda(feats, targets, solver, /*check_errors=*/true));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nat, CUDA, m) {
   m.impl("linear_sum_assignment", &linear_sum_assignment_cuda);
   m.impl("linear_sum_assignment_with_duals", &linear_sum_assignment_with_duals_cuda);
   m.impl("linear_sum_assignment_ex", &linear_sum_assignment_ex_cuda);
-  m.impl("assign", &assign_cuda);
-  m.impl("assign_ex", &assign_ex_cuda);
+  // assign and assign_ex: the composite kernels of assign.cpp (scores by cuBLAS, then the
+  // linear_sum_assignment_ex above, which applies the sign for maximisation on load), so both
+  // devices raise the same errors.
 }
 
 }  // namespace nat
