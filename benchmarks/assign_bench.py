@@ -36,16 +36,23 @@ except ImportError:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, sync: bool) -> tuple[float, object]:
+    """Median time of fn() after one warm-up call; with sync (GPU work), timed by CUDA events on
+    the current stream, which also count host work in between (a .cpu() copy, a CPU solver)."""
     out = fn()  # warm-up (and the result checked for optimality)
     times = []
     for _ in range(repeats):
         if sync:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
