@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh          # GPU_CHECK_BUDGET=540 seconds in all, build included
 # Stages, each under `timeout` and cut to the time left; a failed stage does not stop the later
 # ones: environment + build, smoke run of every kernel path (CUDA_LAUNCH_BLOCKING=1, dual
-# certificates), the GPU benchmark (CUDA events) and the training benchmark, the CUDA tests
+# certificates), the GPU benchmark (CUDA events), the jv threads-per-problem sweep and the
+# training benchmark, the CUDA tests
 # (per-test timeout), compute-sanitizer (memcheck, racecheck, synccheck) on the small smoke
 # cases, ncu on the B=1 NAT case and the 4096 auction repair. Ends with a PASS/MISS table of the
 # targets of issue 8. Writes at most 8 flat files to $OUT (or ./gpu_out).
@@ -55,6 +56,7 @@ echo "C++ standard passed to the compilers: $(grep -o -- '-std=c++[0-9]*' "$out/
 
 stage smoke 120 smoke.log env CUDA_LAUNCH_BLOCKING=1 python3 scripts/gpu_smoke.py
 stage bench 180 bench.log python3 benchmarks/assign_bench.py --device cuda --repeats 10 --json "$out/gpu.json"
+stage threads_sweep 60 bench.log python3 benchmarks/jv_threads_sweep.py --cols 4 8 16 --repeats 5
 stage train_bench 90 bench.log python3 benchmarks/train_bench.py --device cuda --limit 15360 --epochs 4 --json /tmp/train_bench.json
 timeout_flag=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
 stage tests 200 tests.log python3 -m pytest -q -rs -p no:cacheprovider -m cuda $timeout_flag --junitxml=/tmp/cuda_tests.xml tests

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string_view>
 #include <tuple>
 
@@ -35,13 +36,17 @@ constexpr int kGridBlocksPerSm = 2;
 // values), 2 int64 arrays of m (pred, row4col) and the n free rows.
 int64_t state_bytes(int64_t n, int64_t m) { return 8 * (6 * m + n); }
 
+// At most 16 warps a problem: the 128 registers a thread may then have hold the unrolled column
+// sweeps (lap/block_lsap.h) without spilling, which they do at 1024 threads (64 registers).
+constexpr int kMaxBlockThreads = 512;
+
 // Up to this size (m <= ~2k) the state lives in shared memory: every Dijkstra step reads and
 // writes it, and global stores do not stay in L1, so in global memory each step would wait on
 // L2 round trips. Larger problems keep it in global memory (workspace from the allocator).
 constexpr int64_t kMaxSharedState = 96 * 1024;
 
 template <typename T, bool kMax>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     block_lsap_kernel(const T* cost, int64_t n, int64_t m, double* work, int64_t* iwork,
                       int64_t* col4row, double* u, double* v, int64_t* status) {
   __shared__ lap::CudaBlockTeam::Slots slots;
@@ -62,11 +67,17 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-// About eight columns a thread: enough parallel loads per sweep without making the arg-min
-// reduction wider than it needs to be (a single warp up to m = 256).
+// About eight columns a thread (two unrolled rounds of loads a sweep) by default: a single warp,
+// with no block barrier in its arg-min, up to m = 256. NAT_CUDA_COLS_PER_THREAD overrides the
+// eight, so that one GPU run can measure the trade-off (benchmarks/jv_threads_sweep.py).
 int threads_for(int64_t m) {
-  const int64_t warps = (m / 8 + 31) / 32;
-  return static_cast<int>(32 * std::min<int64_t>(std::max<int64_t>(warps, 1), 32));
+  static const int64_t env_cols = [] {
+    const char* s = std::getenv("NAT_CUDA_COLS_PER_THREAD");
+    return s ? std::max<int64_t>(1, std::atoll(s)) : 0;
+  }();
+  const int64_t cols = env_cols > 0 ? env_cols : 8;
+  const int64_t warps = (m / cols + 31) / 32;
+  return static_cast<int>(32 * std::clamp<int64_t>(warps, 1, kMaxBlockThreads / 32));
 }
 
 template <typename T, bool kMax>
@@ -82,7 +93,7 @@ __global__ void __launch_bounds__(kGridBlockThreads, kGridBlocksPerSm)
 }
 
 template <typename T, bool kMax>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     auction_repair_kernel(const T* cost, int64_t n, lap::BlockState s, double* u, double* v,
                           int64_t* status) {
   if (status[0] != lap::kSolved) return;  // the prepass failed: its status stands
