@@ -62,13 +62,19 @@ def main() -> int:
                       f"{len(passes)} passed, {len(fails)} failed"))
     else:
         table.append(("smoke: every kernel path certified", "MISSING", "no smoke log"))
-    # Our rows come first in each benchmark case; an exact peer with a better total means ours
-    # was not optimal (a negative gap: the benchmark's gap is peer minus ours, signed for min).
-    worse = [r for r in rows if r["relative_gap_vs_ours"] < -1e-9 and "torch-linear" not in r["solver"]]
-    table.append(("exact: no exact solver beats ours", "PASS" if rows and not worse else
+    # Our "auto" row comes first in each case and the gaps are relative to it (signed so that
+    # > 0 is worse). Every solver of ours must match it, and no peer may beat it. The assign
+    # cases solve float32 scores from cuBLAS, checked on float64 ones: near-ties may then differ
+    # by float32 rounding.
+    def off(r):
+        tol = 1e-6 if r["case"].startswith("assign") else 1e-9
+        gap = r["relative_gap_vs_ours"]
+        return abs(gap) > tol if r["solver"].startswith("nat") else gap < -tol
+    worse = [r for r in rows if off(r)]
+    table.append(("exact: our solvers agree, no peer beats them", "PASS" if rows and not worse else
                   ("MISSING" if not rows else "MISS"),
-                  f"{len(rows)} rows" + "".join(f"; {r['case']}: {r['solver']} better by "
-                                                f"{-r['relative_gap_vs_ours']:.1e}" for r in worse)))
+                  f"{len(rows)} rows" + "".join(f"; {r['case']}: {r['solver']} gap "
+                                                f"{r['relative_gap_vs_ours']:.1e}" for r in worse)))
     nat = "assign n=256 d=2048 B=1"
     table.append(ratio_target(rows, nat, "nat assign cuda", "cuda scores + .cpu() + scipy", 5,
                               "NAT step B=1 vs GPU scores + .cpu() + scipy"))
