@@ -132,9 +132,8 @@ def test_assign_devices_agree(device):
         check_assignment(feats[b], targets[b], idx[b].cpu(), b)
 
 
+@pytest.mark.cuda
 def test_assign_different_devices_rejected():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU; none is present")
     with pytest.raises(ValueError, match="same device"):
         nat_ext.assign(torch.randn(3, 2), torch.randn(3, 2, device="cuda"))
 
