@@ -70,6 +70,10 @@ class Assignment:
         """Tensor[n] int64: the image holding each target."""
         return self._inverse[:-1]
 
+    def targets_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Tensor[b] int64 on the state's device: the targets held by the images ``index`` (Tensor[b])."""
+        return self._perm.index_select(0, index.to(self.device))
+
     def reassign(self, index: torch.Tensor, feats: torch.Tensor,
                  target_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Redistribute the targets held by a batch among its images.
@@ -90,13 +94,13 @@ class Assignment:
         """
         if feats.dim() != 2 or feats.shape[0] != index.numel():
             raise ValueError(f"feats should be Tensor[{index.numel()}, d], got {tuple(feats.shape)}")
-        held = self._perm[index.to(self.device)]
+        held = self.targets_of(index)
         targets = target_rows(held).to(device=feats.device, dtype=feats.dtype)
         col4row, info = self.assign_fn(feats.detach(), targets)
         ok = col4row >= 0
         self.solver_status[0] += (info != 0).to(torch.int64)
         self.solver_status[1] = torch.maximum(self.solver_status[1], info.to(self.device))
-        return torch.where(ok, held[col4row.clamp(min=0)], held)
+        return torch.where(ok, held.index_select(0, col4row.clamp(min=0)), held)
 
     def update(self, index: torch.Tensor, new_targets: torch.Tensor) -> torch.Tensor:
         """Set ``perm[index] = new_targets`` and fix the inverse, with no host sync.
@@ -118,9 +122,9 @@ class Assignment:
         valid = index >= 0
         index = torch.where(valid, index, self.n)
         new_targets = torch.where(valid, new_targets, self.n)
-        changed = ((self._perm[index] != new_targets) & valid).sum()
-        self._perm[index] = new_targets
-        self._inverse[new_targets] = index
+        changed = ((self._perm.index_select(0, index) != new_targets) & valid).sum()
+        self._perm.scatter_(0, index, new_targets)
+        self._inverse.scatter_(0, new_targets, index)
         return changed
 
     def check(self) -> None:

@@ -169,7 +169,7 @@ class Targets:
                              f"[{int(index.min())}, {int(index.max())}]")
         index = index.to(self.device)
         if self.matrix is not None:
-            return self.matrix[index]
+            return self.matrix.index_select(0, index)
         return target_rows(self.seed, index, self.d, self.generator)
 
     def state_dict(self) -> dict:

@@ -398,7 +398,7 @@ def train(cfg: Config) -> dict:
                         stats.assign_seconds += time.perf_counter() - t0
                     # loss: squared distance to the held targets (NAT), or cross-entropy (supervised)
                     if nat:
-                        loss = (out.float() - targets.rows(assignment.perm[idx])).pow(2).sum(dim=1).mean()
+                        loss = (out.float() - targets.rows(assignment.targets_of(idx))).pow(2).sum(dim=1).mean()
                     else:
                         loss = F.cross_entropy(out.float(), y)
                     # backward, update
