@@ -414,8 +414,7 @@ def train(cfg: Config) -> dict:
                 now = time.perf_counter()
                 stats.seconds, t_last = stats.seconds + now - t_last, now
 
-                # log every log_every steps (the only read of the device inside the epoch);
-                # check for a signal (every step alone, at log steps with several processes)
+                # log every log_every steps (the only read of the device inside the epoch)
                 log_step = cfg.log_every > 0 and (step + 1) % cfg.log_every == 0
                 if log_step and master:
                     if bar.disable:
@@ -423,18 +422,11 @@ def train(cfg: Config) -> dict:
                               f"loss {stats.loss_since_log():.4f}", flush=True)
                     else:
                         bar.set_postfix(loss=f"{stats.loss_since_log():.4f}")
-                signum = stop.signum
-                if world > 1 and log_step:  # stop together, or collectives would hang
-                    flag = torch.tensor([signum], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    signum = int(flag)
-                if signum and (world == 1 or log_step):
+
+                # stop on SIGINT/SIGTERM: checked every step alone, at log steps with several processes
+                if (world == 1 or log_step) and _agreed_signal(stop, world, device):
                     checkpoint(epoch, step + 1, stats)
-                    if master:
-                        print(f"\nsignal {signum}: saved {ckpt_path} at epoch {epoch} step {step + 1}; "
-                              "rerun with --resume to continue", flush=True)
-                    return {"checkpoint": ckpt_path, "interrupted": signum, "perm": _perm(assignment),
-                            "train_seconds": train_seconds, "eval": None}
+                    return _interrupted(stop, ckpt_path, epoch, step + 1, assignment, train_seconds, master)
             bar.close()
 
             # epoch summary, checkpoint
@@ -445,6 +437,8 @@ def train(cfg: Config) -> dict:
             if master:
                 _write_summary(row, cfg.out, writer, cfg.epochs)
             checkpoint(epoch + 1, 0, None)
+            if world > 1 and _agreed_signal(stop, world, device):
+                return _interrupted(stop, ckpt_path, epoch + 1, 0, assignment, train_seconds, master)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -460,6 +454,25 @@ def train(cfg: Config) -> dict:
                                      workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": _perm(assignment),
             "train_seconds": train_seconds, "eval": result}
+
+
+def _agreed_signal(stop: _StopFlag, world: int, device: torch.device) -> int:
+    """The signal received by any process (0: none); a collective when distributed, so all stop together."""
+    if world == 1:
+        return stop.signum
+    flag = torch.tensor([stop.signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop.signum = int(flag)
+    return stop.signum
+
+
+def _interrupted(stop: _StopFlag, ckpt_path: str, epoch: int, step: int, assignment: Assignment | None,
+                 train_seconds: float, master: bool) -> dict:
+    if master:
+        print(f"\nsignal {stop.signum}: saved {ckpt_path} at epoch {epoch} step {step}; "
+              "rerun with --resume to continue", flush=True)
+    return {"checkpoint": ckpt_path, "interrupted": stop.signum, "perm": _perm(assignment),
+            "train_seconds": train_seconds, "eval": None}
 
 
 def _perm(assignment: Assignment | None) -> torch.Tensor | None:
