@@ -116,7 +116,7 @@ class EvalConfig:
 
 
 def _fields(cls: type, prefix: str = "", path: str = ""):
-    """(option name, dest, field, type, nested class or None) for every leaf field, depth first."""
+    """(option name, dest, field, type) for every leaf field of ``cls``, nested dataclasses flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
