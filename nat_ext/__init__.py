@@ -31,6 +31,7 @@ _load_library()
 from . import ops  # noqa: E402  (registers the fake kernels)
 from .lsap import check_optimality, linear_sum_assignment  # noqa: E402
 from .ops import assign, assign_ex, linear_sum_assignment_ex, solve_with_duals  # noqa: E402
+from .full_assign import assign_full  # noqa: E402
 
 __all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
-           "linear_sum_assignment_ex", "ops"]
+           "linear_sum_assignment_ex", "assign_full", "ops"]
