@@ -165,12 +165,20 @@ class _Candidates:
         keys = (rows.to("cpu", torch.int64) * self.m + cols.to("cpu", torch.int64))
         keys, first = _unique_first(keys)
         scores = scores.to("cpu", torch.float64)[first]
-        fresh = ~torch.isin(keys, self.keys)
-        keys, scores = keys[fresh], scores[fresh]
+        # keys is sorted and distinct (torch.unique), as self.keys is: a merge by binary search
+        at = torch.searchsorted(self.keys, keys)
+        held = self.keys[at.clamp(max=max(self.keys.numel() - 1, 0))] == keys if \
+            self.keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+        keys, scores, at = keys[~held], scores[~held], at[~held]
         if keys.numel():
-            merged = torch.cat([self.keys, keys])
-            order = torch.argsort(merged)
-            self.keys, self.scores = merged[order], torch.cat([self.scores, scores])[order]
+            total = self.keys.numel() + keys.numel()
+            new_pos = at + torch.arange(keys.numel())
+            old_pos = torch.arange(self.keys.numel()) + torch.searchsorted(keys, self.keys)
+            merged_keys = torch.empty(total, dtype=torch.int64)
+            merged_scores = torch.empty(total, dtype=torch.float64)
+            merged_keys[old_pos], merged_scores[old_pos] = self.keys, self.scores
+            merged_keys[new_pos], merged_scores[new_pos] = keys, scores
+            self.keys, self.scores = merged_keys, merged_scores
         return int(keys.numel())
 
     def csr(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -188,8 +196,75 @@ def _unique_first(keys: Tensor) -> tuple[Tensor, Tensor]:
     return uniq, first
 
 
+class _Found:
+    """The violating pairs a pricing pass finds (on feats' device until pairs())."""
+
+    def __init__(self):
+        self.rows, self.cols, self.scores = [], [], []
+
+    def violating_rows(self) -> Tensor:
+        if not self.rows:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.cat(self.rows).cpu().unique()
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.scores)
+
+
+def _held_pairs(crow: Tensor, col: Tensor, ids: Tensor, pos: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+    """The candidate pairs of rows `ids` (CPU), as (index into ids, column or its index in the
+    column subset that `pos` maps to, -1 when outside it)."""
+    start, counts = crow[ids], crow[ids + 1] - crow[ids]
+    local = torch.repeat_interleave(torch.arange(ids.numel()), counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    edges = torch.repeat_interleave(start - offsets, counts) + torch.arange(int(counts.sum()))
+    cols = col[edges]
+    if pos is None:
+        return local, cols
+    cols = pos[cols]
+    return local[cols >= 0], cols[cols >= 0]
+
+
+def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | None,
+           u: Tensor, v: Tensor, tol: float, add: int, chunk_elems: int,
+           held: tuple[Tensor, Tensor], best: Tensor, found: _Found) -> None:
+    """Streams the scores of rows x cols (None: all; CPU index tensors) in chunks, leaving out
+    the candidate pairs `held` (CSR crow, col), and records, for each row with a pair
+    s_ij > u_i + v_j + tol, its `add` pairs of largest s_ij - v_j that do. best[i] is raised to
+    at least the largest s_ij - v_j seen in row i."""
+    device = feats.device
+    t = targets if cols is None else targets[cols.to(device)]
+    vc = v if cols is None else v[cols.to(device)]
+    pos = None
+    if cols is not None:
+        pos = torch.full((targets.shape[0],), -1, dtype=torch.int64)
+        pos[cols] = torch.arange(cols.numel())
+    nrows = feats.shape[0] if rows is None else rows.numel()
+    for r0, r1 in _row_chunks(nrows, t.shape[0], chunk_elems):
+        ids = torch.arange(r0, r1) if rows is None else rows[r0:r1]
+        ids_dev = ids.to(device)
+        # s_ij - v_j in one BLAS call; the scores of the pairs kept are recovered as reduced + v
+        reduced = torch.addmm(-vc, feats[r0:r1] if rows is None else feats[ids_dev], t.T)
+        local, local_cols = _held_pairs(*held, ids, pos)
+        reduced[local.to(device), local_cols.to(device)] = -math.inf
+        bound = u[ids_dev] + tol
+        row_best = reduced.amax(dim=1)
+        if bool(row_best.isnan().any()):
+            raise _not_finite_error()
+        best[ids_dev] = torch.maximum(best[ids_dev], row_best) if cols is not None else row_best
+        viol = (row_best > bound).nonzero().squeeze(1)
+        if not viol.numel():
+            continue
+        vals, idx = reduced[viol].topk(min(add, t.shape[0]), dim=1)
+        keep = vals > bound[viol, None]
+        found.rows.append(ids_dev[viol, None].expand_as(idx)[keep])
+        found.cols.append((idx if cols is None else cols.to(device)[idx])[keep])
+        found.scores.append((vals + vc[idx])[keep])
+
+
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
-                return_duals: bool = False, *, k: int = 8, chunk_elems: int = 1 << 24,
+                return_duals: bool = False, *, k: int = 8, col_k: int = 2, chunk_elems: int = 1 << 24,
                 stats: dict | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The exact assignment of every feats row to its own target over the whole dataset,
     maximising sum_i feats_i . targets_c(i), without forming the n x m score matrix.
@@ -235,13 +310,16 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     chunks = _row_chunks(n, m, chunk_elems)
     eps = torch.finfo(dtype).eps
     scale = float(feats.norm(dim=1).max()) * float(targets.norm(dim=1).max())
-    info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [],
+    info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [], "rechecked_rows": [], "rechecked_cols": [],
                   "time_candidates": 0.0, "time_solve": [], "time_pricing": []}
 
-    # candidates: top-k of each row, and its pair in x0
-    kk = min(k, m)
+    # candidates: the top-k targets of each row, its pair in x0, and the top-kc rows of each
+    # target (so every target's price is set by the rows that want it most)
+    kk, kc = min(k, m), min(col_k, n)
     cand = _Candidates(n, m)
     rows_all, cols_all, scores_all = [], [], []
+    col_best = torch.full((kc, m), -math.inf, dtype=dtype, device=device)
+    col_rows = torch.zeros((kc, m), dtype=torch.int64, device=device)
     for r0, r1 in chunks:
         s = feats[r0:r1] @ targets.T
         vals, idx = s.topk(kk, dim=1)
@@ -251,47 +329,59 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         rows_all.append(torch.arange(r0, r1, device=device)[:, None].expand(-1, kk + 1))
         cols_all.append(torch.cat([idx, x0[r0:r1, None]], 1))
         scores_all.append(vals)
-    cand.add(torch.cat(rows_all).flatten(), torch.cat(cols_all).flatten(),
-             torch.cat(scores_all).flatten())
+        if kc:
+            cvals, cidx = s.topk(min(kc, r1 - r0), dim=0)
+            merged_vals = torch.cat([col_best, cvals])
+            merged_rows = torch.cat([col_rows, cidx + r0])
+            col_best, pick = merged_vals.topk(kc, dim=0)
+            col_rows = merged_rows.gather(0, pick)
+    if kc:
+        if not bool(torch.isfinite(col_best).all()):
+            raise _not_finite_error()
+        rows_all.append(col_rows.T)
+        cols_all.append(torch.arange(m, device=device)[:, None].expand(-1, kc))
+        scores_all.append(col_best.T)
+    cand.add(torch.cat([r.flatten() for r in rows_all]), torch.cat([c.flatten() for c in cols_all]),
+             torch.cat([v.flatten() for v in scores_all]))
     del rows_all, cols_all, scores_all
     info["time_candidates"] = time.perf_counter() - start
 
-    x, v = x0.cpu(), None
-    add = kk
+    x, u, v = x0.cpu(), None, None
+    add, tol = kk, 0.0
+    best = torch.full((n,), math.inf, dtype=dtype, device=device)
     while True:
         # sparse solve, warm from the previous round
         t0 = time.perf_counter()
         info["rounds"] += 1
         info["candidates_per_row"].append(cand.keys.numel() / n)
+        v_old = v
         crow, col, cost = cand.csr()
+        held = (crow, col)
         x, u, v = sparse_linear_sum_assignment(crow, col, cost, m, True, x, v)
         info["time_solve"].append(time.perf_counter() - t0)
 
-        # pricing: the pairs whose score exceeds u_i + v_j
+        # pricing: the pairs outside the candidates whose score exceeds u_i + v_j. best[i]
+        # bounds s_ij - v_j over row i's other pairs as of its last scan; v only goes up
+        # between rounds (except on the columns freed by a warm start, scanned against every
+        # row), so a row needs a new scan only when its u fell below best - tol. The first
+        # round scans everything.
         t0 = time.perf_counter()
-        tol = 4 * eps * (math.sqrt(d) * scale + float(u.abs().max()) + float(v.abs().max()))
+        tol = max(tol, 4 * eps * (math.sqrt(d) * scale + float(u.abs().max()) +
+                                  float(v.abs().max())))
         u_dev, v_dev = u.to(device, dtype), v.to(device, dtype)
-        found_rows, found_cols, found_scores = [], [], []
-        nviol = 0
-        for r0, r1 in chunks:
-            s = feats[r0:r1] @ targets.T
-            reduced = s - v_dev
-            bound = u_dev[r0:r1] + tol
-            best = reduced.amax(dim=1)
-            if bool(best.isnan().any()):
-                raise _not_finite_error()
-            viol = (best > bound).nonzero().squeeze(1)
-            if not viol.numel():
-                continue
-            nviol += viol.numel()
-            vals, idx = reduced[viol].topk(min(add, m), dim=1)
-            keep = vals > bound[viol, None]
-            found_rows.append((viol + r0)[:, None].expand_as(idx)[keep])
-            found_cols.append(idx[keep])
-            found_scores.append(s[viol].gather(1, idx)[keep])
+        found = _Found()
+        rows = (best > u_dev + tol).nonzero().squeeze(1).cpu()
+        cols = None if v_old is None else (v < v_old).nonzero().squeeze(1)
+        _price(feats, targets, rows, None, u_dev, v_dev, tol, add, chunk_elems, held, best,
+               found)
+        if cols is not None and cols.numel():
+            _price(feats, targets, None, cols, u_dev, v_dev, tol, add, chunk_elems, held,
+                   best, found)
+        info["rechecked_rows"].append(int(rows.numel()))
+        info["rechecked_cols"].append(0 if cols is None else int(cols.numel()))
+        nviol = found.violating_rows().numel()
         info["violating_rows"].append(nviol)
-        new = cand.add(torch.cat(found_rows), torch.cat(found_cols),
-                       torch.cat(found_scores)) if nviol else 0
+        new = cand.add(*found.pairs()) if nviol else 0
         info["time_pricing"].append(time.perf_counter() - t0)
         log.debug("assign_full round %d: %.1f candidates/row, solve %.3fs, pricing %.3fs, "
                   "%d violating rows, %d pairs added", info["rounds"],
