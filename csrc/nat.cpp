@@ -43,4 +43,12 @@ TORCH_LIBRARY(nat, m) {
       "sparse_linear_sum_assignment(Tensor crow, Tensor col, Tensor cost, int m, "
       "bool maximize=False, Tensor? init_col4row=None, Tensor? init_v=None) -> "
       "(Tensor col4row, Tensor u, Tensor v)");
+  // Internal to nat_ext.assign_full's candidate pass (CPU): for a chunk of scores [r, m] whose
+  // first row is row_offset, each row's k largest (values [r, k], columns [r, k], descending),
+  // and col_vals/col_rows [kc, m] (each column's kc largest so far, descending, and their rows)
+  // updated with the chunk.
+  m.def(
+      "_assign_full_candidates(Tensor scores, int k, Tensor col_vals, Tensor col_rows, "
+      "int row_offset) -> (Tensor row_vals, Tensor row_idx, Tensor col_vals_out, "
+      "Tensor col_rows_out)");
 }

@@ -35,6 +35,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _OP = "sparse_linear_sum_assignment"
+_TORCH_TOPK = False  # tests set it to run the GPU's candidate path (torch.topk) on the CPU
 _DTYPE_NAMES = {torch.int64: "Long", torch.float64: "Double"}  # as the C++ checks print them
 
 
@@ -263,6 +264,32 @@ def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | N
         found.scores.append((vals + vc[idx])[keep])
 
 
+def _chunk_candidates(s: Tensor, k: int, col_best: Tensor, col_rows: Tensor, r0: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's top-k of the score chunk s (rows r0..), and each column's running top-kc rows
+    (col_best/col_rows [kc, m]) updated with it: one fused pass on the CPU (the op), torch.topk
+    elsewhere."""
+    if s.device.type == "cpu" and not _TORCH_TOPK:
+        return torch.ops.nat._assign_full_candidates.default(s, k, col_best, col_rows, r0)
+    vals, idx = s.topk(k, dim=1)
+    kc = col_best.shape[0]
+    if kc:
+        cvals, cidx = s.topk(min(kc, s.shape[0]), dim=0)
+        col_best, pick = torch.cat([col_best, cvals]).topk(kc, dim=0)
+        col_rows = torch.cat([col_rows, cidx + r0]).gather(0, pick)
+    return vals, idx, col_best, col_rows
+
+
+@torch.library.register_fake("nat::_assign_full_candidates")
+def _assign_full_candidates_fake(scores: Tensor, k: int, col_vals: Tensor, col_rows: Tensor,
+                                 row_offset: int):
+    torch._check_value(scores.dim() == 2, lambda: f"_assign_full_candidates: scores should be a "
+                       f"2-D tensor, got {scores.dim()}-D")
+    rows = scores.shape[0]
+    return (scores.new_empty(rows, k), scores.new_empty(rows, k, dtype=torch.int64),
+            torch.empty_like(col_vals), torch.empty_like(col_rows))
+
+
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
                 return_duals: bool = False, *, k: int = 8, col_k: int = 2, chunk_elems: int = 1 << 24,
                 stats: dict | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
@@ -322,19 +349,13 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     col_rows = torch.zeros((kc, m), dtype=torch.int64, device=device)
     for r0, r1 in chunks:
         s = feats[r0:r1] @ targets.T
-        vals, idx = s.topk(kk, dim=1)
+        vals, idx, col_best, col_rows = _chunk_candidates(s, kk, col_best, col_rows, r0)
         vals = torch.cat([vals, s.gather(1, x0[r0:r1, None])], 1)
         if not bool(torch.isfinite(vals).all()):
             raise _not_finite_error()
         rows_all.append(torch.arange(r0, r1, device=device)[:, None].expand(-1, kk + 1))
         cols_all.append(torch.cat([idx, x0[r0:r1, None]], 1))
         scores_all.append(vals)
-        if kc:
-            cvals, cidx = s.topk(min(kc, r1 - r0), dim=0)
-            merged_vals = torch.cat([col_best, cvals])
-            merged_rows = torch.cat([col_rows, cidx + r0])
-            col_best, pick = merged_vals.topk(kc, dim=0)
-            col_rows = merged_rows.gather(0, pick)
     if kc:
         if not bool(torch.isfinite(col_best).all()):
             raise _not_finite_error()

@@ -298,3 +298,29 @@ def test_device_mismatch():
         nat_ext.assign_full(f.cuda(), t)
     with pytest.raises(ValueError, match="init should be on the device"):
         nat_ext.assign_full(f.cuda(), t.cuda(), init=torch.arange(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidate_pass_matches_topk(dtype):
+    # the fused CPU candidate op against torch.topk along both dimensions, chunk by chunk
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(50, 300, generator=g, dtype=dtype)
+    col_vals = torch.full((3, 300), -torch.inf, dtype=dtype)
+    col_rows = torch.zeros((3, 300), dtype=torch.int64)
+    for r0 in range(0, 50, 20):
+        vals, idx, col_vals, col_rows = torch.ops.nat._assign_full_candidates(
+            s[r0:r0 + 20], 5, col_vals, col_rows, r0)
+        ref = s[r0:r0 + 20].topk(5, dim=1)
+        assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
+    ref = s.topk(3, dim=0)
+    assert torch.equal(col_vals, ref.values) and torch.equal(col_rows, ref.indices)
+
+
+def test_torch_topk_candidate_path(monkeypatch):
+    # the candidate path the GPU takes (torch.topk), run on the CPU
+    monkeypatch.setattr(nat_ext.full_assign, "_TORCH_TOPK", True)
+    for seed in range(3):
+        f, t = random_problem(seed, 200, 230, 8)
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2)
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
