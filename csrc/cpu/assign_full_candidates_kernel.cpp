@@ -1,6 +1,7 @@
 // CPU kernel of nat::_assign_full_candidates: one pass over a chunk of scores that keeps each
 // row's k largest entries and folds the chunk into each column's running kc largest (with their
-// rows). nat_ext.assign_full's candidate pass calls it per chunk on the CPU, where torch.topk
+// rows). Scores may be bfloat16 (the candidate pass ranks in bfloat16 where the CPU multiplies
+// it natively). nat_ext.assign_full's candidate pass calls it per chunk on the CPU, where torch.topk
 // along both dimensions took three times as long as the matmul (on the GPU it uses torch.topk).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,8 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_full_candidate
     const at::Tensor& col_rows_in, int64_t row_offset) {
   TORCH_CHECK_VALUE(scores_in.dim() == 2, kOp, ": scores should be a 2-D tensor, got ",
                     scores_in.dim(), "-D");
-  TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
-                   kOp, ": scores should be float32 or float64, got ", scores_in.scalar_type());
+  const auto st = scores_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, kOp,
+                   ": scores should be float32, float64 or bfloat16, got ", st);
   const int64_t rows = scores_in.size(0), m = scores_in.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= m, kOp, ": k should be in [1, ", m, "], got ", k);
   TORCH_CHECK_VALUE(col_vals_in.dim() == 2 && col_vals_in.size(1) == m, kOp,
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_full_candidate
   at::Tensor col_rows = col_rows_in.clone(at::MemoryFormat::Contiguous);
   at::Tensor row_vals = at::empty({rows, k}, scores.options());
   at::Tensor row_idx = at::empty({rows, k}, scores.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), kOp, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, scores.scalar_type(), kOp, [&] {
     chunk_candidates<scalar_t>(scores.const_data_ptr<scalar_t>(), rows, m, k, col_vals.size(0),
                                row_offset, row_vals.data_ptr<scalar_t>(),
                                row_idx.data_ptr<int64_t>(), col_vals.data_ptr<scalar_t>(),
