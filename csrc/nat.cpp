@@ -51,4 +51,7 @@ TORCH_LIBRARY(nat, m) {
       "_assign_full_candidates(Tensor scores, int k, Tensor col_vals, Tensor col_rows, "
       "int row_offset) -> (Tensor row_vals, Tensor row_idx, Tensor col_vals_out, "
       "Tensor col_rows_out)");
+  // Internal to assign_full's pricing filter (CPU): max_j (scores[r][j] - v[j]) per row, float64
+  // (NaN for a row holding a NaN).
+  m.def("_assign_full_row_max(Tensor scores, Tensor v) -> Tensor");
 }

@@ -227,6 +227,56 @@ def _held_pairs(crow: Tensor, col: Tensor, ids: Tensor, pos: Tensor | None
     return local[cols >= 0], cols[cols >= 0]
 
 
+# |bf16 score - exact score| <= _BF16_ERROR |f_i| |t_j|: bfloat16 keeps 8 significant bits, so
+# each input is off by at most 2^-8 relative, a product by 2^-7 + 2^-16, their sum (accumulated
+# in float32 by oneDNN, d 2^-24 more) by 0.00782 sum_k |f_ik t_jk| <= 0.00782 |f_i| |t_j|
+# (Cauchy-Schwarz), and the bfloat16 result by 2^-8 of that more: 0.0118 in all, rounded up.
+_BF16_ERROR = 0.0125
+
+
+class _LowPrecision:
+    """feats and targets in bfloat16, for the pricing filter: a row whose bfloat16 bound clears
+    it needs no exact pass."""
+
+    def __init__(self, feats_lo: Tensor, targets_lo: Tensor, feats: Tensor, targets: Tensor):
+        self.feats, self.targets = feats_lo, targets_lo
+        self.fnorm = feats.double().norm(dim=1)
+        self.tnorm = targets.double().norm(dim=1)
+
+
+def _filter_rows(lo: _LowPrecision, rows: Tensor | None, cols: Tensor | None, u: Tensor,
+                 v: Tensor, tol: float, chunk_elems: int, held: tuple[Tensor, Tensor],
+                 best: Tensor) -> Tensor:
+    """The rows of rows x cols (None: all) that the bfloat16 scores cannot clear: max_j s_ij -
+    v_j over the pairs not held, plus the error bound, above u_i + tol (or NaN). Cleared rows
+    get that bound as best[i] (raised to it when cols is a subset). Returns CPU indices."""
+    t = lo.targets if cols is None else lo.targets[cols]
+    v64 = (v if cols is None else v[cols]).double()
+    tmax = float(lo.tnorm.max() if cols is None else lo.tnorm[cols].max())
+    pos = None
+    if cols is not None:
+        pos = torch.full((lo.targets.shape[0],), -1, dtype=torch.int64)
+        pos[cols] = torch.arange(cols.numel())
+    nrows = lo.feats.shape[0] if rows is None else rows.numel()
+    chunks = _row_chunks(nrows, t.shape[0], chunk_elems)
+    if not chunks:
+        return torch.empty(0, dtype=torch.int64)
+    buf = torch.empty(chunks[0][1] * t.shape[0], dtype=t.dtype)
+    left = []
+    for r0, r1 in chunks:
+        ids = torch.arange(r0, r1) if rows is None else rows[r0:r1]
+        s = torch.mm(lo.feats[ids], t.T, out=buf[:(r1 - r0) * t.shape[0]].view(r1 - r0, -1))
+        local, local_cols = _held_pairs(*held, ids, pos)
+        s[local, local_cols] = -math.inf
+        upper = torch.ops.nat._assign_full_row_max(s, v64) + _BF16_ERROR * lo.fnorm[ids] * tmax
+        cleared = upper <= u[ids].double() + tol  # False for NaN
+        upper = upper.to(best.dtype)
+        best[ids] = torch.where(cleared, upper if cols is None else
+                                torch.maximum(best[ids], upper), best[ids])
+        left.append(ids[~cleared])
+    return torch.cat(left)
+
+
 def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | None,
            u: Tensor, v: Tensor, tol: float, add: int, chunk_elems: int,
            held: tuple[Tensor, Tensor], best: Tensor, found: _Found) -> None:
@@ -317,6 +367,13 @@ def _pair_scores(feats: Tensor, targets: Tensor, rows: Tensor, cols: Tensor,
     return out
 
 
+@torch.library.register_fake("nat::_assign_full_row_max")
+def _assign_full_row_max_fake(scores: Tensor, v: Tensor) -> Tensor:
+    torch._check_value(scores.dim() == 2, lambda: f"_assign_full_row_max: scores should be a "
+                       f"2-D tensor, got {scores.dim()}-D")
+    return v.new_empty(scores.shape[0])
+
+
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
                 return_duals: bool = False, *, k: int = 8, col_k: int = 2,
                 chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
@@ -368,7 +425,8 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     chunks = _row_chunks(n, m, chunk_elems)
     eps = torch.finfo(dtype).eps
     scale = float(feats.norm(dim=1).max()) * float(targets.norm(dim=1).max())
-    info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [], "rechecked_rows": [], "rechecked_cols": [],
+    info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [],
+                  "rechecked_rows": [], "exact_rows": [], "rechecked_cols": [],
                   "time_candidates": 0.0, "time_solve": [], "time_pricing": []}
 
     # candidates: the top-k targets of each row, its pair in x0, and the top-kc rows of each
@@ -386,7 +444,11 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         _, idx, col_best, col_rows = _chunk_candidates(s, kk, col_best, col_rows, r0)
         pair_rows.append(torch.arange(r0, r1, device=device)[:, None].expand(-1, kk + 1))
         pair_cols.append(torch.cat([idx, x0[r0:r1, None]], 1))
-    del buf, feats_c, targets_c
+    del buf
+    # the pricing filter needs the bfloat16 copies and the op that reads them (CPU)
+    lo = _LowPrecision(feats_c, targets_c, feats, targets) if \
+        cdt == torch.bfloat16 and device.type == "cpu" else None
+    del feats_c, targets_c
     pair_rows.append(col_rows.T)
     pair_cols.append(torch.arange(m, device=device)[:, None].expand(-1, kc))
     pair_rows = torch.cat([r.flatten() for r in pair_rows])
@@ -424,13 +486,18 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         u_dev, v_dev = u.to(device, dtype), v.to(device, dtype)
         found = _Found()
         rows = (best > u_dev + tol).nonzero().squeeze(1).cpu()
-        cols = None if v_old is None else (v < v_old).nonzero().squeeze(1)
+        info["rechecked_rows"].append(int(rows.numel()))
+        if lo is not None:
+            rows = _filter_rows(lo, rows, None, u_dev, v_dev, tol, chunk_elems, held, best)
+        info["exact_rows"].append(int(rows.numel()))
         _price(feats, targets, rows, None, u_dev, v_dev, tol, add, chunk_elems, held, best,
                found)
+        cols = None if v_old is None else (v < v_old).nonzero().squeeze(1)
         if cols is not None and cols.numel():
-            _price(feats, targets, None, cols, u_dev, v_dev, tol, add, chunk_elems, held,
+            rows = None if lo is None else _filter_rows(lo, None, cols, u_dev, v_dev, tol,
+                                                        chunk_elems, held, best)
+            _price(feats, targets, rows, cols, u_dev, v_dev, tol, add, chunk_elems, held,
                    best, found)
-        info["rechecked_rows"].append(int(rows.numel()))
         info["rechecked_cols"].append(0 if cols is None else int(cols.numel()))
         nviol = found.violating_rows().numel()
         info["violating_rows"].append(nviol)

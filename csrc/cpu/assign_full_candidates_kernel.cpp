@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 
@@ -14,6 +15,7 @@ namespace nat {
 namespace {
 
 constexpr const char* kOp = "_assign_full_candidates";
+constexpr double kInfD = std::numeric_limits<double>::infinity();
 
 // Inserts (val, idx) into the descending list vals[0..len) (stride apart) when it beats the last
 // entry; equal values keep the earlier entry first.
@@ -99,10 +101,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_full_candidate
   return {row_vals, row_idx, col_vals, col_rows};
 }
 
+// max_j (scores[r][j] - v[j]) per row, in double; NaN where a row holds a NaN. The pricing
+// filter of assign_full: one pass over a bfloat16 score chunk.
+template <typename T>
+void row_max_reduced(const T* s, const double* v, int64_t rows, int64_t m, double* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = s + r * m;
+      double best[4] = {-kInfD, -kInfD, -kInfD, -kInfD};
+      bool nan = false;
+      int64_t j = 0;
+      for (; j + 4 <= m; j += 4) {
+        for (int l = 0; l < 4; ++l) {
+          const double x = static_cast<double>(row[j + l]) - v[j + l];
+          nan |= x != x;
+          best[l] = x > best[l] ? x : best[l];
+        }
+      }
+      for (; j < m; ++j) {
+        const double x = static_cast<double>(row[j]) - v[j];
+        nan |= x != x;
+        best[0] = x > best[0] ? x : best[0];
+      }
+      const double b = std::max(std::max(best[0], best[1]), std::max(best[2], best[3]));
+      out[r] = nan ? std::numeric_limits<double>::quiet_NaN() : b;
+    }
+  });
+}
+
+at::Tensor assign_full_row_max_cpu(const at::Tensor& scores_in, const at::Tensor& v_in) {
+  constexpr const char* op = "_assign_full_row_max";
+  TORCH_CHECK_VALUE(scores_in.dim() == 2, op, ": scores should be a 2-D tensor, got ",
+                    scores_in.dim(), "-D");
+  const auto st = scores_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+                   ": scores should be float32, float64 or bfloat16, got ", st);
+  TORCH_CHECK_VALUE(v_in.dim() == 1 && v_in.size(0) == scores_in.size(1), op,
+                    ": v should have shape [", scores_in.size(1), "], got ", v_in.sizes());
+  TORCH_CHECK_TYPE(v_in.scalar_type() == at::kDouble, op, ": v should be Double, got ",
+                   v_in.scalar_type());
+  const at::Tensor scores = scores_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty({scores.size(0)}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, op, [&] {
+    row_max_reduced<scalar_t>(scores.const_data_ptr<scalar_t>(), v.const_data_ptr<double>(),
+                              scores.size(0), scores.size(1), out.data_ptr<double>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nat, CPU, m) {
   m.impl("_assign_full_candidates", &assign_full_candidates_cpu);
+  m.impl("_assign_full_row_max", &assign_full_row_max_cpu);
 }
 
 }  // namespace nat
