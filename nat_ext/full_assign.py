@@ -212,19 +212,25 @@ class _Found:
         return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.scores)
 
 
-def _held_pairs(crow: Tensor, col: Tensor, ids: Tensor, pos: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
-    """The candidate pairs of rows `ids` (CPU), as (index into ids, column or its index in the
-    column subset that `pos` maps to, -1 when outside it)."""
-    start, counts = crow[ids], crow[ids + 1] - crow[ids]
-    local = torch.repeat_interleave(torch.arange(ids.numel()), counts)
-    offsets = torch.cumsum(counts, 0) - counts
-    edges = torch.repeat_interleave(start - offsets, counts) + torch.arange(int(counts.sum()))
-    cols = col[edges]
-    if pos is None:
-        return local, cols
-    cols = pos[cols]
-    return local[cols >= 0], cols[cols >= 0]
+class _Held:
+    """The candidate pairs of one round, to leave out of its pricing (CPU)."""
+
+    def __init__(self, crow: Tensor, col: Tensor):
+        self.crow, self.col = crow, col
+        self.edge_row = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
+        self.row_pos = torch.full((crow.numel() - 1,), -1, dtype=torch.int64)
+
+    def pairs(self, ids: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The pairs of rows `ids` (sorted), as (index into ids, column, or its index in the
+        column subset that `pos` maps to)."""
+        first, last = int(ids[0]), int(ids[-1])
+        span = slice(int(self.crow[first]), int(self.crow[last + 1]))
+        self.row_pos[ids] = torch.arange(ids.numel())
+        local = self.row_pos[self.edge_row[span]]
+        self.row_pos[ids] = -1
+        cols = self.col[span] if pos is None else pos[self.col[span]]
+        keep = (local >= 0) & (cols >= 0)
+        return local[keep], cols[keep]
 
 
 # |bf16 score - exact score| <= _BF16_ERROR |f_i| |t_j|: bfloat16 keeps 8 significant bits, so
@@ -245,7 +251,7 @@ class _LowPrecision:
 
 
 def _filter_rows(lo: _LowPrecision, rows: Tensor | None, cols: Tensor | None, u: Tensor,
-                 v: Tensor, tol: float, chunk_elems: int, held: tuple[Tensor, Tensor],
+                 v: Tensor, tol: float, chunk_elems: int, held: _Held,
                  best: Tensor) -> Tensor:
     """The rows of rows x cols (None: all) that the bfloat16 scores cannot clear: max_j s_ij -
     v_j over the pairs not held, plus the error bound, above u_i + tol (or NaN). Cleared rows
@@ -266,8 +272,8 @@ def _filter_rows(lo: _LowPrecision, rows: Tensor | None, cols: Tensor | None, u:
     for r0, r1 in chunks:
         ids = torch.arange(r0, r1) if rows is None else rows[r0:r1]
         s = torch.mm(lo.feats[ids], t.T, out=buf[:(r1 - r0) * t.shape[0]].view(r1 - r0, -1))
-        local, local_cols = _held_pairs(*held, ids, pos)
-        s[local, local_cols] = -math.inf
+        local, local_cols = held.pairs(ids, pos)
+        s.view(-1).index_fill_(0, local * s.shape[1] + local_cols, -math.inf)
         upper = torch.ops.nat._assign_full_row_max(s, v64) + _BF16_ERROR * lo.fnorm[ids] * tmax
         cleared = upper <= u[ids].double() + tol  # False for NaN
         upper = upper.to(best.dtype)
@@ -279,9 +285,9 @@ def _filter_rows(lo: _LowPrecision, rows: Tensor | None, cols: Tensor | None, u:
 
 def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | None,
            u: Tensor, v: Tensor, tol: float, add: int, chunk_elems: int,
-           held: tuple[Tensor, Tensor], best: Tensor, found: _Found) -> None:
+           held: _Held, best: Tensor, found: _Found) -> None:
     """Streams the scores of rows x cols (None: all; CPU index tensors) in chunks, leaving out
-    the candidate pairs `held` (CSR crow, col), and records, for each row with a pair
+    the candidate pairs `held`, and records, for each row with a pair
     s_ij > u_i + v_j + tol, its `add` pairs of largest s_ij - v_j that do. best[i] is raised to
     at least the largest s_ij - v_j seen in row i."""
     device = feats.device
@@ -304,8 +310,9 @@ def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | N
         # are recovered as reduced + v
         reduced = torch.addmm(-vc, feats[r0:r1] if rows is None else feats[ids_dev], t.T,
                               out=buf[:(r1 - r0) * t.shape[0]].view(r1 - r0, t.shape[0]))
-        local, local_cols = _held_pairs(*held, ids, pos)
-        reduced[local.to(device), local_cols.to(device)] = -math.inf
+        local, local_cols = held.pairs(ids, pos)
+        reduced.view(-1).index_fill_(0, (local * reduced.shape[1] + local_cols).to(device),
+                                     -math.inf)
         bound = u[ids_dev] + tol
         row_best = reduced.amax(dim=1)
         if bool(row_best.isnan().any()):
@@ -471,7 +478,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         info["candidates_per_row"].append(cand.keys.numel() / n)
         v_old = v
         crow, col, cost = cand.csr()
-        held = (crow, col)
+        held = _Held(crow, col)
         x, u, v = sparse_linear_sum_assignment(crow, col, cost, m, True, x, v)
         info["time_solve"].append(time.perf_counter() - t0)
 

@@ -314,6 +314,21 @@ def test_candidate_pass_matches_topk(dtype):
         assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
     ref = s.topk(3, dim=0)
     assert torch.equal(col_vals, ref.values) and torch.equal(col_rows, ref.indices)
+    torch.library.opcheck(torch.ops.nat._assign_full_candidates.default,
+                          (s[:20], 5, col_vals, col_rows, 0))
+
+
+def test_row_max_op():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(30, 200, generator=g).bfloat16()
+    s[3, 7] = torch.nan
+    v = torch.randn(200, generator=g, dtype=torch.float64)
+    got = torch.ops.nat._assign_full_row_max(s, v)
+    ref = (s.double() - v).amax(dim=1)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~got.isnan()],
+                                                                 ref[~ref.isnan()])
+    s[3, 7] = 0.0  # opcheck compares outputs without equal_nan
+    torch.library.opcheck(torch.ops.nat._assign_full_row_max.default, (s, v))
 
 
 def test_torch_topk_candidate_path(monkeypatch):

@@ -80,8 +80,8 @@ inline double row_min(const SparseProblem& p, const double* c, const double* v, 
 
 // Warm start: keeps the pairs of col4row (-1: free row) that are edges, one-to-one and tight
 // under the prices ws.v (their reduced cost is the row's minimum); frees the other rows.
-// Rectangular problems need every unassigned column at the top price (0, with all prices <= 0):
-// the prices are shifted to a maximum of 0 and a column left free below 0 is raised to 0, which
+// The prices are shifted to a maximum of 0. Rectangular problems need every unassigned column at
+// that top price: a column left free below 0 is raised to 0, which
 // can make an edge into it cheaper than the pair its row holds; that row is freed in turn (a
 // worklist over the transposed graph, each column raised at most once).
 // Returns the free rows.
@@ -103,10 +103,11 @@ inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
     ws.row4col[j] = i;
     ws.edge4row[i] = edge;
   }
+  // A uniform shift of the prices changes no reduced cost ordering: top price 0.
+  double vmax = -kInf;
+  for (int64_t j = 0; j < m; ++j) vmax = std::max(vmax, v[j]);
+  for (int64_t j = 0; j < m; ++j) v[j] -= vmax;
   if (m > n) {
-    double vmax = -kInf;
-    for (int64_t j = 0; j < m; ++j) vmax = std::max(vmax, v[j]);
-    for (int64_t j = 0; j < m; ++j) v[j] -= vmax;
     // The transpose, for the rows that have an edge into a raised column.
     ws.ccol.assign(m + 1, 0);
     ws.cedge.resize(nnz);
