@@ -58,8 +58,9 @@ def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int
 
     Returns:
         (col4row, u, v): int64 Tensor[n] and float64 Tensor[n], Tensor[m] with u_i + v_j <= cost
-        on every edge (>= when maximising), equality on the assigned pairs, unassigned columns
-        at v = 0 and every other column at v <= 0 (>= 0 when maximising). Raises ValueError
+        on every edge (>= when maximising), equality on the assigned pairs, and when m > n (or
+        without init_v) unassigned columns at v = 0 and every other column at v <= 0 (>= 0
+        when maximising); square problems warm from init_v keep its offset. Raises ValueError
         when no matching of every row uses the given edges.
     """
     return torch.ops.nat.sparse_linear_sum_assignment.default(crow, col, cost, m, maximize,

@@ -80,8 +80,8 @@ inline double row_min(const SparseProblem& p, const double* c, const double* v, 
 
 // Warm start: keeps the pairs of col4row (-1: free row) that are edges, one-to-one and tight
 // under the prices ws.v (their reduced cost is the row's minimum); frees the other rows.
-// The prices are shifted to a maximum of 0. Rectangular problems need every unassigned column at
-// that top price: a column left free below 0 is raised to 0, which
+// Rectangular problems need every unassigned column at the top price: the prices are shifted to
+// a maximum of 0 and a column left free below 0 is raised to 0, which
 // can make an edge into it cheaper than the pair its row holds; that row is freed in turn (a
 // worklist over the transposed graph, each column raised at most once).
 // Returns the free rows.
@@ -103,11 +103,13 @@ inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
     ws.row4col[j] = i;
     ws.edge4row[i] = edge;
   }
-  // A uniform shift of the prices changes no reduced cost ordering: top price 0.
-  double vmax = -kInf;
-  for (int64_t j = 0; j < m; ++j) vmax = std::max(vmax, v[j]);
-  for (int64_t j = 0; j < m; ++j) v[j] -= vmax;
   if (m > n) {
+    // A uniform shift of the prices changes no reduced cost ordering: top price 0. (Square
+    // problems keep their prices as they come, so that a caller comparing prices across warm
+    // solves sees only real moves.)
+    double vmax = -kInf;
+    for (int64_t j = 0; j < m; ++j) vmax = std::max(vmax, v[j]);
+    for (int64_t j = 0; j < m; ++j) v[j] -= vmax;
     // The transpose, for the rows that have an edge into a raised column.
     ws.ccol.assign(m + 1, 0);
     ws.cedge.resize(nnz);
@@ -221,8 +223,9 @@ inline bool sparse_augment(const SparseProblem& p, int64_t f, int64_t* col4row,
 // col4row holds each row's previous column or -1 (read when `warm`), v_init (nullable) the
 // previous prices of the problem as posed. On kSolved, col4row[i] is row i's column and u, v
 // (either may be null) the duals of the problem as posed: u[i] + v[j] <= cost on every edge
-// (>= when maximising), equality on assigned pairs, unassigned columns priced at 0 and every
-// other column at most 0 (at least 0 when maximising). kInfeasible: no matching of every row.
+// (>= when maximising), equality on assigned pairs, and, when m > n or solving cold, unassigned
+// columns priced at 0 and every other column at most 0 (at least 0 when maximising); square
+// problems warm from v_init keep its offset. kInfeasible: no matching of every row.
 inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, const double* v_init,
                            int64_t* col4row, double* u, double* v_out, SparseWorkspace& ws) {
   const int64_t n = p.n, m = p.m, nnz = p.crow[n];
