@@ -2,26 +2,33 @@
 `assign_full`, and the sparse solver op it rests on, `sparse_linear_sum_assignment`.
 
 Route (column generation with a dual certificate as the stopping rule):
-1. candidates: each row's top-k targets by score (chunked matmul + topk, on feats' device),
-   plus the row's target in `init` (the identity when no init is given), so the sparse problem
-   always has a perfect matching and starts warm;
+1. candidates: one streamed pass of chunked matmuls keeps each row's top-k targets, each
+   target's top-col_k rows (so that every target's price is set by the rows that want it most;
+   without them nearly every row violated the first duals) and each row's target in `init` (the
+   identity when no init is given), so the sparse problem always has a perfect matching and
+   starts warm. The pass only ranks: on CPUs with native bfloat16 matmul it runs in bfloat16,
+   and the chosen pairs are scored exactly afterwards;
 2. solve the sparse problem exactly with duals (`nat::sparse_linear_sum_assignment`, shortest
    augmenting paths over the candidate lists on the CPU, warm from the previous round's matching
    and prices);
-3. price out: stream the dense scores again in chunks and look for pairs with
-   s_ij > u_i + v_j. None: the duals certify the sparse optimum over all n x m pairs, so it is
-   the dense optimum. Some: add each violating row's most violating pairs (k of them in the
+3. price out: stream the scores again and look for pairs outside the candidates with
+   s_ij > u_i + v_j + tol. None: the duals certify the sparse optimum over all n x m pairs, so it
+   is the dense optimum. Some: add each violating row's most violating pairs (k of them in the
    first round, twice as many each round after, so adversarial inputs need few rounds) and go
-   back to 2.
+   back to 2. Between rounds the prices only rise (but on the columns a rectangular warm start
+   frees, which are scanned against every row), so a row needs a new scan only when its u fell
+   below the bound kept from its last scan; on the CPU a bfloat16 pass with a proven error bound
+   (_BF16_ERROR) clears most of those before the exact pass.
 Unassigned targets keep v = 0 and every assigned one has v >= 0 (the sparse solver's rectangular
 certificate), so m > n needs nothing more: a pair with an unassigned target is priced as any
 other.
 
 Why this route: the dense scores never exist at once (memory O(n k + chunk x m)), each round
-costs one streamed matmul, which is what the dense solve's score computation costs anyway, and
-the certificate is checked on the very scores that define the problem. An epsilon-scaled
-auction would also give duals, but needs an exact finish anyway; the shortest augmenting paths
-are exact from the start and re-solve warm, touching only the rows whose pairs lost tightness.
+costs at most one streamed matmul, which is what the dense solve's score computation costs
+anyway, and the certificate is checked on the very scores that define the problem. An
+epsilon-scaled auction would also give duals, but needs an exact finish anyway; the shortest
+augmenting paths are exact from the start and re-solve warm, touching only the rows whose pairs
+lost tightness.
 """
 
 import logging
@@ -398,6 +405,9 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     for every pair, with tol = 4 eps (sqrt(d) max|f_i| max|t_j| + max|u| + max|v|) and eps the
     dtype's machine epsilon (about 1e-14 relative for float64, 1e-5 for float32 at d = 64):
     pairs within rounding of the duals are not chased, so the total is optimal to within n tol.
+    (The CPU's bfloat16 pricing filter relies on oneDNN accumulating bfloat16 products in
+    float32, as its AVX512-BF16 kernels do; pass candidate_dtype=feats.dtype to avoid it.)
+    On CUDA with TF32 matmuls enabled, the scores are TF32's.
 
     Args:
         feats: Tensor[n, d], float32 or float64, finite; CPU or CUDA.

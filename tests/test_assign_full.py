@@ -341,3 +341,15 @@ def test_torch_topk_candidate_path(monkeypatch):
         x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2)
         assert certificate_holds(f, t, x, u, v), f"seed {seed}"
         assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+
+
+@pytest.mark.parametrize("m_extra", [0, 40])
+def test_candidates_in_input_dtype(m_extra):
+    # no bfloat16 ranking and no bfloat16 pricing filter (the path of CPUs without native
+    # bfloat16 and of the GPU)
+    for seed in range(3):
+        f, t = random_problem(seed, 250, 250 + m_extra, 12)
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3,
+                                      candidate_dtype=torch.float64)
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
