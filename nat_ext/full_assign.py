@@ -104,7 +104,8 @@ def _sparse_linear_sum_assignment_fake(crow: Tensor, col: Tensor, cost: Tensor, 
     return (cost.new_empty(n, dtype=torch.int64), cost.new_empty(n), cost.new_empty(m))
 
 
-def _check_inputs(feats: Any, targets: Any, init: Any, k: int) -> None:
+def _check_inputs(feats: Any, targets: Any, init: Any, k: int, col_k: int,
+                  chunk_elems: int) -> None:
     """The argument checks of assign_full: TypeError / ValueError naming the argument."""
     for name, t in (("feats", feats), ("targets", targets)):
         if not isinstance(t, Tensor):
@@ -130,8 +131,9 @@ def _check_inputs(feats: Any, targets: Any, init: Any, k: int) -> None:
     for name, t in (("feats", feats), ("targets", targets)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"assign_full: {name} contains NaN or infinite values")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"assign_full: k should be a positive int, got {k!r}")
+    for name, value, least in (("k", k, 1), ("col_k", col_k, 0), ("chunk_elems", chunk_elems, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"assign_full: {name} should be an int >= {least}, got {value!r}")
     if init is None:
         return
     if not isinstance(init, Tensor):
@@ -430,7 +432,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         feats_i . targets_j (up to tol above) for every pair, equality on the assigned pairs,
         and every unassigned target's v (0) at most every assigned one's.
     """
-    _check_inputs(feats, targets, init, k)
+    _check_inputs(feats, targets, init, k, col_k, chunk_elems)
     (n, d), m = feats.shape, targets.shape[0]
     device, dtype = feats.device, feats.dtype
     if n == 0:

@@ -251,7 +251,8 @@ def test_sparse_op_errors():
     ("init range", ValueError, "init should hold targets in"),
     ("init negative", ValueError, "init should hold targets in"),
     ("init duplicates", ValueError, "init should be one-to-one"),
-    ("k", ValueError, "k should be a positive int"),
+    ("k", ValueError, "k should be an int >= 1"),
+    ("col_k", ValueError, "col_k should be an int >= 0"),
     ("overflow", ValueError, "not finite"),
 ])
 def test_bad_input(case, error, match):
@@ -287,6 +288,8 @@ def test_bad_input(case, error, match):
         init[0] = init[1]
     elif case == "k":
         kwargs["k"] = 0
+    elif case == "col_k":
+        kwargs["col_k"] = -1
     elif case == "overflow":
         f, t = f * 1e300, t * 1e300
     with pytest.raises(error, match=match):
