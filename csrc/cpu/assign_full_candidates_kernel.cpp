@@ -1,8 +1,9 @@
-// CPU kernel of nat::_assign_full_candidates: one pass over a chunk of scores that keeps each
-// row's k largest entries and folds the chunk into each column's running kc largest (with their
-// rows). Scores may be bfloat16 (the candidate pass ranks in bfloat16 where the CPU multiplies
-// it natively). nat_ext.assign_full's candidate pass calls it per chunk on the CPU, where torch.topk
-// along both dimensions took three times as long as the matmul (on the GPU it uses torch.topk).
+// CPU kernels internal to nat_ext.assign_full.
+// _assign_full_candidates: one pass over a chunk of scores that keeps each row's k largest
+// entries and folds the chunk into each column's running kc largest (with their rows); scores
+// may be bfloat16 (the candidate pass ranks in bfloat16 where the CPU multiplies it natively).
+// torch.topk along both dimensions took three times as long as the matmul (the GPU uses it).
+// _assign_full_row_max: the bfloat16 pricing filter's row maxima.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,6 +19,7 @@ namespace {
 
 constexpr const char* kOp = "_assign_full_candidates";
 constexpr double kInfD = std::numeric_limits<double>::infinity();
+constexpr int64_t kBlock = 32;  // columns tested at once in the column pass
 
 // Inserts (val, idx) into the descending list vals[0..len) (stride apart) when it beats the last
 // entry; equal values keep the earlier entry first.
@@ -67,12 +69,25 @@ void chunk_candidates(const T* s, int64_t rows, int64_t m, int64_t k, int64_t kc
   at::parallel_for(0, m, 2048, [&](int64_t j0, int64_t j1) {
     const T* last = col_vals + (kc - 1) * m;
     std::vector<acc_t> threshold(last + j0, last + j1);
+    const int64_t len = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = s + r * m + j0;
-      for (int64_t j = 0; j < j1 - j0; ++j) {
-        if (static_cast<acc_t>(row[j]) > threshold[j]) {
-          insert_sorted(col_vals + j0 + j, col_rows + j0 + j, kc, m, row[j], row_offset + r);
-          threshold[j] = static_cast<acc_t>(last[j0 + j]);
+      for (int64_t b = 0; b < len; b += kBlock) {
+        const int64_t e = std::min(len, b + kBlock);
+        // Inserts are rare past the first rows: test a block at once (a loop of fixed length
+        // without branches, which vectorises), and walk it only when something beats its column.
+        bool any = false;
+        if (e - b == kBlock) {
+          for (int64_t j = b; j < b + kBlock; ++j) any |= static_cast<acc_t>(row[j]) > threshold[j];
+        } else {
+          any = true;
+        }
+        if (!any) continue;
+        for (int64_t j = b; j < e; ++j) {
+          if (static_cast<acc_t>(row[j]) > threshold[j]) {
+            insert_sorted(col_vals + j0 + j, col_rows + j0 + j, kc, m, row[j], row_offset + r);
+            threshold[j] = static_cast<acc_t>(last[j0 + j]);
+          }
         }
       }
     }
