@@ -26,8 +26,9 @@ except ImportError as e:
 from . import ops  # noqa: E402  (registers the fake kernels)
 from .lsap import check_optimality, linear_sum_assignment  # noqa: E402
 from .ops import assign, assign_ex, linear_sum_assignment_ex, solve_with_duals  # noqa: E402
+from .full_assign import assign_full  # noqa: E402
 from .scipy_patch import patch_scipy, scipy_is_patched, scipy_patched, unpatch_scipy  # noqa: E402
 
 __all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
-           "linear_sum_assignment_ex", "patch_scipy", "unpatch_scipy", "scipy_is_patched",
+           "linear_sum_assignment_ex", "assign_full", "patch_scipy", "unpatch_scipy", "scipy_is_patched",
            "scipy_patched", "ops"]
