@@ -27,9 +27,11 @@ from tqdm import tqdm
 from .models import ARCHS
 
 __all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
-           "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS"]
+           "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS",
+           "REASSIGN_SCOPES"]
 
 TARGET_GENERATORS = ("auto", "philox", "pcg64")
+REASSIGN_SCOPES = ("batch", "dataset")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -73,6 +75,15 @@ class Config:
     schedule: str = setting("cosine", "learning-rate schedule", choices=("cosine", "constant"))
     reassign_every: int = setting(3, "reassign targets on epochs 0, k, 2k...; 0 freezes the initial "
                                      "random assignment (the ablation)")
+    reassign_scope: str = setting("batch", "what a reassigning epoch re-solves: batch (the paper's: each "
+                                           "batch's images swap their targets, every step) or dataset (once, "
+                                           "at the epoch start: the exact assignment of the whole training set "
+                                           "with nat_ext.assign_full on features extracted in eval mode, "
+                                           "unaugmented; the epoch then trains against those targets)",
+                                  choices=REASSIGN_SCOPES)
+    track_objective: bool = setting(True, "after each reassigning epoch, extract the whole training set "
+                                          "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
+                                          "metrics.jsonl as objective_end (not counted in the epoch's time)")
     objective: str = setting("nat", "nat, or supervised: the baseline encoder, cross-entropy on the labels",
                              choices=("nat", "supervised"))
     workers: int = setting(0, "DataLoader worker processes")

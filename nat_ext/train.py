@@ -9,6 +9,10 @@ On a GPU the step never waits for the host: the permutation and the targets live
 the device, the reassignment uses the sync-free ``assign_ex`` (its outcome is checked
 at the epoch end), and the loss is summed on the device and read every
 ``--log-every`` steps. ``--sync-debug`` makes any host sync inside the step an error.
+
+``--reassign-scope dataset`` replaces the per-batch reassignment by one exact assignment of
+the whole training set (``nat_ext.assign_full``) at the start of each reassigning epoch, on
+features extracted in eval mode without augmentation (:func:`dataset_features`).
 """
 from __future__ import annotations
 
@@ -23,17 +27,19 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, EvalConfig, check_choices, parse_config, progress
 from .data import batch_augment, collate, get_dataset
 from .eval import evaluate
+from .full_assign import assign_full
 from .models import build_model
 from .state import Assignment
 from .targets import Targets
 
-__all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "plot_metrics"]
+__all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "dataset_features",
+           "assignment_objective", "reassign_dataset", "plot_metrics"]
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -112,6 +118,107 @@ def reassign(assignment: Assignment, targets: Targets, idx: torch.Tensor, feats:
     return assignment.update(idx, new)
 
 
+@torch.no_grad()
+def dataset_features(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                     rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The embeddings of the whole training set, for the dataset-wide assignment and the objective.
+
+    Eval mode (batch norm on its running statistics) and no augmentation: the features are a
+    pure function of the weights, the same whatever the batch composition, and the pass changes
+    no state (no running-statistics update, no draw from any generator), so training and exact
+    resume are unaffected. With several processes each rank embeds its contiguous shard of rows
+    and the shards are all-gathered, so every rank returns the same tensor. Leaves the model in
+    eval mode (the loop sets train mode at each epoch start).
+
+    Args:
+        model: the encoder (not the DDP wrapper: no collective inside the forward).
+        dataset: the unaugmented training set, yielding (image, label, index).
+        batch_size: images per forward pass.
+        device: where the forward passes run.
+        rank, world: process index and count.
+
+    Returns:
+        Tensor[n, d] float32 on ``device``, row i the embedding of image i.
+    """
+    n = len(dataset)
+    shard = -(-n // world)
+    lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
+    model.eval()
+    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, collate_fn=collate)
+    parts = [model(x.to(device)).float() for x, _, _, _ in loader]
+    mine = torch.cat(parts) if parts else torch.empty(0, device=device)
+    if world == 1:
+        return mine
+    mine = F.pad(mine.reshape(hi - lo, -1), (0, 0, 0, shard - (hi - lo)))
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return torch.cat(every)[:n]
+
+
+def assignment_objective(feats: torch.Tensor, target_matrix: torch.Tensor, perm: torch.Tensor) -> float:
+    """NAT's assignment objective sum_i f_i . t_P(i), summed in float64.
+
+    Args:
+        feats: Tensor[n, d] the images' embeddings.
+        target_matrix: Tensor[n, d] every target, row t on the device of ``feats``.
+        perm: Tensor[n] int64, the target of each image.
+    """
+    return float((feats.double() * target_matrix.index_select(0, perm.to(feats.device)).double()).sum())
+
+
+def _checksum(perm: torch.Tensor) -> torch.Tensor:
+    # Order-sensitive: sum_i (i + 1) perm[i] (< 2^63 for n up to 3.5M).
+    return ((torch.arange(perm.numel(), device=perm.device) + 1) * perm).sum()
+
+
+def reassign_dataset(assignment: Assignment, target_matrix: torch.Tensor, feats: torch.Tensor,
+                     rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """The dataset-wide reassignment: the exact assignment of all n images to all n targets.
+
+    Solved by ``nat_ext.assign_full`` from the held permutation (its pairs warm the solve and
+    keep the sparse problem feasible). With several processes rank 0 solves, broadcasts the
+    permutation, and every rank compares checksums of the held and the new permutation with
+    every other rank (RuntimeError on a mismatch) before applying it.
+
+    Args:
+        assignment: the permutation, on the training device.
+        target_matrix: Tensor[n, d] every target.
+        feats: Tensor[n, d] every image's embedding (the same on every rank).
+        rank, world: process index and count.
+
+    Returns:
+        (Tensor[] int64 images whose target changed, dict with ``objective_held`` and
+        ``objective`` (sum_i f_i . t_P(i) before and after), ``rounds`` and ``solve_seconds``).
+    """
+    t0 = time.perf_counter()
+    held = assignment.perm.clone()
+    stats: dict = {}
+    if rank == 0:
+        # Centring the features changes every assignment's total by the same constant
+        # (-mean . sum_j t_j: every target is held once), so the optimum is the same; it halves
+        # the candidates assign_full needs on the near-parallel features of an untrained net.
+        centred = feats - feats.double().mean(0).to(feats.dtype)
+        new = assign_full(centred, target_matrix.to(feats.dtype), init=held, stats=stats)
+        del centred
+    else:
+        new = torch.empty_like(held)
+    if world > 1:
+        dist.broadcast(new, 0)
+        sums = torch.stack([_checksum(held), _checksum(new)])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            which = "held" if lo[0] != hi[0] else "new"
+            raise RuntimeError(f"rank {rank}: the {which} permutation differs between ranks "
+                               f"(checksums {lo.tolist()} vs {hi.tolist()}) in the dataset-wide reassignment")
+    info = {"objective_held": assignment_objective(feats, target_matrix, held),
+            "objective": assignment_objective(feats, target_matrix, new),
+            "rounds": int(stats.get("rounds", 0)), "solve_seconds": time.perf_counter() - t0}
+    changed = assignment.update(torch.arange(held.numel(), device=held.device), new)
+    return changed, info
+
+
 def plot_metrics(metrics_path: str, png_path: str) -> None:
     """Plot the per-epoch curves of a metrics JSONL file to a PNG.
 
@@ -158,12 +265,14 @@ class _EpochStats:
         self.changed = torch.tensor(int(s.get("changed", 0)), dtype=torch.int64, device=device)
         self.images, self.skipped = int(s.get("images", 0)), int(s.get("skipped", 0))
         self.seconds, self.assign_seconds = float(s.get("seconds", 0.0)), float(s.get("assign_seconds", 0.0))
+        self.reassign_info = dict(s.get("reassign_info", {}))  # the dataset-wide reassignment's figures
         self.logged = (0.0, 0)  # (loss_sum, images) at the last log line
 
     def state_dict(self) -> dict:
         """Plain numbers for the checkpoint (reads the device)."""
         return {"loss_sum": self.loss_sum.item(), "images": self.images, "changed": int(self.changed),
-                "skipped": self.skipped, "seconds": self.seconds, "assign_seconds": self.assign_seconds}
+                "skipped": self.skipped, "seconds": self.seconds, "assign_seconds": self.assign_seconds,
+                "reassign_info": self.reassign_info}
 
     def loss_since_log(self) -> float:
         """Mean loss since the previous call (one read of the device)."""
@@ -227,6 +336,9 @@ def _resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.
     if saved.get("objective") != cfg.objective:
         raise ValueError(f"checkpoint {path} is a {saved.get('objective')!r} run, "
                          f"this run's objective is {cfg.objective!r}")
+    if saved.get("reassign_scope", "batch") != cfg.reassign_scope:
+        raise ValueError(f"checkpoint {path} is a {saved.get('reassign_scope', 'batch')!r}-scope run, "
+                         f"this run's reassign_scope is {cfg.reassign_scope!r}")
     if saved.get("world_size") != run_info["world_size"]:
         raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} "
                          f"processes; resume with the same number (got {run_info['world_size']})")
@@ -279,7 +391,7 @@ def _epoch_summary(stats: _EpochStats, assignment: Assignment | None, epoch: int
             "changed_frac": int(stats.changed) / n if assignment is not None else 0.0,
             "reassigned": reassigned, "images_per_s": images / seconds,
             "assign_frac": stats.assign_seconds / seconds, "skipped": int(skipped), "lr": lr,
-            "seconds": stats.seconds, "step": global_step}
+            "seconds": stats.seconds, "step": global_step, **stats.reassign_info}
 
 
 def _write_summary(row: dict, out: str, writer, epochs: int) -> None:
@@ -291,6 +403,7 @@ def _write_summary(row: dict, out: str, writer, epochs: int) -> None:
     plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
     print(f"epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} changed "
           f"{row['changed_frac']:.3f} {row['images_per_s']:.0f} img/s"
+          + "".join(f" {k} {row[k]:.1f}" for k in ("objective_held", "objective", "objective_end") if k in row)
           + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
 
 
@@ -334,6 +447,13 @@ def train(cfg: Config) -> dict:
     targets = Targets(n, cfg.dim, seed=cfg.seed, materialize=not cfg.targets_from_seed, device=device,
                       generator=run_info["target_generator"]) if nat else None
     assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
+    # the dataset-wide pass (reassignment and objective): unaugmented images, every target
+    whole = nat and cfg.reassign_every > 0 and (cfg.reassign_scope == "dataset" or cfg.track_objective)
+    plain = dataset if info.batch_augment or not whole else \
+        get_dataset(cfg.data, "train", augment=False, limit=cfg.limit or None, image_size=cfg.image_size,
+                    skip_corrupt=cfg.skip_corrupt, seed=cfg.seed)[0]
+    target_matrix = (targets.matrix if targets.matrix is not None else
+                     targets.rows(torch.arange(n, device=device))) if whole else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
     if cfg.schedule == "cosine":
@@ -379,6 +499,18 @@ def train(cfg: Config) -> dict:
                                 collate_fn=collate, pin_memory=device.type == "cuda")
             reassigning = reassigns_on(cfg, epoch)
             stats = _EpochStats(device, at["epoch_stats"] if epoch == at["epoch"] else None)
+            # reassign over the whole dataset, once, at the epoch start (done already when resuming mid-epoch)
+            if reassigning and cfg.reassign_scope == "dataset" and start_step == 0:
+                t0 = time.perf_counter()
+                feats = dataset_features(model, plain, cfg.probe.batch_size, device, rank, world)
+                t_extract = time.perf_counter() - t0
+                changed, stats.reassign_info = reassign_dataset(assignment, target_matrix, feats, rank, world)
+                stats.changed += changed
+                stats.reassign_info["extract_seconds"] = t_extract
+                stats.assign_seconds += time.perf_counter() - t0
+                stats.seconds += time.perf_counter() - t0
+                del feats
+            per_batch = reassigning and cfg.reassign_scope == "batch"
             model.train()
             t_last = time.perf_counter()
             bar = progress(loader, total=len(batches), initial=start_step, disable=not master,
@@ -392,7 +524,7 @@ def train(cfg: Config) -> dict:
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                         out = net(x)
                     # reassign: on scheduled epochs the batch's images swap their targets
-                    if reassigning:
+                    if per_batch:
                         t0 = time.perf_counter()
                         stats.changed += reassign(assignment, targets, idx, out, cfg.batch_size, world)
                         stats.assign_seconds += time.perf_counter() - t0
@@ -432,6 +564,12 @@ def train(cfg: Config) -> dict:
             # epoch summary, checkpoint
             row = _epoch_summary(stats, assignment, epoch, reassigning, n, world, sched.get_last_lr()[0],
                                  global_step)
+            if reassigning and cfg.track_objective:  # measurement only: not in the epoch's time
+                t0 = time.perf_counter()
+                feats = dataset_features(model, plain, cfg.probe.batch_size, device, rank, world)
+                row["objective_end"] = assignment_objective(feats, target_matrix, assignment.perm)
+                row["objective_seconds"] = time.perf_counter() - t0
+                del feats
             train_seconds += stats.seconds
             start_step = 0
             if master:

@@ -73,15 +73,14 @@ def _wait_for(path, proc, timeout=90):
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    args = ["--limit", "1024", "--batch-size", "32", "--dim", "16", "--epochs", "3",
-            "--reassign-every", "1", "--no-eval", "--seed", "5"]
+def _cut_and_resume(args, tmp_path, settle=0.3):
+    """Run ``args`` twice: uninterrupted (ref) and SIGTERM'd mid-epoch 2 then resumed (cut).
+    Returns the two final checkpoints (cut, ref) and the cut run's output folder."""
     ref = _spawn(args + ["--out", str(tmp_path / "ref")], tmp_path)
     out = str(tmp_path / "cut")
     proc = _spawn(args + ["--out", out], tmp_path)
     _wait_for(os.path.join(out, "checkpoint.pt"), proc)  # written at the end of epoch 1
-    time.sleep(0.3)
+    time.sleep(settle)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM, log[-2000:]
@@ -96,6 +95,14 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     b = load_checkpoint(str(tmp_path / "ref" / "checkpoint.pt"))
     assert a["global_step"] == b["global_step"]
     assert torch.equal(a["assignment"]["perm"], b["assignment"]["perm"])
+    return a, b, out, ck
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    args = ["--limit", "1024", "--batch-size", "32", "--dim", "16", "--epochs", "3",
+            "--reassign-every", "1", "--no-eval", "--seed", "5"]
+    a, b, out, _ = _cut_and_resume(args, tmp_path)
     for k in b["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
     epochs = [json.loads(l)["epoch"] for l in open(os.path.join(out, "metrics.jsonl"))]
