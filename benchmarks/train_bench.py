@@ -2,7 +2,10 @@
 
 Runs :func:`nat_ext.train.train` with ``reassign_every=2``: even epochs
 reassign, odd epochs do not, so both are measured in one process on the same
-data, model and machine state. Prints a table and writes JSON.
+data, model and machine state. Prints a table and writes JSON. The share of
+time in the reassignment comes from host timers: on a GPU, where the step no
+longer waits for the device, it is the time to launch the reassignment, and the
+images/s of the two kinds of epochs are the measure to compare.
 
     python benchmarks/train_bench.py --limit 7680 --epochs 8 --json /tmp/train_bench.json
 """

@@ -123,6 +123,25 @@ inline at::Tensor assign_scores(const at::Tensor& feats, const at::Tensor& targe
   return scores.nan_to_num_(nan, inf, nan);  // only -inf changes: one in-place pass
 }
 
+// The errors of a problem the solver could not take, in scipy's words, shared by the ops and
+// the numpy entry point (numpy_lsap.cpp). `item` is "" or "[b]" for batch item b.
+inline std::string invalid_entry_message(const char* op, const std::string& item, int64_t i,
+                                         int64_t j, double value, bool maximize) {
+  return c10::str(op, ": matrix contains invalid numeric entries: cost", item, "[", i, "][", j,
+                  "] is ", value, " (NaN and ", maximize ? "+inf with maximize=True" : "-inf",
+                  " are not allowed; ", maximize ? "-inf" : "+inf", " marks a forbidden pair)");
+}
+
+// b < 0: an unbatched problem.
+inline std::string infeasible_message(const char* op, int64_t b) {
+  if (b < 0) {
+    return c10::str(op, ": cost matrix is infeasible: no assignment of every row avoids the "
+                    "forbidden (infinite) entries");
+  }
+  return c10::str(op, ": cost matrix is infeasible: batch item ", b, " has no assignment of "
+                  "every row that avoids the forbidden (infinite) entries");
+}
+
 // Raises the error for the first problem that failed. `status` is a CPU int64 [B, 2] tensor,
 // {lap::Status, flat index of the bad entry} a problem;
 // `cost` is the [B, n, m] matrix the solver read (for the offending value).
@@ -139,16 +158,10 @@ inline void raise_on_failure(const char* op, const at::Tensor& status, const at:
                           "] is not finite: feats or targets contains NaN or infinite values, or "
                           "the product overflowed");
       }
-      const double value = cost[b][i][j].item<double>();
-      TORCH_CHECK_VALUE(false, op, ": matrix contains invalid numeric entries: cost", item, "[",
-                        i, "][", j, "] is ", value, " (NaN and ",
-                        maximize ? "+inf with maximize=True" : "-inf", " are not allowed; ",
-                        maximize ? "-inf" : "+inf", " marks a forbidden pair)");
+      TORCH_CHECK_VALUE(false, invalid_entry_message(op, item, i, j,
+                                                     cost[b][i][j].item<double>(), maximize));
     }
-    TORCH_CHECK_VALUE(st[2 * b] != lap::kInfeasible, op, ": cost matrix is infeasible",
-                      batched ? ": batch item " + std::to_string(b) : std::string(),
-                      " has no assignment of every row that avoids the forbidden (infinite) "
-                      "entries");
+    TORCH_CHECK_VALUE(st[2 * b] != lap::kInfeasible, infeasible_message(op, batched ? b : -1));
   }
 }
 

@@ -12,10 +12,13 @@ import tempfile
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "COMPAT_KEYS"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "COMPAT_KEYS", "LEGACY_VALUES"]
 
 # Config fields that must match for a checkpoint to be resumed or evaluated.
-COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels")
+COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels", "target_generator")
+
+# What a checkpoint written before a key existed implicitly holds for it.
+LEGACY_VALUES = {"target_generator": "pcg64"}
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -65,8 +68,9 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
         current: the config dict of this run (same keys).
         path: checkpoint path, for the message.
     """
+    saved = dict(LEGACY_VALUES, **saved)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
              for k in COMPAT_KEYS if saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); "
-                         "use the same --data/--limit, --dim and --arch, or another --out")
+                         "use the same --data/--limit, --dim, --arch and --target-generator, or another --out")

@@ -7,54 +7,31 @@ multinomial logistic regression (full-batch L-BFGS) on the labelled training
 split and reports top-1 on the test split, plus a cosine k-NN top-1.
 Baselines from the same command, same layer and classifier: a randomly
 initialised encoder of the same architecture (``random``), the raw pixels
-(``pixels``) and a supervised encoder trained by :func:`nat_ext.train.train`
-(``supervised``).
+(``pixels``) and a supervised encoder of the same architecture trained with the
+evaluated run's settings (``supervised``, see :mod:`nat_ext.supervised`).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
+from .config import EvalConfig, ProbeConfig, parse_config, progress
 from .data import collate, get_dataset
 from .models import Encoder, build_model
+from .supervised import supervised_config, train_supervised
 
 __all__ = ["EvalConfig", "default_layer", "extract_features", "linear_probe", "knn_accuracy",
            "evaluate", "main"]
 
 BASELINES = ("random", "pixels", "supervised")
-
-
-@dataclass
-class EvalConfig:
-    """Settings of an evaluation (plain values)."""
-    checkpoint: str = ""        # trained encoder; empty: baselines only (needs data/arch/dim)
-    data: str = ""              # default: the checkpoint's
-    arch: str = ""              # default: the checkpoint's
-    dim: int = 0                # default: the checkpoint's
-    layer: str = ""             # default: last conv stage (see default_layer)
-    grid: int = 2
-    limit: int = 0              # seeded subsets of the labelled splits (0: all)
-    baselines: str = "random,pixels"
-    supervised_epochs: int = 10
-    knn_k: int = 20
-    probe_iters: int = 300
-    probe_wd: float = 1e-4
-    batch_size: int = 512
-    device: str = "auto"
-    workers: int = 0
-    seed: int = -1              # default: the checkpoint's
-    skip_corrupt: bool = False  # skip unreadable images instead of failing
-    out: str = ""               # write results JSON here
 
 
 def default_layer(arch: str) -> str:
@@ -82,7 +59,7 @@ def extract_features(model: Encoder, dataset, layer: str, grid: int, device: tor
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate)
     feats, labels = [], []
-    for x, y, _, _ in tqdm(loader, desc=f"features {layer}", leave=False, dynamic_ncols=True):
+    for x, y, _, _ in progress(loader, desc=f"features {layer}"):
         x = x.to(device)
         if layer == "pixels" and x.shape[-1] > 32:  # keep raw-pixel probes tractable on large images
             x = F.adaptive_avg_pool2d(x, 32)
@@ -165,16 +142,17 @@ def _splits(data: str, limit: int, seed: int, image_size: int, skip_corrupt: boo
 def _score(model: Encoder, name: str, layer: str, ecfg: EvalConfig, device: torch.device,
            train_ds, test_ds, num_classes: int, seed: int) -> dict:
     t0 = time.perf_counter()
-    tx, ty = extract_features(model, train_ds, layer, ecfg.grid, device, ecfg.batch_size, ecfg.workers)
+    pc: ProbeConfig = ecfg.probe
+    tx, ty = extract_features(model, train_ds, layer, pc.grid, device, pc.batch_size, ecfg.workers)
     if test_ds is None:
         perm = torch.randperm(len(ty), generator=torch.Generator().manual_seed(seed))
         cut = int(0.8 * len(ty))
         vx, vy, tx, ty = tx[perm[cut:]], ty[perm[cut:]], tx[perm[:cut]], ty[perm[:cut]]
     else:
-        vx, vy = extract_features(model, test_ds, layer, ecfg.grid, device, ecfg.batch_size, ecfg.workers)
-    lin = linear_probe(tx, ty, vx, vy, num_classes, ecfg.probe_wd, ecfg.probe_iters)
-    knn = knn_accuracy(tx, ty, vx, vy, num_classes, ecfg.knn_k)
-    res = {"encoder": name, "layer": layer, "grid": ecfg.grid, "feature_dim": tx.shape[1],
+        vx, vy = extract_features(model, test_ds, layer, pc.grid, device, pc.batch_size, ecfg.workers)
+    lin = linear_probe(tx, ty, vx, vy, num_classes, pc.probe_wd, pc.probe_iters)
+    knn = knn_accuracy(tx, ty, vx, vy, num_classes, pc.knn_k)
+    res = {"encoder": name, "layer": layer, "grid": pc.grid, "feature_dim": tx.shape[1],
            "linear_top1": lin, "knn_top1": knn, "n_train": len(ty), "n_test": len(vy),
            "seconds": time.perf_counter() - t0}
     print(f"{name:>12s}  {layer:>7s}  dim {tx.shape[1]:5d}  linear {100 * lin:5.2f}%  "
@@ -203,7 +181,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
         dict: ``results`` (list of per-encoder dicts with ``linear_top1`` and
         ``knn_top1``) and ``config``. Also written to ``ecfg.out`` if set.
     """
-    wanted = [b for b in ecfg.baselines.split(",") if b]
+    wanted = [b for b in ecfg.probe.baselines.split(",") if b]
     unknown = [b for b in wanted if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
@@ -217,9 +195,9 @@ def evaluate(ecfg: EvalConfig) -> dict:
     seed = ecfg.seed if ecfg.seed >= 0 else c.get("seed", 0)
     if not (data and arch and dim):
         raise ValueError("checkpoint is empty: give data, arch and dim for a baselines-only evaluation")
-    layer = ecfg.layer or default_layer(arch)
-    train_ds, test_ds, info = _splits(data, ecfg.limit, seed, c.get("image_size", 224),
-                                      ecfg.skip_corrupt or c.get("skip_corrupt", False))
+    layer = ecfg.probe.layer or default_layer(arch)
+    skip_corrupt = ecfg.skip_corrupt or c.get("skip_corrupt", False)
+    train_ds, test_ds, info = _splits(data, ecfg.probe.limit, seed, c.get("image_size", 224), skip_corrupt)
     sobel = c.get("sobel", False)
     results = []
     if trained is not None:
@@ -235,15 +213,13 @@ def evaluate(ecfg: EvalConfig) -> dict:
         results.append(_score(any_model, "pixels", "pixels", ecfg, device, train_ds, test_ds,
                               info.num_classes, seed))
     if "supervised" in wanted:
-        from .train import Config, train
         out = os.path.join(os.path.dirname(ecfg.out or ecfg.checkpoint or "runs/x") or ".", "supervised")
-        tcfg = Config(data=data, arch=arch, epochs=ecfg.supervised_epochs, objective="supervised",
-                      out=out, seed=seed, sobel=sobel, eval=False, device=str(device),
-                      workers=ecfg.workers, limit=c.get("limit", 0))
-        train(tcfg)
-        sup, _ = _load_encoder(os.path.join(out, "checkpoint.pt"))
+        run = dict(c, data=data, arch=arch, seed=seed, skip_corrupt=skip_corrupt)
+        sup, _ = _load_encoder(train_supervised(supervised_config(
+            run, out=out, epochs=ecfg.probe.supervised_epochs, device=str(device), workers=ecfg.workers)))
         results.append(_score(sup, "supervised", layer, ecfg, device, train_ds, test_ds, info.num_classes, seed))
-    report = {"results": results, "config": dict(vars(ecfg), layer=layer, data=data, arch=arch, dim=dim, seed=seed)}
+    report = {"results": results, "config": dict(dataclasses.asdict(ecfg), layer=layer, data=data, arch=arch,
+                                                 dim=dim, seed=seed)}
     if ecfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(ecfg.out)), exist_ok=True)
         with open(ecfg.out, "w") as f:
@@ -251,36 +227,9 @@ def evaluate(ecfg: EvalConfig) -> dict:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one option per :class:`EvalConfig` field."""
-    d = EvalConfig()
-    p = argparse.ArgumentParser(prog="nat-eval", description="Linear probe and k-NN of a frozen encoder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=d.checkpoint, help="checkpoint.pt from nat-train")
-    p.add_argument("--data", default=d.data, help="default: the checkpoint's")
-    p.add_argument("--arch", default=d.arch, help="default: the checkpoint's")
-    p.add_argument("--dim", type=int, default=d.dim, help="default: the checkpoint's")
-    p.add_argument("--layer", default=d.layer, help="stage to probe (default: last conv stage)")
-    p.add_argument("--grid", type=int, default=d.grid, help="pool feature maps to grid x grid")
-    p.add_argument("--limit", type=int, default=d.limit, help="seeded subsets of the labelled splits")
-    p.add_argument("--baselines", default=d.baselines, help="comma list of random,pixels,supervised")
-    p.add_argument("--supervised-epochs", type=int, default=d.supervised_epochs)
-    p.add_argument("--knn-k", type=int, default=d.knn_k)
-    p.add_argument("--probe-iters", type=int, default=d.probe_iters)
-    p.add_argument("--probe-wd", type=float, default=d.probe_wd)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--seed", type=int, default=d.seed, help="default: the checkpoint's")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
-    p.add_argument("--out", default=d.out, help="write the results JSON here")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nat-eval``. Returns the exit status."""
-    args = build_parser().parse_args(argv)
-    evaluate(EvalConfig(**vars(args)))
+    evaluate(parse_config(EvalConfig, argv, "nat-eval", "Linear probe and k-NN of a frozen encoder."))
     return 0
 
 

@@ -1,48 +1,46 @@
 """scipy-compatible linear_sum_assignment on numpy arrays and tensors, and the optimality check
 for the dual certificates our solvers return."""
 
+import re
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import _C
+from ._arrays import as_float_array, to_tensor
 from .ops import _FLOATS
 
-_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
-
-
-def _as_cost_tensor(cost_matrix: Any) -> tuple[Tensor, bool]:
-    """Returns (cost as a float tensor, whether the input was numpy-like)."""
-    if isinstance(cost_matrix, Tensor):
-        cost = cost_matrix
-        if cost.is_complex():
-            raise TypeError(f"cost_matrix should be real-valued, got a tensor of {cost.dtype}")
-        if cost.dtype not in _FLOATS:
-            cost = cost.to(torch.float64)  # integers and bools, as scipy casts them
-        return cost, False
-    arr = np.asarray(cost_matrix)
-    if arr.dtype.type not in _NUMPY_FLOATS:
-        if not np.can_cast(arr.dtype, np.float64, casting="safe"):
-            raise TypeError(f"Cannot cast array data from {arr.dtype!r} to dtype('float64') "
-                            "according to the rule 'safe'")
-        arr = arr.astype(np.float64)
-    if any(s < 0 for s in arr.strides):
-        arr = np.ascontiguousarray(arr)  # torch.from_numpy refuses negative strides
-    return torch.from_numpy(arr), True
+_lsa_numpy = _C._lsa_numpy  # the lean numpy path (csrc/numpy_lsap.cpp), bound once
+_ndarray = np.ndarray
+_INDEX = re.compile(r"cost((?:\[\d+\])?)\[(\d+)\]\[(\d+)\]")  # cost[b][i][j] / cost[i][j]
 
 
 def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
                           solver: str = "auto") -> tuple[Any, Any]:
     """Drop-in for scipy.optimize.linear_sum_assignment, on numpy arrays or tensors, and batched.
 
-    Same results (an optimal assignment; under ties the indices may differ from scipy's), same
-    exceptions: ValueError for a wrong number of dimensions, NaN or -inf entries (+inf when
-    maximize=True) and infeasible problems; TypeError for values that are not real numbers.
-    +inf entries (-inf when maximising) are forbidden pairs.
+    Named after scipy's function, not after the op `torch.ops.nat.linear_sum_assignment` (which
+    returns only the column of each row, for n <= m): it returns what scipy returns.
+
+    Same results as scipy (an optimal assignment), same exceptions: ValueError for a wrong number
+    of dimensions, NaN or -inf entries (+inf when maximize=True) and infeasible problems;
+    TypeError for values that cannot be cast to float64 (strings, complex numbers). +inf entries
+    (-inf when maximising) are forbidden pairs. Any byte order, strides and read-only arrays are
+    taken as they are; numpy input never goes through torch unless batched.
+
+    Ties (numpy input, and tensors on the CPU; the CUDA kernels return an optimal assignment
+    without this rule): the answer depends on the cost matrix only. For n <= m, col_ind is the
+    lexicographically smallest among the optimal assignments (so a constant matrix gives the
+    identity, as scipy does); for n > m the rule applies to the transpose: the row of each
+    column, in column order, is lexicographically smallest. Optimal means tight for the solver's
+    duals in double arithmetic, which is exact for integer costs. scipy has no stated rule and
+    may pick another optimum on other tied inputs.
 
     Args:
-        cost_matrix: array_like or Tensor[n, m], or Tensor[B, n, m] for a batch; any n, m.
+        cost_matrix: array_like or Tensor[n, m], or a 3-D array / Tensor[B, n, m] for a batch;
+            any n, m.
         maximize: maximise the total instead of minimising it.
         solver: "auto", "jv" or "auction" (square only); see `nat_ext.solve_with_duals`.
 
@@ -50,14 +48,41 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
         (row_ind, col_ind): int64, each [k] or [B, k] with k = min(n, m); row_ind sorted.
         numpy arrays for numpy-like input, tensors on the input's device for tensors.
     """
-    cost, from_numpy = _as_cost_tensor(cost_matrix)
+    # `type(..) is` costs a fifth of isinstance(.., Tensor) and keeps torch.compile off the
+    # numpy path (tensors never take it).
+    if type(cost_matrix) is _ndarray and (solver == "auto" or solver == "jv"):
+        out = _lsa_numpy(cost_matrix, maximize)  # None unless 2-D, float, native, aligned
+        if out is not None:
+            return out
+    return _linear_sum_assignment(cost_matrix, maximize, solver)
+
+
+def _linear_sum_assignment(cost_matrix: Any, maximize: bool, solver: str) -> tuple[Any, Any]:
+    """linear_sum_assignment for everything the numpy fast path does not take."""
+    if isinstance(cost_matrix, Tensor):
+        cost = cost_matrix
+        if cost.is_complex():
+            raise TypeError(f"cost_matrix should be real-valued, got a tensor of {cost.dtype}")
+        if cost.dtype not in _FLOATS:
+            cost = cost.to(torch.float64)  # integers and bools, as scipy casts them
+    else:
+        arr = as_float_array(cost_matrix, "cost_matrix")
+        if arr.ndim == 2 and solver in ("auto", "jv"):
+            return _lsa_numpy(arr, maximize)
+        cost = to_tensor(arr)
     if cost.dim() not in (2, 3):
-        raise ValueError(f"expected a matrix (2-D array) or a batch of matrices (3-D), "
-                         f"got a {cost.dim()}-D array of shape {tuple(cost.shape)}")
+        raise ValueError(f"cost_matrix: expected a matrix (2-D array) or a batch of matrices "
+                         f"(3-D), got a {cost.dim()}-D array of shape {tuple(cost.shape)}")
     n, m = cost.shape[-2:]
     transposed = n > m
-    cols = torch.ops.nat.linear_sum_assignment(cost.transpose(-1, -2) if transposed else cost,
-                                               maximize, solver)
+    try:
+        cols = torch.ops.nat.linear_sum_assignment(
+            cost.transpose(-1, -2) if transposed else cost, maximize, solver)
+    except ValueError as e:
+        if not transposed:
+            raise
+        # The op read the transpose: name the caller's entry, cost[..][i][j], not cost[..][j][i].
+        raise ValueError(_INDEX.sub(r"cost\1[\3][\2]", str(e))) from None
     if transposed:
         # cols[j] is the row of original column j; scipy lists pairs in row order.
         col_ind = torch.argsort(cols, dim=-1)
@@ -65,7 +90,7 @@ def linear_sum_assignment(cost_matrix: Any, maximize: bool = False,
     else:
         col_ind = cols
         row_ind = torch.arange(n, device=cost.device).expand_as(cols)
-    if from_numpy:
+    if not isinstance(cost_matrix, Tensor):
         return row_ind.numpy().copy(), col_ind.numpy()
     return row_ind.contiguous(), col_ind
 

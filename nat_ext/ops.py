@@ -1,30 +1,58 @@
 """Python wrappers of the nat ops, and their fake kernels for torch.compile / meta tensors.
 
-The schemas live in csrc/nat.cpp; the fake kernels mirror the C++ shape checks with
-torch._check so that traced code fails the same way eager code does.
+The schemas live in csrc/nat.cpp; the fake kernels repeat the C++ checks (csrc/ops_common.h)
+word for word, with the same exception types (torch._check_value: ValueError,
+torch._check_type: TypeError), so traced code fails as eager code does.
 """
+
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._arrays import as_float_array, to_tensor
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SOLVERS = ("auto", "jv", "auction")
 
 
-def assign(feats: Tensor, targets: Tensor, solver: str = "auto") -> Tensor:
+def assign(feats: Any, targets: Any, solver: str = "auto") -> Any:
     """The NAT batch reassignment: match feature rows to targets one-to-one, maximising the
-    sum of dot products (equivalently, for L2-normalised rows, minimising the summed squared
-    distances). Exact.
+    sum of dot products. Exact.
+
+    The objective, exactly: for square problems (n == m) every target is used once, so
+    sum_i ||f_i - t_c(i)||^2 = sum ||f||^2 + sum ||t||^2 - 2 sum_i <f_i, t_c(i)>: maximising the
+    dot products IS minimising the summed squared distances, whatever the norms. With m > n the
+    unused targets change the second sum, so the two agree only when every target has the same
+    norm (NAT's targets are on the unit sphere). Cosine similarity is the dot product of
+    L2-normalised rows: normalise feats and targets first to maximise it.
+
+    Unlike the op `torch.ops.nat.assign` (tensors of one dtype only), this wrapper also takes
+    numpy arrays (numpy in, numpy out; big-endian, read-only and strided arrays as they are)
+    and mixed float dtypes (computed in the wider one, as torch promotes them).
 
     Args:
-        feats: Tensor[n, d] or Tensor[B, n, d], float32/float64/float16/bfloat16.
-        targets: Tensor[m, d] or Tensor[B, m, d] with m >= n, same dtype and device.
+        feats: Tensor or array [n, d] or [B, n, d], floating point.
+        targets: Tensor or array [m, d] or [B, m, d] with m >= n. A tensor and an array may be
+            mixed: the array goes to the tensor's device.
         solver: "auto", "jv" or "auction" (see `solve_with_duals`).
 
     Returns:
-        int64 Tensor[n] or Tensor[B, n]: for each feats row, the row of targets assigned to it.
+        int64 [n] or [B, n]: for each feats row, the row of targets assigned to it; a Tensor on
+        the inputs' device, or a numpy array when neither input is a tensor.
     """
-    return torch.ops.nat.assign.default(feats, targets, solver)
+    tensors = isinstance(feats, Tensor), isinstance(targets, Tensor)
+    if not all(tensors):
+        device = feats.device if tensors[0] else targets.device if tensors[1] else None
+        if not tensors[0]:
+            feats = to_tensor(as_float_array(feats, "feats")).to(device)
+        if not tensors[1]:
+            targets = to_tensor(as_float_array(targets, "targets")).to(device)
+    if feats.dtype != targets.dtype and feats.dtype in _FLOATS and targets.dtype in _FLOATS:
+        wide = torch.promote_types(feats.dtype, targets.dtype)
+        feats, targets = feats.to(wide), targets.to(wide)
+    cols = torch.ops.nat.assign.default(feats, targets, solver)
+    return cols if any(tensors) else cols.numpy()
 
 
 def solve_with_duals(cost: Tensor, maximize: bool = False,
@@ -90,31 +118,89 @@ def assign_ex(feats: Tensor, targets: Tensor, solver: str = "auto",
     return torch.ops.nat.assign_ex.default(feats, targets, solver, check_errors)
 
 
-def _check_solver(solver: str, n, m) -> None:
-    torch._check(solver in SOLVERS, lambda: f"solver should be one of {SOLVERS}, got {solver!r}")
-    torch._check(solver != "auction" or n == m,
-                 lambda: f"solver='auction' needs square problems (n == m), got n={n}, m={m}")
+# --- fake kernels: the checks of csrc/ops_common.h, in its words -------------------------------
+
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf",
+}
 
 
-def _check_cost(cost: Tensor, solver: str = "auto") -> None:
-    torch._check(cost.dim() in (2, 3), lambda: f"cost should be 2-D or 3-D, got {cost.dim()}-D")
-    torch._check(cost.dtype in _FLOATS, lambda: f"cost should be floating point, got {cost.dtype}")
-    torch._check(cost.shape[-2] <= cost.shape[-1],
-                 lambda: f"cost should have n <= m, got shape {tuple(cost.shape)}")
-    _check_solver(solver, cost.shape[-2], cost.shape[-1])
+def _type_name(dtype: torch.dtype) -> str:
+    """dtype as c10 prints a ScalarType in the eager messages."""
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _sizes(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_solver(solver: str, n, m, op: str) -> None:
+    torch._check_value(solver in SOLVERS, lambda: (
+        f"{op}: solver should be 'auto', 'jv' or 'auction', got '{solver}'"))
+    torch._check_value(solver != "auction" or n == m, lambda: (
+        f"{op}: solver='auction' needs square problems (n == m), got n={n}, m={m}; "
+        "use solver='auto' or 'jv'"))
+
+
+def _check_cost(cost: Tensor, op: str) -> None:
+    torch._check_value(cost.dim() in (2, 3), lambda: (
+        f"{op}: cost should be a 2-D [n, m] or 3-D [B, n, m] tensor, got {cost.dim()}-D with "
+        f"shape {_sizes(cost)}"))
+    torch._check_type(cost.dtype in _FLOATS, lambda: (
+        f"{op}: cost should be float32, float64, float16 or bfloat16, got "
+        f"{_type_name(cost.dtype)}"))
+    n, m = cost.shape[-2], cost.shape[-1]
+    torch._check_value(n <= m, lambda: (
+        f"{op}: cost should have no more rows than columns (n <= m), got n={n}, m={m}; "
+        "transpose it, or use nat_ext.linear_sum_assignment"))
+
+
+def _check_assign(feats: Tensor, targets: Tensor, solver: str) -> None:
+    torch._check_value(feats.dim() in (2, 3), lambda: (
+        f"assign: feats should be a 2-D [n, d] or 3-D [B, n, d] tensor, got {feats.dim()}-D "
+        f"with shape {_sizes(feats)}"))
+    torch._check_value(targets.dim() == feats.dim(), lambda: (
+        f"assign: targets should be {feats.dim()}-D like feats ({_sizes(feats)}), got "
+        f"{targets.dim()}-D with shape {_sizes(targets)}"))
+    torch._check_type(feats.dtype in _FLOATS, lambda: (
+        "assign: feats should be float32, float64, float16 or bfloat16, got "
+        f"{_type_name(feats.dtype)}"))
+    torch._check_type(targets.dtype == feats.dtype, lambda: (
+        f"assign: targets should have the dtype of feats ({_type_name(feats.dtype)}), got "
+        f"{_type_name(targets.dtype)}"))
+    torch._check_value(feats.device == targets.device, lambda: (
+        f"assign: feats and targets should be on the same device, got feats on {feats.device} "
+        f"and targets on {targets.device}"))
+    torch._check_value(feats.shape[-1] == targets.shape[-1], lambda: (
+        "assign: feats and targets should have the same feature size d, got "
+        f"{feats.shape[-1]} and {targets.shape[-1]}"))
+    if feats.dim() == 3:
+        torch._check_value(feats.shape[0] == targets.shape[0], lambda: (
+            "assign: feats and targets should have the same batch size B, got "
+            f"{feats.shape[0]} and {targets.shape[0]}"))
+    n, m = feats.shape[-2], targets.shape[-2]
+    torch._check_value(n <= m, lambda: (
+        f"assign: feats should have no more rows than targets (n <= m), got n={n}, m={m}"))
+    _check_solver(solver, n, m, "assign")
 
 
 @torch.library.register_fake("nat::linear_sum_assignment")
-def _linear_sum_assignment_fake(cost: Tensor, maximize: bool = False,
-                                solver: str = "auto") -> Tensor:
-    _check_cost(cost, solver)
+def _linear_sum_assignment_fake(cost: Tensor, maximize: bool = False, solver: str = "auto",
+                                op: str = "linear_sum_assignment") -> Tensor:
+    _check_cost(cost, op)
+    _check_solver(solver, cost.shape[-2], cost.shape[-1], op)
     return cost.new_empty(cost.shape[:-1], dtype=torch.int64)
 
 
 @torch.library.register_fake("nat::linear_sum_assignment_with_duals")
 def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False,
-                                           solver: str = "auto"):
-    _check_cost(cost, solver)
+                                           solver: str = "auto",
+                                           op: str = "linear_sum_assignment_with_duals"):
+    _check_cost(cost, op)
+    _check_solver(solver, cost.shape[-2], cost.shape[-1], op)
     rows = cost.new_empty(cost.shape[:-1], dtype=torch.int64)
     u = cost.new_empty(cost.shape[:-1], dtype=torch.float64)
     v = cost.new_empty(cost.shape[:-2] + cost.shape[-1:], dtype=torch.float64)
@@ -124,14 +210,27 @@ def _linear_sum_assignment_with_duals_fake(cost: Tensor, maximize: bool = False,
 @torch.library.register_fake("nat::_linear_sum_assignment_team")
 def _linear_sum_assignment_team_fake(cost: Tensor, maximize: bool, threads: int,
                                      solver: str = "jv"):
-    return _linear_sum_assignment_with_duals_fake(cost, maximize, solver)
+    op = "_linear_sum_assignment_team"
+    _check_cost(cost, op)
+    torch._check_value(1 <= threads <= 64,
+                       lambda: f"{op}: threads should be in [1, 64], got {threads}")
+    torch._check_value(solver in SOLVERS, lambda: (
+        f"{op}: solver should be 'auto', 'jv' or 'auction', got '{solver}'"))
+    torch._check_value(solver != "auto", lambda: f"{op}: solver should be 'jv' or 'auction', got 'auto'")
+    return _linear_sum_assignment_with_duals_fake(cost, maximize, solver, op)
 
 
 @torch.library.register_fake("nat::linear_sum_assignment_ex")
 def _linear_sum_assignment_ex_fake(cost: Tensor, maximize: bool = False, solver: str = "auto",
                                    check_errors: bool = False):
-    cols = _linear_sum_assignment_fake(cost, maximize, solver)
+    cols = _linear_sum_assignment_fake(cost, maximize, solver, "linear_sum_assignment_ex")
     return cols, cost.new_empty(cost.shape[:-2], dtype=torch.int64)
+
+
+@torch.library.register_fake("nat::assign")
+def _assign_fake(feats: Tensor, targets: Tensor, solver: str = "auto") -> Tensor:
+    _check_assign(feats, targets, solver)
+    return feats.new_empty(feats.shape[:-1], dtype=torch.int64)
 
 
 @torch.library.register_fake("nat::assign_ex")
@@ -139,19 +238,3 @@ def _assign_ex_fake(feats: Tensor, targets: Tensor, solver: str = "auto",
                     check_errors: bool = False):
     cols = _assign_fake(feats, targets, solver)
     return cols, feats.new_empty(feats.shape[:-2], dtype=torch.int64)
-
-
-@torch.library.register_fake("nat::assign")
-def _assign_fake(feats: Tensor, targets: Tensor, solver: str = "auto") -> Tensor:
-    torch._check(feats.dim() in (2, 3), lambda: f"feats should be 2-D or 3-D, got {feats.dim()}-D")
-    torch._check(targets.dim() == feats.dim(),
-                 lambda: f"targets should be {feats.dim()}-D like feats, got {targets.dim()}-D")
-    torch._check(feats.dtype in _FLOATS, lambda: f"feats should be floating point, got {feats.dtype}")
-    torch._check(targets.dtype == feats.dtype,
-                 lambda: f"targets should have the dtype of feats ({feats.dtype}), got {targets.dtype}")
-    torch._check(feats.shape[-1] == targets.shape[-1], lambda: "feats and targets differ in d")
-    if feats.dim() == 3:
-        torch._check(feats.shape[0] == targets.shape[0], lambda: "feats and targets differ in B")
-    torch._check(feats.shape[-2] <= targets.shape[-2], lambda: "assign needs n <= m")
-    _check_solver(solver, feats.shape[-2], targets.shape[-2])
-    return feats.new_empty(feats.shape[:-1], dtype=torch.int64)

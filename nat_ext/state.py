@@ -1,8 +1,10 @@
 """Assignment state of NAT: which target each training image holds.
 
 ``perm[i]`` is the target index held by image ``i``; ``inverse[t]`` is the
-image holding target ``t``. Both are kept on the CPU (one int64 per image) and
-must always form a permutation of ``range(n)``.
+image holding target ``t``. Both live on the training device (one int64 per
+image) and must always form a permutation of ``range(n)``. Reassignment and
+update never wait for the device: the solver's outcome is accumulated on the
+device and read by :meth:`Assignment.check`, at the end of an epoch.
 """
 from __future__ import annotations
 
@@ -10,105 +12,145 @@ from typing import Callable
 
 import torch
 
+from .ops import assign_ex
+
 __all__ = ["Assignment"]
 
-AssignFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AssignFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_INFO = {1: "infeasible", 2: "a NaN or infinite feature-target score"}
 
 
-def _default_assign(feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # Looked up at call time so importing this module never needs the compiled op.
-    import nat_ext
-    return nat_ext.assign(feats, targets)
+def _default_assign(feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return assign_ex(feats, targets)
 
 
 class Assignment:
-    """A permutation between images and targets, updated batch by batch.
+    """A permutation between images and targets, updated batch by batch on its device.
 
     Args:
         n: number of images (= number of targets).
-        seed: seed of the initial random permutation.
-        assign_fn: solver ``(feats Tensor[b, d], targets Tensor[b, d]) -> Tensor[b]``
-            maximising the summed dot products; defaults to ``nat_ext.assign``.
+        seed: seed of the initial random permutation (drawn on the CPU, so the same on every device).
+        assign_fn: solver ``(feats Tensor[b, d], targets Tensor[b, d]) -> (col4row Tensor[b], info
+            Tensor[])`` maximising the summed dot products, as ``nat_ext.assign_ex``: ``col4row``
+            all -1 and ``info`` nonzero when it fails; defaults to ``nat_ext.assign_ex``.
+        device: where the permutation lives (the training device).
     """
 
-    def __init__(self, n: int, seed: int = 0, assign_fn: AssignFn | None = None) -> None:
+    def __init__(self, n: int, seed: int = 0, assign_fn: AssignFn | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n should be a positive int, got {n!r}")
-        g = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(n, generator=g)
-        self.inverse = torch.empty_like(self.perm)
-        self.inverse[self.perm] = torch.arange(n)
         self.assign_fn = assign_fn or _default_assign
+        self.device = torch.device(device)
+        g = torch.Generator().manual_seed(seed)
+        self._set(torch.randperm(n, generator=g))
+
+    def _set(self, perm: torch.Tensor) -> None:
+        # One scratch slot past the end of perm and inverse takes the writes of padding
+        # entries (index -1), so update() needs no boolean indexing (which would sync).
+        n = perm.numel()
+        self._perm = torch.cat([perm.to(torch.int64), perm.new_tensor([n])]).to(self.device)
+        self._inverse = torch.empty_like(self._perm)
+        self._inverse[self._perm] = torch.arange(n + 1, device=self.device)
+        # (failed reassignments, worst assign_ex info) since the last check(), on the device.
+        self.solver_status = torch.zeros(2, dtype=torch.int64, device=self.device)
 
     @property
     def n(self) -> int:
-        return self.perm.numel()
+        return self._perm.numel() - 1
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """Tensor[n] int64: the target of each image (a view; do not write to it)."""
+        return self._perm[:-1]
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Tensor[n] int64: the image holding each target."""
+        return self._inverse[:-1]
+
+    def targets_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Tensor[b] int64 on the state's device: the targets held by the images ``index`` (Tensor[b])."""
+        return self._perm.index_select(0, index.to(self.device))
 
     def reassign(self, index: torch.Tensor, feats: torch.Tensor,
                  target_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Redistribute the targets held by a batch among its images.
 
         Solves the ``b x b`` assignment maximising the sum of dot products
-        between features and the batch's targets. Does not modify the state:
-        apply the result with :meth:`update` (after an all-gather when
-        distributed).
+        between features and the batch's targets. Does not modify the
+        permutation: apply the result with :meth:`update` (after an exchange
+        between processes when distributed). A failed solve (NaN features)
+        leaves the batch's targets where they are and is counted for :meth:`check`.
 
         Args:
             index: Tensor[b] int64 image indices of the batch, distinct.
-            feats: Tensor[b, d] features of those images (any float dtype/device).
+            feats: Tensor[b, d] features of those images (any float dtype, on the state's device).
             target_rows: maps Tensor[k] target indices to Tensor[k, d] targets.
 
         Returns:
-            Tensor[b] int64 (CPU): the target index each image of the batch holds next.
+            Tensor[b] int64 on the state's device: the target index each image of the batch holds next.
         """
-        index = index.cpu()
         if feats.dim() != 2 or feats.shape[0] != index.numel():
             raise ValueError(f"feats should be Tensor[{index.numel()}, d], got {tuple(feats.shape)}")
-        held = self.perm[index]
+        held = self.targets_of(index)
         targets = target_rows(held).to(device=feats.device, dtype=feats.dtype)
-        choice = self.assign_fn(feats.detach(), targets).cpu()
-        return held[choice]
+        col4row, info = self.assign_fn(feats.detach(), targets)
+        ok = col4row >= 0
+        self.solver_status[0] += (info != 0).to(torch.int64)
+        self.solver_status[1] = torch.maximum(self.solver_status[1], info.to(self.device))
+        return torch.where(ok, held.index_select(0, col4row.clamp(min=0)), held)
 
-    def update(self, index: torch.Tensor, new_targets: torch.Tensor) -> int:
-        """Set ``perm[index] = new_targets`` and fix the inverse.
+    def update(self, index: torch.Tensor, new_targets: torch.Tensor) -> torch.Tensor:
+        """Set ``perm[index] = new_targets`` and fix the inverse, with no host sync.
 
         The caller guarantees that ``new_targets`` is a permutation of
-        ``perm[index]`` (true for :meth:`reassign` results, and for the union
-        of all ranks' results since ranks hold disjoint images).
+        ``perm[index]`` over the entries with ``index >= 0`` (true for
+        :meth:`reassign` results, and for the union of all ranks' results since
+        ranks hold disjoint images). Entries with ``index == -1`` are padding
+        and are ignored.
 
         Args:
-            index: Tensor[b] int64 image indices.
+            index: Tensor[b] int64 image indices (or -1).
             new_targets: Tensor[b] int64 target indices.
 
         Returns:
-            Number of images whose target changed.
+            Tensor[] int64 on the state's device: the number of images whose target changed.
         """
-        index, new_targets = index.cpu(), new_targets.cpu()
-        changed = int((self.perm[index] != new_targets).sum())
-        self.perm[index] = new_targets
-        self.inverse[new_targets] = index
+        index, new_targets = index.to(self.device), new_targets.to(self.device)
+        valid = index >= 0
+        index = torch.where(valid, index, self.n)
+        new_targets = torch.where(valid, new_targets, self.n)
+        changed = ((self._perm.index_select(0, index) != new_targets) & valid).sum()
+        self._perm.scatter_(0, index, new_targets)
+        self._inverse.scatter_(0, new_targets, index)
         return changed
 
     def check(self) -> None:
-        """Raise RuntimeError unless ``perm`` is a permutation and ``inverse`` its inverse."""
-        n = self.n
-        counts = torch.bincount(self.perm, minlength=n)
-        if self.perm.min() < 0 or self.perm.max() >= n or not bool((counts == 1).all()):
+        """Raise RuntimeError if a reassignment failed since the last check, or unless ``perm``
+        is a permutation and ``inverse`` its inverse. Waits for the device."""
+        failed, worst = self.solver_status.tolist()
+        self.solver_status.zero_()
+        if failed:
+            raise RuntimeError(f"{failed} batch reassignments failed (assign_ex info {worst}: "
+                               f"{_INFO.get(worst, 'unknown')}); the features have diverged")
+        n, perm = self.n, self.perm
+        counts = torch.bincount(perm, minlength=n)
+        if perm.min() < 0 or perm.max() >= n or not bool((counts == 1).all()):
             raise RuntimeError("assignment perm is not a permutation of range(n): "
                                f"{int((counts == 0).sum())} targets unheld")
-        if not torch.equal(self.inverse[self.perm], torch.arange(n)):
+        if not torch.equal(self.inverse[perm], torch.arange(n, device=perm.device)):
             raise RuntimeError("assignment inverse does not invert perm")
 
     def state_dict(self) -> dict:
-        """Tensors only (safe for ``torch.load(weights_only=True)``)."""
-        return {"perm": self.perm.clone()}
+        """Tensors only, on the CPU (safe for ``torch.load(weights_only=True)``)."""
+        return {"perm": self.perm.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; validates size and the invariant."""
         perm = state["perm"]
         if perm.numel() != self.n:
             raise ValueError(f"state perm has {perm.numel()} entries, expected {self.n}")
-        self.perm = perm.to(torch.int64).clone()
-        self.inverse = torch.empty_like(self.perm)
-        self.inverse[self.perm] = torch.arange(self.n)
+        self._set(perm.to(torch.int64).cpu())
         self.check()

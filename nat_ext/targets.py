@@ -1,16 +1,39 @@
 """Noise-as-targets: fixed targets drawn uniformly on the unit sphere.
 
-Every target row is a pure function of ``(seed, index)``: row ``i`` is drawn
-from its own counter-seeded stream (``numpy`` PCG64 seeded with
-``SeedSequence([seed, i])``), then L2-normalised. So a run can store just the
-seed and regenerate any row, or the whole ``n x d`` matrix, bit for bit.
+Every target row is a pure function of ``(seed, index)``, drawn by one of two generators
+(a run records which, see ``--target-generator``):
+
+* ``philox``: Philox4x32-10 (Salmon et al., SC'11; the counter-based generator of
+  cuRAND and of torch's CUDA generator), written in torch integer ops so it runs on
+  the tensor's device with no host round trip. Row ``i`` takes counters
+  ``(j, i mod 2^32, i div 2^32, 0)`` for ``j = 0 .. ceil(d/4) - 1`` under the key
+  ``(seed mod 2^32, seed div 2^32)``; each block of 4 words gives 4 normals by
+  Box-Muller (in float64), and the row is L2-normalised in float64, then rounded to
+  float32. The integer words are identical on every device (tested against
+  Random123's published answers); the float32 rows are bit-identical on one device
+  type and agree across devices (CPU, CUDA) to within a few float32 ulps, since
+  ``log``/``cos`` and the row sum may round differently there.
+* ``pcg64``: numpy's PCG64 seeded with ``SeedSequence([seed, i])`` per row, standard
+  normals, L2-normalised in float64; computed on the CPU, one Python step per row, so
+  bit-identical everywhere but slow for large batches. Every run before the
+  ``philox`` generator existed used it; it stays for those checkpoints.
+
+So a run can store just the seed and regenerate any row, or the whole ``n x d`` matrix.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
-__all__ = ["target_rows", "Targets"]
+__all__ = ["GENERATORS", "target_rows", "philox4x32", "Targets"]
+
+GENERATORS = ("philox", "pcg64")
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
 def _check_sizes(seed: int, d: int) -> None:
@@ -20,28 +43,87 @@ def _check_sizes(seed: int, d: int) -> None:
         raise ValueError(f"d should be a positive int, got {d!r}")
 
 
-def target_rows(seed: int, index: torch.Tensor | list[int], d: int) -> torch.Tensor:
-    """Regenerate target rows from ``(seed, index)``.
+def _mulhilo(m: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # m * x for a 32-bit constant m and int64 tensors x in [0, 2^32), as (high, low) 32-bit
+    # words; x is split into 16-bit halves so no int64 product overflows.
+    p_lo = m * (x & 0xFFFF)  # < 2^48
+    p_hi = m * (x >> 16)     # < 2^48
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(counter: list[torch.Tensor], key: tuple[int, int], rounds: int = 10) -> list[torch.Tensor]:
+    """Philox4x32 on tensors of counters: the 4 output words for each counter.
 
     Args:
-        seed: non-negative int identifying the target set.
-        index: Tensor[k] (or list) of row indices, any non-negative ints.
-        d: target dimension.
+        counter: four int64 tensors of one shape, each word in ``[0, 2^32)``.
+        key: two ints in ``[0, 2^32)``.
+        rounds: 10 for Philox4x32-10.
 
     Returns:
-        Tensor[k, d] float32 on the CPU, each row of unit L2 norm.
+        four int64 tensors of that shape, words in ``[0, 2^32)``, on the counters' device.
     """
-    _check_sizes(seed, d)
-    idx = torch.as_tensor(index, dtype=torch.int64).reshape(-1).tolist()
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def _philox_rows(seed: int, index: torch.Tensor, d: int) -> torch.Tensor:
+    blocks = (d + 3) // 4
+    i = index.reshape(-1, 1)
+    j = torch.arange(blocks, device=index.device, dtype=torch.int64).reshape(1, -1)
+    shape = (i.shape[0], blocks)
+    counter = [j.expand(shape), (i & _MASK32).expand(shape), (i >> 32).expand(shape),
+               torch.zeros(shape, dtype=torch.int64, device=index.device)]
+    w = philox4x32(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    # Uniforms in (0, 1) from 32-bit words, then Box-Muller: words (0, 1) and (2, 3) make 2 normals each.
+    u = [(x.double() + 0.5) * 2.0 ** -32 for x in w]
+    r0, r1 = (-2.0 * u[0].log()).sqrt(), (-2.0 * u[2].log()).sqrt()
+    a0, a1 = (2.0 * math.pi) * u[1], (2.0 * math.pi) * u[3]
+    z = torch.stack([r0 * a0.cos(), r0 * a0.sin(), r1 * a1.cos(), r1 * a1.sin()], dim=-1)
+    z = z.reshape(i.shape[0], blocks * 4)[:, :d]
+    return (z / z.norm(dim=1, keepdim=True)).float()
+
+
+def _pcg64_rows(seed: int, index: torch.Tensor, d: int) -> torch.Tensor:
+    idx = index.cpu().reshape(-1).tolist()
     out = np.empty((len(idx), d), dtype=np.float64)
     for r, i in enumerate(idx):
-        if i < 0:
-            raise ValueError(f"index should be non-negative, got {i}")
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, i])))
         out[r] = rng.standard_normal(d)
     # Normalise in float64 so the float32 result does not depend on summation order.
     out /= np.linalg.norm(out, axis=1, keepdims=True)
-    return torch.from_numpy(out.astype(np.float32))
+    return torch.from_numpy(out.astype(np.float32)).to(index.device)
+
+
+def target_rows(seed: int, index: torch.Tensor | list[int], d: int, generator: str = "pcg64") -> torch.Tensor:
+    """Regenerate target rows from ``(seed, index)``.
+
+    Args:
+        seed: non-negative int identifying the target set.
+        index: Tensor[k] (or list) of non-negative row indices; a CPU index is checked.
+        d: target dimension.
+        generator: ``philox`` or ``pcg64`` (see the module docstring).
+
+    Returns:
+        Tensor[k, d] float32 on the index's device, each row of unit L2 norm.
+    """
+    _check_sizes(seed, d)
+    if generator not in GENERATORS:
+        raise ValueError(f"generator should be one of {GENERATORS}, got {generator!r}")
+    index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+    if index.device.type == "cpu" and index.numel() and int(index.min()) < 0:
+        raise ValueError(f"index should be non-negative, got {int(index.min())}")
+    if generator == "philox":
+        return _philox_rows(seed, index, d)
+    return _pcg64_rows(seed, index, d)
 
 
 class Targets:
@@ -54,35 +136,42 @@ class Targets:
         materialize: keep the Tensor[n, d] matrix (fast lookups) instead of
             regenerating the rows a batch needs from the seed (no memory).
         device: device for the materialised matrix and for ``rows`` results.
+        generator: ``philox`` or ``pcg64``; both modes give the same rows.
     """
 
     def __init__(self, n: int, d: int, seed: int, materialize: bool = True,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", generator: str = "pcg64") -> None:
         _check_sizes(seed, d)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n should be a positive int, got {n!r}")
-        self.n, self.d, self.seed = n, d, seed
+        if generator not in GENERATORS:
+            raise ValueError(f"generator should be one of {GENERATORS}, got {generator!r}")
+        self.n, self.d, self.seed, self.generator = n, d, seed, generator
         self.device = torch.device(device)
         self.matrix: torch.Tensor | None = None
         if materialize:
-            self.matrix = target_rows(seed, torch.arange(n), d).to(self.device)
+            where = self.device if generator == "philox" else "cpu"
+            chunks = torch.arange(n, device=where).split(1 << 16)  # bounds the float64 work space
+            self.matrix = torch.cat([target_rows(seed, c, d, generator).to(self.device) for c in chunks])
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Targets of the given rows.
+        """Targets of the given rows, with no host sync when ``index`` is on ``self.device``
+        (philox or materialised).
 
         Args:
-            index: Tensor[k] int64 target indices in ``[0, n)``.
+            index: Tensor[k] int64 target indices in ``[0, n)`` (checked when on the CPU).
 
         Returns:
             Tensor[k, d] float32 on ``self.device``.
         """
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
+        if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
             raise ValueError(f"index should lie in [0, {self.n}), got range "
                              f"[{int(index.min())}, {int(index.max())}]")
+        index = index.to(self.device)
         if self.matrix is not None:
-            return self.matrix[index.to(self.device)]
-        return target_rows(self.seed, index.cpu(), self.d).to(self.device)
+            return self.matrix.index_select(0, index)
+        return target_rows(self.seed, index, self.d, self.generator)
 
     def state_dict(self) -> dict:
-        """Plain description (no matrix): the seed regenerates everything."""
-        return {"n": self.n, "d": self.d, "seed": self.seed}
+        """Plain description (no matrix): the seed and generator regenerate everything."""
+        return {"n": self.n, "d": self.d, "seed": self.seed, "generator": self.generator}

@@ -1,67 +1,42 @@
-"""NAT training: one loop, a dataclass of plain settings, argparse.
+"""NAT training: one loop that reads top to bottom, settings from :class:`nat_ext.config.Config`.
 
 Run ``python -m nat_ext.train --data fashion-mnist`` (or ``nat-train``) for
 the defaults: a 60k-parameter conv net trained with NAT on Fashion-MNIST, then
 the linear probe of :mod:`nat_ext.eval` printed at the end. Multi-process with
 ``torchrun --nproc-per-node N -m nat_ext.train ...`` (NCCL on GPUs, gloo on CPU).
+
+On a GPU the step never waits for the host: the permutation and the targets live on
+the device, the reassignment uses the sync-free ``assign_ex`` (its outcome is checked
+at the epoch end), and the loss is summed on the device and read every
+``--log-every`` steps. ``--sync-debug`` makes any host sync inside the step an error.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .config import Config, EvalConfig, check_choices, parse_config, progress
 from .data import batch_augment, collate, get_dataset
-from .models import ARCHS, build_model
+from .eval import evaluate
+from .models import build_model
 from .state import Assignment
 from .targets import Targets
 
-__all__ = ["Config", "train", "main", "epoch_batches", "plot_metrics"]
+__all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "plot_metrics"]
 
 
-@dataclass
-class Config:
-    """Settings of a run (plain values only: they go into the checkpoint)."""
-    data: str = "fashion-mnist"     # built-in dataset name or ImageFolder path
-    arch: str = "convnet"
-    dim: int = 64                   # target dimension d
-    epochs: int = 10
-    batch_size: int = 256           # per process
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    schedule: str = "cosine"        # cosine | constant
-    reassign_every: int = 3         # reassign on epochs 0, k, 2k...; 0 freezes the assignment (ablation)
-    objective: str = "nat"          # nat | supervised (baseline encoder, cross-entropy on labels)
-    workers: int = 0
-    device: str = "auto"
-    amp: bool = False
-    out: str = "runs/nat"
-    resume: bool = False
-    seed: int = 0
-    limit: int = 0                  # use a seeded subset of this many training images (0: all)
-    image_size: int = 224           # crop size for ImageFolder data
-    sobel: bool = False
-    targets_from_seed: bool = False  # regenerate target rows from the seed instead of keeping Tensor[n, d]
-    skip_corrupt: bool = False
-    eval: bool = True               # linear probe + k-NN after training (rank 0)
-    eval_layer: str = ""            # default: the last conv stage of the arch
-    eval_grid: int = 2
-    eval_limit: int = 0             # probe on a subset of the labelled splits (0: all)
-    eval_baselines: str = "random,pixels"
-
+# ----------------------------------------------------------------------------- pure helpers
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                   world: int = 1) -> list[list[int]]:
@@ -89,6 +64,54 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return mine[:steps * batch_size].view(steps, batch_size).tolist()
 
 
+def reassigns_on(cfg: Config, epoch: int) -> bool:
+    """The reassignment schedule: NAT reassigns on every batch of epochs 0, k, 2k, ... (k = ``reassign_every``)."""
+    return cfg.objective == "nat" and cfg.reassign_every > 0 and epoch % cfg.reassign_every == 0
+
+
+def target_generator(cfg: Config) -> str:
+    """The generator of the run's targets: ``--target-generator``, where ``auto`` means philox
+    (on the device) with ``--targets-from-seed`` and pcg64 (the generator of earlier runs) otherwise."""
+    if cfg.target_generator != "auto":
+        return cfg.target_generator
+    return "philox" if cfg.targets_from_seed else "pcg64"
+
+
+def _exchange(idx: torch.Tensor, new: torch.Tensor, batch_size: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (image, new target) pairs of this step; -1 pads short batches (skipped images)."""
+    pad = batch_size - idx.numel()
+    mine = torch.stack([F.pad(idx, (0, pad), value=-1), F.pad(new, (0, pad), value=-1)])
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    both = torch.cat(parts, dim=1)
+    return both[0], both[1]
+
+
+def reassign(assignment: Assignment, targets: Targets, idx: torch.Tensor, feats: torch.Tensor,
+             batch_size: int, world: int) -> torch.Tensor:
+    """NAT's reassignment of one batch: its images swap the targets they hold.
+
+    The exact ``b x b`` assignment maximising the summed feature-target dot products
+    (``assign_ex``, no host sync); with several processes every process applies every
+    process's swaps, so all hold the same permutation.
+
+    Args:
+        assignment: the permutation, on the training device.
+        targets: the run's targets.
+        idx: Tensor[b] image indices of this process's batch, on the device.
+        feats: Tensor[b, d] the batch's features.
+        batch_size: the configured batch size (pads short batches for the exchange).
+        world: number of processes.
+
+    Returns:
+        Tensor[] int64 on the device: images whose target changed, over all processes.
+    """
+    new = assignment.reassign(idx, feats.detach().float(), targets.rows)
+    if world > 1:
+        idx, new = _exchange(idx, new, batch_size, world)
+    return assignment.update(idx, new)
+
+
 def plot_metrics(metrics_path: str, png_path: str) -> None:
     """Plot the per-epoch curves of a metrics JSONL file to a PNG.
 
@@ -114,6 +137,8 @@ def plot_metrics(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- run plumbing
+
 class _StopFlag:
     """Set by SIGINT/SIGTERM; the loop checkpoints and exits after the current step."""
 
@@ -122,6 +147,42 @@ class _StopFlag:
 
     def __call__(self, signum, frame) -> None:
         self.signum = signum
+
+
+class _EpochStats:
+    """Totals of the current epoch; the loss and the changed count stay on the device."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None) -> None:
+        s = saved or {}
+        self.loss_sum = torch.tensor(float(s.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        self.changed = torch.tensor(int(s.get("changed", 0)), dtype=torch.int64, device=device)
+        self.images, self.skipped = int(s.get("images", 0)), int(s.get("skipped", 0))
+        self.seconds, self.assign_seconds = float(s.get("seconds", 0.0)), float(s.get("assign_seconds", 0.0))
+        self.logged = (0.0, 0)  # (loss_sum, images) at the last log line
+
+    def state_dict(self) -> dict:
+        """Plain numbers for the checkpoint (reads the device)."""
+        return {"loss_sum": self.loss_sum.item(), "images": self.images, "changed": int(self.changed),
+                "skipped": self.skipped, "seconds": self.seconds, "assign_seconds": self.assign_seconds}
+
+    def loss_since_log(self) -> float:
+        """Mean loss since the previous call (one read of the device)."""
+        loss_sum = self.loss_sum.item()
+        (prev_sum, prev_images), self.logged = self.logged, (loss_sum, self.images)
+        return (loss_sum - prev_sum) / max(self.images - prev_images, 1)
+
+
+@contextlib.contextmanager
+def _no_sync_allowed(enabled: bool):
+    """Inside, any CUDA host sync raises (``torch.cuda.set_sync_debug_mode('error')``)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def _rng_state(aug_gen: torch.Generator) -> dict:
@@ -138,6 +199,103 @@ def _set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _setup_processes(cfg: Config) -> tuple[torch.device, int, int]:
+    """(device, rank, world); joins the process group when launched by torchrun."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if not distributed:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.Generator) -> dict:
+    """Load ``path`` into the state dicts of ``parts`` after checking it belongs to this run.
+
+    Returns:
+        the checkpoint's progress: epoch, step, global_step, epoch_stats, train_seconds.
+    """
+    ck = load_checkpoint(path, map_location="cpu")
+    saved = ck["config"]
+    check_compatible(saved, run_info, path)
+    if saved.get("objective") != cfg.objective:
+        raise ValueError(f"checkpoint {path} is a {saved.get('objective')!r} run, "
+                         f"this run's objective is {cfg.objective!r}")
+    if saved.get("world_size") != run_info["world_size"]:
+        raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} "
+                         f"processes; resume with the same number (got {run_info['world_size']})")
+    if cfg.objective == "nat" and ck["target_seed"] != cfg.seed:
+        raise ValueError(f"checkpoint {path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
+    for name, part in parts.items():
+        part.load_state_dict(ck[name])
+    _set_rng_state(ck["rng"], aug_gen)
+    return {k: ck[k] for k in ("epoch", "step", "global_step", "epoch_stats", "train_seconds")}
+
+
+def _prepare_out(out: str, run_info: dict, start_epoch: int):
+    """Write config.json, drop metrics lines of epochs that will be redone, open TensorBoard if installed."""
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(run_info, f, indent=1)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [l for l in f if l.strip() and json.loads(l)["epoch"] < start_epoch]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(out, "tb"))
+    except ImportError:  # tensorboard is optional
+        return None
+
+
+def _epoch_summary(stats: _EpochStats, assignment: Assignment | None, epoch: int, reassigned: bool,
+                   n: int, world: int, lr: float, global_step: int) -> dict:
+    """The epoch's metrics row, summed over ranks; checks the assignment (solver outcome,
+    invariant, same permutation on every rank). Waits for the device."""
+    tot = torch.stack([stats.loss_sum, torch.tensor(float(stats.images), dtype=torch.float64,
+                                                    device=stats.loss_sum.device),
+                       torch.tensor(float(stats.skipped), dtype=torch.float64, device=stats.loss_sum.device)])
+    if world > 1:
+        dist.all_reduce(tot)
+    loss_sum, images, skipped = tot.tolist()
+    if assignment is not None:
+        if world > 1:  # every rank raises if any rank's solver failed
+            dist.all_reduce(assignment.solver_status, op=dist.ReduceOp.MAX)
+        assignment.check()
+        if world > 1:
+            ref = assignment.perm.clone()
+            dist.broadcast(ref, 0)
+            if not torch.equal(ref, assignment.perm):
+                raise RuntimeError(f"rank {dist.get_rank()}: assignment permutation differs from rank 0's")
+    seconds = max(stats.seconds, 1e-9)
+    return {"epoch": epoch, "loss": loss_sum / max(images, 1),
+            "changed_frac": int(stats.changed) / n if assignment is not None else 0.0,
+            "reassigned": reassigned, "images_per_s": images / seconds,
+            "assign_frac": stats.assign_seconds / seconds, "skipped": int(skipped), "lr": lr,
+            "seconds": stats.seconds, "step": global_step}
+
+
+def _write_summary(row: dict, out: str, writer, epochs: int) -> None:
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for k in ("loss", "changed_frac", "images_per_s", "lr"):
+            writer.add_scalar(k, row[k], row["epoch"] + 1)
+    plot_metrics(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
+    print(f"epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} changed "
+          f"{row['changed_frac']:.3f} {row['images_per_s']:.0f} img/s"
+          + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
 def train(cfg: Config) -> dict:
     """Train an encoder with NAT (or the supervised baseline) as set by ``cfg``.
 
@@ -150,32 +308,18 @@ def train(cfg: Config) -> dict:
 
     Returns:
         dict with ``checkpoint`` (path), ``interrupted`` (signal number or 0),
-        ``perm`` (Tensor[n] final assignment), ``train_seconds`` and ``eval``
+        ``perm`` (Tensor[n] final assignment, CPU), ``train_seconds`` and ``eval``
         (results or None).
     """
-    if cfg.objective not in ("nat", "supervised"):
-        raise ValueError(f"objective should be 'nat' or 'supervised', got {cfg.objective!r}")
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"arch should be one of {ARCHS}, got {cfg.arch!r}")
+    check_choices(cfg)
     if cfg.reassign_every < 0:
         raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+
+    # processes, data, model, targets, optimizer
+    device, rank, world = _setup_processes(cfg)
     master = rank == 0
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-
     torch.manual_seed(cfg.seed)  # same model init on every rank
     dataset, info = get_dataset(cfg.data, "train", augment=True, limit=cfg.limit or None,
                                 image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed)
@@ -184,241 +328,160 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg.arch, cfg.dim if nat else info.num_classes, info.in_channels,
                         sobel=cfg.sobel, small_input=info.small_input, normalize=nat).to(device)
     # What a checkpoint must agree on to be resumed (see checkpoint.COMPAT_KEYS).
-    run_info = dict(dataclasses.asdict(cfg), n_images=n, in_channels=info.in_channels,
-                    num_classes=info.num_classes, small_input=info.small_input, world_size=world)
-    targets = Targets(n, cfg.dim, seed=cfg.seed, materialize=not cfg.targets_from_seed,
-                      device=device) if nat else None
-    assignment = Assignment(n, seed=cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    batches_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    total_steps = cfg.epochs * batches_per_epoch
+    run_info = dict(dataclasses.asdict(cfg), target_generator=target_generator(cfg), n_images=n,
+                    in_channels=info.in_channels, num_classes=info.num_classes,
+                    small_input=info.small_input, world_size=world)
+    targets = Targets(n, cfg.dim, seed=cfg.seed, materialize=not cfg.targets_from_seed, device=device,
+                      generator=run_info["target_generator"]) if nat else None
+    assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
     if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    elif cfg.schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs * steps_per_epoch, 1))
     else:
-        raise ValueError(f"schedule should be 'cosine' or 'constant', got {cfg.schedule!r}")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
-    use_amp = cfg.amp
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype == torch.float16)
 
-    start_epoch, start_step, global_step, stats = 0, 0, 0, None
-    train_seconds = 0.0
+    # resume
+    parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    if nat:
+        parts["assignment"] = assignment
+    at = {"epoch": 0, "step": 0, "global_step": 0, "epoch_stats": None, "train_seconds": 0.0}
     if cfg.resume and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path, map_location="cpu")
-        check_compatible(ck["config"], run_info, ckpt_path)
-        if ck["config"].get("objective") != cfg.objective:
-            raise ValueError(f"checkpoint {ckpt_path} is a {ck['config'].get('objective')!r} run, "
-                             f"this run's objective is {cfg.objective!r}")
-        if ck["config"].get("world_size") != world:
-            raise ValueError(f"checkpoint {ckpt_path} was written by {ck['config'].get('world_size')} "
-                             f"processes; resume with the same number (got {world})")
-        if nat and ck["target_seed"] != cfg.seed:
-            raise ValueError(f"checkpoint {ckpt_path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        assignment.load_state_dict(ck["assignment"])
-        _set_rng_state(ck["rng"], aug_gen)
-        start_epoch, start_step, global_step = ck["epoch"], ck["step"], ck["global_step"]
-        stats, train_seconds = ck["epoch_stats"], ck["train_seconds"]
+        at = _resume(cfg, ckpt_path, run_info, parts, aug_gen)
         if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch} step {start_step}", flush=True)
-    if master:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=1)
-        if os.path.exists(metrics_path):  # drop lines of epochs that will be redone
-            with open(metrics_path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["epoch"] < start_epoch]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    writer = None
-    if master:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out, "tb"))
-        except ImportError:  # tensorboard is optional
-            writer = None
+            print(f"resumed from {ckpt_path} at epoch {at['epoch']} step {at['step']}", flush=True)
+    start_step, global_step, train_seconds = at["step"], at["global_step"], at["train_seconds"]
+    writer = _prepare_out(cfg.out, run_info, at["epoch"]) if master else None
 
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if distributed else model
+        if world > 1 else model
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    no_sync = cfg.sync_debug and device.type == "cuda"
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def checkpoint(epoch: int, step: int, stats: _EpochStats | None) -> None:
         if master:
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "assignment": assignment.state_dict(), "target_seed": cfg.seed,
-                "epoch": epoch, "step": step, "global_step": global_step,
-                "epoch_stats": stats, "train_seconds": train_seconds,
-                "rng": _rng_state(aug_gen), "config": run_info,
-            }, ckpt_path)
-        if distributed:
+            state = {name: part.state_dict() for name, part in parts.items()}
+            save_checkpoint(dict(state, target_seed=cfg.seed, epoch=epoch, step=step, global_step=global_step,
+                                 epoch_stats=stats.state_dict() if stats else None,
+                                 train_seconds=train_seconds, rng=_rng_state(aug_gen), config=run_info),
+                            ckpt_path)
+        if world > 1:
             dist.barrier()
 
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(at["epoch"], cfg.epochs):
             batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
             loader = DataLoader(dataset, batch_sampler=batches[start_step:], num_workers=cfg.workers,
                                 collate_fn=collate, pin_memory=device.type == "cuda")
-            reassign = nat and cfg.reassign_every > 0 and epoch % cfg.reassign_every == 0
-            if stats is None:
-                stats = {"loss_sum": 0.0, "images": 0, "changed": 0, "skipped": 0,
-                         "seconds": 0.0, "assign_seconds": 0.0}
+            reassigning = reassigns_on(cfg, epoch)
+            stats = _EpochStats(device, at["epoch_stats"] if epoch == at["epoch"] else None)
             model.train()
             t_last = time.perf_counter()
-            bar = tqdm(loader, total=len(batches), initial=start_step, disable=not master,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            bar = progress(loader, total=len(batches), initial=start_step, disable=not master,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for step, (x, y, idx, skipped) in enumerate(bar, start=start_step):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if info.batch_augment:  # in-memory data: augment on the device, batched
-                    x = batch_augment(x, aug_gen)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = net(x)
-                if nat:
-                    if reassign:
+                x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+                with _no_sync_allowed(no_sync):
+                    # forward
+                    if info.batch_augment:  # in-memory data: augment on the device, batched
+                        x = batch_augment(x, aug_gen)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                        out = net(x)
+                    # reassign: on scheduled epochs the batch's images swap their targets
+                    if reassigning:
                         t0 = time.perf_counter()
-                        new = assignment.reassign(idx, out.detach().float(), targets.rows)
-                        if distributed:  # every rank applies every rank's update: same perm everywhere
-                            pad = cfg.batch_size - idx.numel()  # batches may be short after skipped images
-                            mine = torch.stack([F.pad(idx, (0, pad), value=-1), F.pad(new, (0, pad), value=-1)])
-                            mine = mine.to(device) if device.type == "cuda" else mine  # NCCL needs CUDA tensors
-                            parts = [torch.empty_like(mine) for _ in range(world)]
-                            dist.all_gather(parts, mine)
-                            for part in parts:
-                                part = part.cpu()
-                                keep = part[0] >= 0
-                                stats["changed"] += assignment.update(part[0][keep], part[1][keep])
-                        else:
-                            stats["changed"] += assignment.update(idx, new)
-                        stats["assign_seconds"] += time.perf_counter() - t0
-                    tgt = targets.rows(assignment.perm[idx]).to(device)
-                    loss = (out.float() - tgt).pow(2).sum(dim=1).mean()
-                else:
-                    loss = F.cross_entropy(out.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
+                        stats.changed += reassign(assignment, targets, idx, out, cfg.batch_size, world)
+                        stats.assign_seconds += time.perf_counter() - t0
+                    # loss: squared distance to the held targets (NAT), or cross-entropy (supervised)
+                    if nat:
+                        loss = (out.float() - targets.rows(assignment.targets_of(idx))).pow(2).sum(dim=1).mean()
+                    else:
+                        loss = F.cross_entropy(out.float(), y)
+                    # backward, update
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    stats.loss_sum += loss.detach().double() * idx.numel()
                 global_step += 1
-                stats["loss_sum"] += loss.item() * idx.numel()
-                stats["images"] += idx.numel()
-                stats["skipped"] += skipped
+                stats.images += idx.numel()
+                stats.skipped += skipped
                 now = time.perf_counter()
-                stats["seconds"] += now - t_last
-                t_last = now
-                if master:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                signum = stop.signum
-                if distributed:  # stop together, or collectives would hang
-                    flag = torch.tensor([signum], device=device if device.type == "cuda" else "cpu")
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    signum = int(flag)
-                if signum:
-                    checkpoint(epoch, step + 1)
-                    if master:
-                        print(f"\nsignal {signum}: saved {ckpt_path} at epoch {epoch} step {step + 1}; "
-                              "rerun with --resume to continue", flush=True)
-                    return {"checkpoint": ckpt_path, "interrupted": signum, "perm": assignment.perm,
-                            "train_seconds": train_seconds, "eval": None}
+                stats.seconds, t_last = stats.seconds + now - t_last, now
+
+                # log every log_every steps (the only read of the device inside the epoch)
+                log_step = cfg.log_every > 0 and (step + 1) % cfg.log_every == 0
+                if log_step and master:
+                    if bar.disable:
+                        print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{len(batches)} "
+                              f"loss {stats.loss_since_log():.4f}", flush=True)
+                    else:
+                        bar.set_postfix(loss=f"{stats.loss_since_log():.4f}")
+
+                # stop on SIGINT/SIGTERM: checked every step alone, at log steps with several processes
+                if (world == 1 or log_step) and _agreed_signal(stop, world, device):
+                    checkpoint(epoch, step + 1, stats)
+                    return _interrupted(stop, ckpt_path, epoch, step + 1, assignment, train_seconds, master)
             bar.close()
-            # Epoch summary, summed over ranks (changed is already global: updates are all-gathered).
-            tot = torch.tensor([stats["loss_sum"], stats["images"], stats["skipped"]], dtype=torch.float64)
-            if distributed:
-                dist.all_reduce(tot)
-            train_seconds += stats["seconds"]
-            row = {"epoch": epoch, "loss": tot[0].item() / max(tot[1].item(), 1),
-                   "changed_frac": stats["changed"] / n if nat else 0.0,
-                   "reassigned": reassign, "images_per_s": tot[1].item() / max(stats["seconds"], 1e-9),
-                   "assign_frac": stats["assign_seconds"] / max(stats["seconds"], 1e-9),
-                   "skipped": int(tot[2].item()), "lr": sched.get_last_lr()[0],
-                   "seconds": stats["seconds"], "step": global_step}
-            if nat:
-                assignment.check()
-                if distributed:  # every rank must hold the same permutation
-                    ref = assignment.perm.to(device) if device.type == "cuda" else assignment.perm.clone()
-                    dist.broadcast(ref, 0)
-                    if not torch.equal(ref.cpu(), assignment.perm):
-                        raise RuntimeError(f"rank {rank}: assignment permutation differs from rank 0's")
-            stats, start_step = None, 0
+
+            # epoch summary, checkpoint
+            row = _epoch_summary(stats, assignment, epoch, reassigning, n, world, sched.get_last_lr()[0],
+                                 global_step)
+            train_seconds += stats.seconds
+            start_step = 0
             if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if writer is not None:
-                    for k in ("loss", "changed_frac", "images_per_s", "lr"):
-                        writer.add_scalar(k, row[k], epoch + 1)
-                plot_metrics(metrics_path, os.path.join(cfg.out, "curves.png"))
-                print(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} changed "
-                      f"{row['changed_frac']:.3f} {row['images_per_s']:.0f} img/s"
-                      + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
-            checkpoint(epoch + 1, 0)
+                _write_summary(row, cfg.out, writer, cfg.epochs)
+            checkpoint(epoch + 1, 0, None)
+            if world > 1 and _agreed_signal(stop, world, device):
+                return _interrupted(stop, ckpt_path, epoch + 1, 0, assignment, train_seconds, master)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if writer is not None:
             writer.close()
-        if distributed:
+        if world > 1:
             dist.destroy_process_group()
 
+    # evaluate (rank 0)
     result = None
     if cfg.eval and master:
-        from .eval import EvalConfig, evaluate
-        ecfg = EvalConfig(checkpoint=ckpt_path, layer=cfg.eval_layer, grid=cfg.eval_grid,
-                          limit=cfg.eval_limit, baselines=cfg.eval_baselines, device=str(device),
-                          workers=cfg.workers, out=os.path.join(cfg.out, "eval.json"))
-        result = evaluate(ecfg)
-    return {"checkpoint": ckpt_path, "interrupted": 0, "perm": assignment.perm,
+        result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
+                                     workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
+    return {"checkpoint": ckpt_path, "interrupted": 0, "perm": _perm(assignment),
             "train_seconds": train_seconds, "eval": result}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one option per :class:`Config` field."""
-    p = argparse.ArgumentParser(prog="nat-train", description="Train an encoder with Noise As Targets.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = Config()
-    p.add_argument("--data", default=d.data, help="'fashion-mnist' or an ImageFolder path (DIR/train, DIR/val)")
-    p.add_argument("--arch", default=d.arch, choices=ARCHS)
-    p.add_argument("--dim", type=int, default=d.dim, help="target dimension d")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", default=d.schedule, choices=("cosine", "constant"))
-    p.add_argument("--reassign-every", type=int, default=d.reassign_every,
-                   help="reassign targets on every k-th epoch; 0 freezes the initial random assignment")
-    p.add_argument("--objective", default=d.objective, choices=("nat", "supervised"))
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1...")
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--limit", type=int, default=d.limit, help="train on a seeded subset (0: all)")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--sobel", action="store_true", help="fixed Sobel front end")
-    p.add_argument("--targets-from-seed", action="store_true",
-                   help="regenerate target rows from the seed instead of storing the n x d matrix")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable images")
-    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the final linear probe")
-    p.add_argument("--eval-layer", default=d.eval_layer)
-    p.add_argument("--eval-grid", type=int, default=d.eval_grid)
-    p.add_argument("--eval-limit", type=int, default=d.eval_limit)
-    p.add_argument("--eval-baselines", default=d.eval_baselines,
-                   help="comma list of random,pixels,supervised ('' for none)")
-    return p
+def _agreed_signal(stop: _StopFlag, world: int, device: torch.device) -> int:
+    """The signal received by any process (0: none); a collective when distributed, so all stop together."""
+    if world == 1:
+        return stop.signum
+    flag = torch.tensor([stop.signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop.signum = int(flag)
+    return stop.signum
+
+
+def _interrupted(stop: _StopFlag, ckpt_path: str, epoch: int, step: int, assignment: Assignment | None,
+                 train_seconds: float, master: bool) -> dict:
+    if master:
+        print(f"\nsignal {stop.signum}: saved {ckpt_path} at epoch {epoch} step {step}; "
+              "rerun with --resume to continue", flush=True)
+    return {"checkpoint": ckpt_path, "interrupted": stop.signum, "perm": _perm(assignment),
+            "train_seconds": train_seconds, "eval": None}
+
+
+def _perm(assignment: Assignment | None) -> torch.Tensor | None:
+    return assignment.perm.cpu().clone() if assignment is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nat-train``. Returns the exit status."""
-    args = build_parser().parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = parse_config(Config, argv, "nat-train", "Train an encoder with Noise As Targets.")
     res = train(cfg)
     if res["interrupted"]:
         return 128 + res["interrupted"]

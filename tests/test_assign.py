@@ -32,31 +32,41 @@ def check_assignment(feats, targets, idx, seed):
     assert got >= best - tol, f"seed {seed}: {got} < optimum {best}"
 
 
+def assign_on(device, feats, targets):
+    """nat_ext.assign with the inputs on `device`; the answer comes back on the CPU."""
+    idx = nat_ext.assign(feats.to(device), targets.to(device))
+    assert idx.device.type == device
+    return idx.cpu()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("n,m,d", [(1, 1, 3), (16, 16, 8), (64, 64, 32), (256, 256, 64),
                                    (50, 80, 16), (0, 5, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_assign_matches_scipy(n, m, d, dtype):
+def test_assign_matches_scipy(n, m, d, dtype, device):
     seed = n * 1000 + m + d
     g = torch.Generator().manual_seed(seed)
     feats, targets = sphere(g, n, d, dtype=dtype), sphere(g, m, d, dtype=dtype)
-    check_assignment(feats, targets, nat_ext.assign(feats, targets), seed)
+    check_assignment(feats, targets, assign_on(device, feats, targets), seed)
 
 
-def test_assign_batched():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_batched(device):
     g = torch.Generator().manual_seed(3)
     feats, targets = sphere(g, 5, 40, 16), sphere(g, 5, 48, 16)
-    idx = nat_ext.assign(feats, targets)
+    idx = assign_on(device, feats, targets)
     assert idx.shape == (5, 40)
     for b in range(5):
         check_assignment(feats[b], targets[b], idx[b], b)
 
 
-def test_assign_recovers_a_planted_permutation():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_recovers_a_planted_permutation(device):
     g = torch.Generator().manual_seed(4)
     targets = sphere(g, 128, 32)
     perm = torch.randperm(128, generator=g)
     feats = targets[perm] + 0.01 * torch.randn(128, 32, generator=g)
-    assert torch.equal(nat_ext.assign(feats, targets), perm)
+    assert torch.equal(assign_on(device, feats, targets), perm)
 
 
 def test_assign_minimises_squared_distance():
@@ -69,15 +79,25 @@ def test_assign_minimises_squared_distance():
     assert abs(dist[np.arange(30), idx.numpy()].sum() - dist[rows, cols].sum()) < 1e-9
 
 
-def test_assign_non_contiguous():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_non_contiguous(device):
     g = torch.Generator().manual_seed(6)
-    feats = sphere(g, 40, 2, 16)[:, 1]
-    targets = sphere(g, 16, 40).t()
+    feats = sphere(g, 40, 2, 16).to(device)[:, 1]
+    targets = sphere(g, 16, 40).to(device).t()
     assert not feats.is_contiguous() and not targets.is_contiguous()
-    check_assignment(feats, targets, nat_ext.assign(feats, targets), 6)
+    check_assignment(feats.cpu(), targets.cpu(), nat_ext.assign(feats, targets).cpu(), 6)
 
 
-def test_assign_errors():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_errors(device):
+    torch.set_default_device(device)  # every tensor made below, on `device`
+    try:
+        check_assign_errors()
+    finally:
+        torch.set_default_device("cpu")
+
+
+def check_assign_errors():
     f, t = torch.randn(4, 3), torch.randn(5, 3)
     with pytest.raises(ValueError, match="feats should be a 2-D .* got 1-D"):
         nat_ext.assign(torch.randn(4), t)
@@ -92,7 +112,7 @@ def test_assign_errors():
     with pytest.raises(TypeError, match="feats should be float32.*got Int"):
         nat_ext.assign(f.int(), t.int())
     with pytest.raises(TypeError, match="targets should have the dtype of feats"):
-        nat_ext.assign(f, t.double())
+        torch.ops.nat.assign(f, t.double())  # the op is strict; nat_ext.assign promotes
     for name, bad in [("feats", f.clone().index_fill_(0, torch.tensor([1]), float("nan"))),
                       ("targets", t.clone().index_fill_(0, torch.tensor([2]), float("-inf")))]:
         args = (bad, t) if name == "feats" else (f, bad)
@@ -112,16 +132,16 @@ def test_assign_devices_agree(device):
         check_assignment(feats[b], targets[b], idx[b].cpu(), b)
 
 
+@pytest.mark.cuda
 def test_assign_different_devices_rejected():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU; none is present")
     with pytest.raises(ValueError, match="same device"):
         nat_ext.assign(torch.randn(3, 2), torch.randn(3, 2, device="cuda"))
 
 
-def test_assign_opcheck_and_compile():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_opcheck_and_compile(device):
     g = torch.Generator().manual_seed(9)
-    feats, targets = sphere(g, 3, 10, 8), sphere(g, 3, 12, 8)
+    feats, targets = sphere(g, 3, 10, 8).to(device), sphere(g, 3, 12, 8).to(device)
     torch.library.opcheck(torch.ops.nat.assign.default, (feats, targets))
     torch.library.opcheck(torch.ops.nat.assign.default, (feats[0], targets[0]))
 

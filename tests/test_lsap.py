@@ -31,6 +31,16 @@ def assert_same_optimum(cost: np.ndarray, rows, cols, maximize=False, seed=None)
     assert abs(got - expected) <= 1e-9 * (1 + abs(expected)), f"seed {seed}: {got} vs {expected}"
 
 
+def solve_on(device, cost, maximize=False):
+    """nat_ext.linear_sum_assignment on `device`: numpy in and out on the CPU (the drop-in's
+    path), a tensor on the GPU; returns numpy (rows, cols) either way."""
+    if device == "cpu":
+        return nat_ext.linear_sum_assignment(cost, maximize=maximize)
+    rows, cols = nat_ext.linear_sum_assignment(torch.as_tensor(cost).to(device), maximize=maximize)
+    assert rows.device.type == cols.device.type == device
+    return rows.cpu().numpy(), cols.cpu().numpy()
+
+
 def random_cost(rng, n, m, kind):
     if kind == "uniform":
         return rng.random((n, m))
@@ -45,41 +55,45 @@ SIZES = [(0, 0), (0, 5), (5, 0), (1, 1), (1, 7), (7, 1), (2, 3), (5, 5), (8, 13)
          (50, 120), (120, 50), (100, 100), (255, 256), (300, 300), (300, 173), (64, 300)]
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("n,m", SIZES)
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal"])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_matches_scipy_optimum(n, m, kind, maximize):
+def test_matches_scipy_optimum(n, m, kind, maximize, device):
     seed = zlib.crc32(repr((n, m, kind, maximize)).encode())
     rng = np.random.default_rng(seed)
     for _ in range(3):
         cost = random_cost(rng, n, m, kind)
-        rows, cols = nat_ext.linear_sum_assignment(cost, maximize=maximize)
+        rows, cols = solve_on(device, cost, maximize)
         assert isinstance(rows, np.ndarray) and rows.dtype == np.int64 and cols.dtype == np.int64
         assert_same_optimum(cost, rows, cols, maximize, seed)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("seed", range(40))
-def test_many_random_sizes(seed):
+def test_many_random_sizes(seed, device):
     rng = np.random.default_rng(seed)
     n, m = rng.integers(0, 301, size=2)
     cost = random_cost(rng, n, m, ["uniform", "ties", "normal"][seed % 3])
-    rows, cols = nat_ext.linear_sum_assignment(cost, maximize=bool(seed % 2))
+    rows, cols = solve_on(device, cost, bool(seed % 2))
     assert_same_optimum(cost, rows, cols, bool(seed % 2), seed)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,m", [(64, 64), (40, 90), (90, 40)])
-def test_dtypes(dtype, n, m):
+def test_dtypes(dtype, n, m, device):
     seed = 7
     cost = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    rows, cols = nat_ext.linear_sum_assignment(cost)
-    assert rows.dtype == cols.dtype == torch.int64
+    rows, cols = nat_ext.linear_sum_assignment(cost.to(device))
+    assert rows.dtype == cols.dtype == torch.int64 and cols.device.type == device
     # The optimum of the values as stored in `dtype`, which the solver widens exactly.
-    assert_same_optimum(cost.double().numpy(), rows.numpy(), cols.numpy(), seed=seed)
+    assert_same_optimum(cost.double().numpy(), rows.cpu().numpy(), cols.cpu().numpy(), seed=seed)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("maximize", [False, True])
-def test_forbidden_entries(maximize):
+def test_forbidden_entries(maximize, device):
     rng = np.random.default_rng(3)
     forbidden = -np.inf if maximize else np.inf
     for trial in range(20):
@@ -90,21 +104,22 @@ def test_forbidden_entries(maximize):
             ref_rows, ref_cols = scipy_lsa(cost, maximize=maximize)
         except ValueError:
             with pytest.raises(ValueError, match="infeasible"):
-                nat_ext.linear_sum_assignment(cost, maximize=maximize)
+                solve_on(device, cost, maximize)
             continue
-        rows, cols = nat_ext.linear_sum_assignment(cost, maximize=maximize)
+        rows, cols = solve_on(device, cost, maximize)
         assert np.isfinite(cost[rows, cols]).all(), f"trial {trial}"
         assert_same_optimum(cost, rows, cols, maximize, trial)
 
 
-def test_batched_matches_per_problem():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_batched_matches_per_problem(device):
     g = torch.Generator().manual_seed(11)
     for shape in [(6, 20, 20), (4, 10, 25), (4, 25, 10), (3, 0, 4), (0, 5, 5)]:
         cost = torch.randint(0, 5, shape, generator=g).double()
-        rows, cols = nat_ext.linear_sum_assignment(cost, maximize=True)
+        rows, cols = solve_on(device, cost, maximize=True)
         assert rows.shape == cols.shape == (shape[0], min(shape[1:]))
         for b in range(shape[0]):
-            assert_same_optimum(cost[b].numpy(), rows[b].numpy(), cols[b].numpy(), True, b)
+            assert_same_optimum(cost[b].numpy(), rows[b], cols[b], True, b)
 
 
 def brute_force(cost: np.ndarray) -> float:
@@ -112,27 +127,30 @@ def brute_force(cost: np.ndarray) -> float:
     return min(cost[np.arange(n), list(p)].sum() for p in itertools.permutations(range(m), n))
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("seed", range(30))
-def test_brute_force_and_certificate_tiny(seed):
+def test_brute_force_and_certificate_tiny(seed, device):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 6))
     m = int(rng.integers(n, 7))
     cost = torch.from_numpy(rng.integers(-3, 4, size=(n, m)).astype(np.float64))
-    col4row, u, v = nat_ext.solve_with_duals(cost)
+    col4row, u, v = (x.cpu() for x in nat_ext.solve_with_duals(cost.to(device)))
     got = cost[torch.arange(n), col4row].sum().item()
     assert got == brute_force(cost.numpy()), f"seed {seed}"
     assert nat_ext.check_optimality(cost, col4row, u, v), f"seed {seed}"
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("shape", [(200, 200), (120, 257), (5, 60, 60), (3, 30, 70)])
-def test_duals_certify(shape, maximize):
+def test_duals_certify(shape, maximize, device):
     g = torch.Generator().manual_seed(5)
     for cost in [torch.rand(shape, generator=g), torch.randint(0, 3, shape, generator=g).float()]:
-        col4row, u, v = nat_ext.solve_with_duals(cost, maximize=maximize)
-        assert u.dtype == v.dtype == torch.float64
+        col4row, u, v = nat_ext.solve_with_duals(cost.to(device), maximize=maximize)
+        assert u.dtype == v.dtype == torch.float64 and u.device.type == v.device.type == device
         assert u.shape == shape[:-1] and v.shape == shape[:-2] + shape[-1:]
-        assert torch.equal(col4row, torch.ops.nat.linear_sum_assignment(cost, maximize))
+        assert torch.equal(col4row, torch.ops.nat.linear_sum_assignment(cost.to(device), maximize))
+        col4row, u, v = col4row.cpu(), u.cpu(), v.cpu()
         assert nat_ext.check_optimality(cost, col4row, u, v, maximize=maximize)
 
 
@@ -161,26 +179,29 @@ def test_check_optimality_rejects_bad_certificates():
         nat_ext.check_optimality(cost, col4row, u, v[:-1])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("value", [0.0, 1.0, 1e300, -1e300, 5e-324, 1e-310])
 @pytest.mark.parametrize("n,m", [(50, 50), (30, 70)])
-def test_degenerate_constant_matrices(value, n, m):
+def test_degenerate_constant_matrices(value, n, m, device):
     cost = np.full((n, m), value)
-    rows, cols = nat_ext.linear_sum_assignment(cost)
+    rows, cols = solve_on(device, cost)
     assert_same_optimum(cost, rows, cols)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("scale", [1e300, 1e-300, 1e-320])
-def test_extreme_magnitudes(scale):
+def test_extreme_magnitudes(scale, device):
     rng = np.random.default_rng(9)
     cost = rng.random((80, 80)) * scale
-    x, u, v = nat_ext.solve_with_duals(torch.from_numpy(cost))
+    x, u, v = (t.cpu() for t in nat_ext.solve_with_duals(torch.from_numpy(cost).to(device)))
     assert_same_optimum(cost, np.arange(80), x.numpy())
     assert nat_ext.check_optimality(torch.from_numpy(cost), x, u, v)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_non_contiguous_inputs(device):
     g = torch.Generator().manual_seed(4)
-    base = torch.rand(2, 90, 70, generator=g, dtype=torch.float64)
+    base = torch.rand(2, 90, 70, generator=g, dtype=torch.float64).to(device)
     views = [base.transpose(1, 2), base[:, ::2, :], base[0].t(), base[1, :, 5:65].t()]
     for view in views:
         assert not view.is_contiguous()
@@ -188,7 +209,8 @@ def test_non_contiguous_inputs():
         ref = nat_ext.linear_sum_assignment(view.contiguous())
         for b in range(view.shape[0]) if view.dim() == 3 else [None]:
             sl = (slice(None),) if b is None else (b,)
-            assert_same_optimum(view[sl].numpy(), rows[sl].numpy(), cols[sl].numpy())
+            assert_same_optimum(view[sl].cpu().numpy(), rows[sl].cpu().numpy(),
+                                cols[sl].cpu().numpy())
             assert torch.equal(cols[sl], ref[1][sl])
     arr = np.random.default_rng(1).random((40, 30))[::-1, ::2]  # negative strides
     assert_same_optimum(arr, *nat_ext.linear_sum_assignment(arr))
@@ -205,8 +227,9 @@ def test_numpy_like_inputs_follow_scipy():
     np.testing.assert_array_equal(cols, [0])
 
 
-def test_tensor_in_tensor_out():
-    cost = torch.tensor([[4, 1, 3], [2, 0, 5], [3, 2, 2]])  # int64 is cast like scipy casts
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_tensor_in_tensor_out(device):
+    cost = torch.tensor([[4, 1, 3], [2, 0, 5], [3, 2, 2]], device=device)  # int64 is cast like scipy casts
     rows, cols = nat_ext.linear_sum_assignment(cost)
     assert isinstance(rows, torch.Tensor) and rows.device == cost.device
     assert cost[rows, cols].sum().item() == 5
@@ -237,8 +260,9 @@ def test_errors_like_scipy():
                          "infeasible")
 
 
-def test_infeasible_batch_item_is_named():
-    cost = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_infeasible_batch_item_is_named(device):
+    cost = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)).to(device)
     cost[2, :, 1:] = torch.inf  # every row of item 2 can only use column 0
     with pytest.raises(ValueError, match="infeasible: batch item 2"):
         torch.ops.nat.linear_sum_assignment(cost)
@@ -248,46 +272,54 @@ def test_infeasible_batch_item_is_named():
         torch.ops.nat.linear_sum_assignment(cost)
 
 
-def test_op_argument_errors():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_op_argument_errors(device):
     op = torch.ops.nat.linear_sum_assignment
+
+    def zeros(*shape, dtype=torch.float32):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
     with pytest.raises(ValueError, match=r"2-D \[n, m\] or 3-D \[B, n, m\] tensor, got 1-D"):
-        op(torch.zeros(4))
+        op(zeros(4))
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16, got Long"):
-        op(torch.zeros(2, 2, dtype=torch.long))
+        op(zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="ComplexFloat"):
-        op(torch.zeros(2, 2, dtype=torch.complex64))
+        op(zeros(2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="n <= m.*got n=3, m=2"):
-        op(torch.zeros(3, 2))
+        op(zeros(3, 2))
     with pytest.raises(TypeError, match="real-valued"):
-        nat_ext.linear_sum_assignment(torch.zeros(2, 2, dtype=torch.complex64))
+        nat_ext.linear_sum_assignment(zeros(2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="got a 1-D array"):
-        nat_ext.linear_sum_assignment(torch.zeros(3))
+        nat_ext.linear_sum_assignment(zeros(3))
     with pytest.raises(ValueError, match="solver should be 'auto', 'jv' or 'auction', got 'hungarian'"):
-        op(torch.zeros(2, 2), False, "hungarian")
+        op(zeros(2, 2), False, "hungarian")
     with pytest.raises(ValueError, match="solver='auction' needs square problems.*n=2, m=3"):
-        op(torch.zeros(2, 3), False, "auction")
+        op(zeros(2, 3), False, "auction")
     with pytest.raises(ValueError, match="solver='auction' needs square"):
-        nat_ext.assign(torch.zeros(2, 4), torch.zeros(3, 4), solver="auction")
-    with pytest.raises(RuntimeError, match="solver should be one of"):
+        nat_ext.assign(zeros(2, 4), zeros(3, 4), solver="auction")
+    with pytest.raises(ValueError, match="solver should be .auto., .jv. or .auction., got .hungarian."):
         op(torch.empty(2, 2, device="meta"), False, "hungarian")
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("solver", ["auto", "jv", "auction"])
-def test_every_solver_is_exact(solver):
+def test_every_solver_is_exact(solver, device):
     """The solver argument changes the algorithm, never the optimum (against scipy)."""
     g = torch.Generator().manual_seed(9)
     for maximize in (False, True):
         cost = torch.rand(3, 90, 90, generator=g, dtype=torch.float64)
-        x, u, v = nat_ext.solve_with_duals(cost, maximize=maximize, solver=solver)
+        x, u, v = (t.cpu() for t in nat_ext.solve_with_duals(cost.to(device), maximize=maximize,
+                                                              solver=solver))
         assert nat_ext.check_optimality(cost, x, u, v, maximize=maximize)
         for b in range(3):
             rows, cols = scipy_lsa(cost[b].numpy(), maximize=maximize)
             assert abs(cost[b][torch.arange(90), x[b]].sum().item()
                        - cost[b].numpy()[rows, cols].sum()) < 1e-9
-        rows, cols = nat_ext.linear_sum_assignment(cost[0].numpy(), maximize, solver=solver)
-        assert isinstance(cols, np.ndarray) and sorted(cols.tolist()) == list(range(90))
+        if device == "cpu":
+            rows, cols = nat_ext.linear_sum_assignment(cost[0].numpy(), maximize, solver=solver)
+            assert isinstance(cols, np.ndarray) and sorted(cols.tolist()) == list(range(90))
     feats, targets = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
-    idx = nat_ext.assign(feats, targets, solver=solver)
+    idx = nat_ext.assign(feats.to(device), targets.to(device), solver=solver).cpu()
     scores = (feats.double() @ targets.double().T).numpy()
     rows, cols = scipy_lsa(scores, maximize=True)
     assert abs(scores[np.arange(40), idx.numpy()].sum() - scores[rows, cols].sum()) < 1e-6
@@ -295,9 +327,11 @@ def test_every_solver_is_exact(solver):
 
 # --- torch integration -----------------------------------------------------------------------
 
-def test_opcheck():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
     g = torch.Generator().manual_seed(0)
-    for cost in [torch.rand(6, 9, generator=g), torch.rand(3, 5, 5, generator=g, dtype=torch.float64)]:
+    for cost in [torch.rand(6, 9, generator=g).to(device),
+                 torch.rand(3, 5, 5, generator=g, dtype=torch.float64).to(device)]:
         for maximize in (False, True):
             torch.library.opcheck(torch.ops.nat.linear_sum_assignment.default, (cost, maximize))
             torch.library.opcheck(torch.ops.nat.linear_sum_assignment_with_duals.default,
@@ -305,7 +339,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.nat.linear_sum_assignment.default, (cost, True, "auction"))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_torch_compile_fullgraph(device):
     @torch.compile(fullgraph=True)
     def solve(cost):
         cols = torch.ops.nat.linear_sum_assignment(cost * 2.0, True)
@@ -314,7 +349,7 @@ def test_torch_compile_fullgraph():
     cost = torch.rand(4, 12, 16, generator=torch.Generator().manual_seed(1))
     expected = sum(
         cost[b].numpy()[scipy_lsa(cost[b].numpy(), maximize=True)].sum() for b in range(4))
-    assert abs(solve(cost).item() - expected) < 1e-4
+    assert abs(solve(cost.to(device)).item() - expected) < 1e-4
 
 
 def test_meta_tensors_give_shapes():
@@ -364,10 +399,13 @@ def test_ex_ops_report_failures_instead_of_raising(device, solver):
     with pytest.raises(ValueError, match="overflowed|not finite"):
         nat_ext.assign(big_f, big_t)
     if device == "cuda":  # the sync-free promise, checked by torch itself
+        # The inputs go to the GPU first: a blocking host-to-device copy is itself a sync.
+        cost_d, feats_d, targets_d = cost.to(device), feats.to(device), targets.to(device)
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            nat_ext.linear_sum_assignment_ex(cost.to(device), solver=solver)
-            nat_ext.assign_ex(feats.to(device), targets.to(device), solver)
+            nat_ext.linear_sum_assignment_ex(cost_d, solver=solver)
+            nat_ext.assign_ex(feats_d, targets_d, solver)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.library.opcheck(torch.ops.nat.linear_sum_assignment_ex.default,

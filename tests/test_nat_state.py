@@ -70,3 +70,55 @@ def test_reassign_shape_error():
     state = Assignment(10)
     with pytest.raises(ValueError, match="feats"):
         state.reassign(torch.arange(3), torch.randn(4, 2), Targets(10, 2, seed=0).rows)
+
+
+def test_update_ignores_padding_and_counts_changes():
+    seed, n = 6, 30
+    state = Assignment(n, seed=seed)
+    idx = torch.tensor([4, 9, 17])
+    held = state.perm[idx].clone()
+    new = held[[2, 0, 1]]
+    before = state.perm.clone()
+    changed = state.update(torch.cat([idx, torch.tensor([-1, -1])]), torch.cat([new, torch.tensor([-1, -1])]))
+    assert int(changed) == 3, f"seed {seed}: changed {int(changed)}"
+    state.check()
+    assert torch.equal(state.perm[idx], new)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.equal(state.perm[rest], before[rest]), "padding entries wrote into the permutation"
+    assert int(state.update(idx, new)) == 0
+
+
+def test_failed_solve_keeps_the_targets_and_is_reported_at_check():
+    seed, n, b, d = 2, 50, 8, 4
+    targets = Targets(n, d, seed=seed)
+    state = Assignment(n, seed=seed)
+    idx = torch.arange(b)
+    held = state.perm[idx].clone()
+    feats = torch.full((b, d), float("nan"))  # assign_ex reports info 2, rows -1
+    new = state.reassign(idx, feats, targets.rows)
+    assert torch.equal(new, held), f"seed {seed}: a failed solve moved targets"
+    state.update(idx, new)
+    with pytest.raises(RuntimeError, match="1 batch reassignments failed .*info 2"):
+        state.check()
+    state.check()  # the report is cleared once raised
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("generator", ["philox", "pcg64"])
+def test_reassign_and_update_do_not_sync_on_cuda(generator):
+    seed, n, b, d = 3, 1000, 64, 16
+    g = torch.Generator().manual_seed(seed)
+    targets = Targets(n, d, seed=seed, materialize=generator == "pcg64", device="cuda", generator=generator)
+    state = Assignment(n, seed=seed, device="cuda")
+    idx = torch.randperm(n, generator=g)[:b].cuda()  # inputs reach the GPU before the check starts
+    feats = F.normalize(torch.randn(b, d, generator=g), dim=1).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        changed = state.update(idx, state.reassign(idx, feats, targets.rows))
+        loss = (feats - targets.rows(state.targets_of(idx))).pow(2).sum(1).mean()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    state.check()
+    assert int(changed) > 0 and loss.item() < 2, f"seed {seed}: changed {int(changed)}, loss {loss.item()}"

@@ -145,3 +145,66 @@ def test_image_folder_with_a_corrupt_file(tmp_path):
     assert rows[0]["skipped"] == 1  # 21 files, 3 batches of 7: the bad file is always seen
     report = json.load(open(os.path.join(out, "eval.json")))
     assert [(r["n_train"], r["n_test"]) for r in report["results"]] == [(16, 4)] * 2  # no val folder: 80/20 of 20
+
+
+def test_redirected_output_has_lines_not_bars(tmp_path):
+    out = str(tmp_path / "run")
+    proc = _spawn(["--limit", "256", "--batch-size", "32", "--dim", "8", "--epochs", "2", "--log-every", "3",
+                   "--no-eval", "--out", out], tmp_path)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log[-2000:]
+    assert "\r" not in log, "progress-bar updates in a redirected log"
+    lines = log.splitlines()
+    # 8 steps per epoch: progress lines at steps 3 and 6, then the epoch line.
+    assert [l.split(" loss")[0] for l in lines] == ["epoch 1/2 step 3/8", "epoch 1/2 step 6/8", "epoch 1/2",
+                                                   "epoch 2/2 step 3/8", "epoch 2/2 step 6/8", "epoch 2/2"], log
+    losses = [float(l.split("loss ")[1].split()[0]) for l in lines]
+    assert all(0 < v < 4 for v in losses), losses
+
+
+def _as_old_checkpoint(path):
+    """Rewrite a checkpoint's config as the training layer before issue 12 wrote it."""
+    ck = load_checkpoint(path)
+    c = ck["config"]
+    probe = c.pop("probe")
+    for k in ("target_generator", "log_every", "sync_debug"):
+        c.pop(k)
+    c.update(eval_layer=probe["layer"], eval_grid=probe["grid"], eval_limit=probe["limit"],
+             eval_baselines=probe["baselines"])
+    torch.save(ck, path)
+
+
+def test_old_checkpoints_resume_or_name_the_generator(tmp_path):
+    args = ["--limit", "128", "--batch-size", "32", "--dim", "8", "--reassign-every", "1", "--no-eval"]
+    # Materialised targets: the same (pcg64) rows as before, so an old checkpoint resumes.
+    out = str(tmp_path / "a")
+    assert nat_train.main(args + ["--epochs", "1", "--out", out]) == 0
+    _as_old_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert nat_train.main(args + ["--epochs", "2", "--out", out, "--resume"]) == 0
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["epoch"] == 2
+    # --targets-from-seed now draws philox rows: an old from-seed (pcg64) checkpoint is refused by name,
+    # and resumes when the old generator is asked for.
+    out = str(tmp_path / "b")
+    assert nat_train.main(args + ["--epochs", "1", "--targets-from-seed", "--target-generator", "pcg64",
+                                  "--out", out]) == 0
+    _as_old_checkpoint(os.path.join(out, "checkpoint.pt"))
+    with pytest.raises(ValueError, match="target_generator: checkpoint 'pcg64', this run 'philox'"):
+        nat_train.main(args + ["--epochs", "2", "--targets-from-seed", "--out", out, "--resume"])
+    assert nat_train.main(args + ["--epochs", "2", "--targets-from-seed", "--target-generator", "pcg64",
+                                  "--out", out, "--resume"]) == 0
+    # nat-eval reads the old config too.
+    assert nat_eval.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "200",
+                          "--baselines", "", "--out", str(tmp_path / "e.json")]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("from_seed", [False, True])
+def test_reassigning_cuda_step_never_syncs(tmp_path, from_seed):
+    # --sync-debug runs every step (after the batch's copy to the GPU) under
+    # torch.cuda.set_sync_debug_mode("error"): any host sync in forward, reassignment, loss or update raises.
+    args = ["--limit", "512", "--batch-size", "64", "--dim", "16", "--epochs", "2", "--reassign-every", "1",
+            "--device", "cuda", "--sync-debug", "--log-every", "0", "--no-eval", "--out", str(tmp_path / "run")]
+    assert nat_train.main(args + (["--targets-from-seed"] if from_seed else [])) == 0
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["reassigned"] and 0 < r["changed_frac"] <= 1 and 0 < r["loss"] < 4
+                                  for r in rows), rows

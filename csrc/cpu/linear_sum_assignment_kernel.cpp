@@ -29,6 +29,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cpu(const at::Tensor& cost_
   if (solver == Solver::kAuction) {
     SolveOutputs out(cost, true);
     solve_on_host_threads(cost, maximize, 1, solver, out, st);
+    // The tie rule of lap::solve, so every CPU solver gives the same answer (lap/lsap.h).
+    AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "canonicalize", [&] {
+      lap::Workspace ws;
+      for (int64_t b = 0; b < B; ++b) {
+        if (st[2 * b] != lap::kSolved) continue;
+        lap::canonicalize_square(n, cost.const_data_ptr<scalar_t>() + b * n * m, maximize,
+                                 out.col4row.data_ptr<int64_t>() + b * n,
+                                 out.v.const_data_ptr<double>() + b * m, ws);
+      }
+    });
     finish_solve(op, status, cost, batched, maximize, out, info);
     return out.result(batched, with_duals);
   }

@@ -1,10 +1,11 @@
 // CUDA kernels of nat::linear_sum_assignment, nat::linear_sum_assignment_with_duals and
-// nat::assign. Two solvers, whose algorithms the CPU tests run through
+// nat::linear_sum_assignment_ex (and through them nat::assign). Two solvers, whose algorithms the CPU tests run through
 // nat::_linear_sum_assignment_team:
 //   - "jv": one thread block per problem runs lap/block_lsap.h;
-//   - "auction" (square problems): a cooperative kernel on the whole GPU runs the auction
-//     prepass of lap/auction_lsap.h, then one block finishes with exact augmenting paths; the
-//     problems of a batch go one after another.
+//   - "auction" (square problems): up to n = kBlockAuctionMaxSize one block a problem runs the
+//     auction prepass of lap/auction_lsap.h and its exact repair, the batch in parallel; above,
+//     a cooperative kernel on the whole GPU runs the prepass, then one block finishes with exact
+//     augmenting paths, the problems of a batch one after another.
 // One host sync per call: reading the per-problem status, so that NaN, -inf and infeasible
 // inputs raise instead of returning junk.
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string_view>
 #include <tuple>
 
@@ -35,13 +37,17 @@ constexpr int kGridBlocksPerSm = 2;
 // values), 2 int64 arrays of m (pred, row4col) and the n free rows.
 int64_t state_bytes(int64_t n, int64_t m) { return 8 * (6 * m + n); }
 
+// At most 16 warps a problem: the 128 registers a thread may then have hold the unrolled column
+// sweeps (lap/block_lsap.h) without spilling, which they do at 1024 threads (64 registers).
+constexpr int kMaxBlockThreads = 512;
+
 // Up to this size (m <= ~2k) the state lives in shared memory: every Dijkstra step reads and
 // writes it, and global stores do not stay in L1, so in global memory each step would wait on
 // L2 round trips. Larger problems keep it in global memory (workspace from the allocator).
 constexpr int64_t kMaxSharedState = 96 * 1024;
 
 template <typename T, bool kMax>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxBlockThreads)
     block_lsap_kernel(const T* cost, int64_t n, int64_t m, double* work, int64_t* iwork,
                       int64_t* col4row, double* u, double* v, int64_t* status) {
   __shared__ lap::CudaBlockTeam::Slots slots;
@@ -62,11 +68,17 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-// About eight columns a thread: enough parallel loads per sweep without making the arg-min
-// reduction wider than it needs to be (a single warp up to m = 256).
+// About eight columns a thread (two unrolled rounds of loads a sweep) by default: a single warp,
+// with no block barrier in its arg-min, up to m = 256. NAT_CUDA_COLS_PER_THREAD overrides the
+// eight, so that one GPU run can measure the trade-off (benchmarks/jv_threads_sweep.py).
 int threads_for(int64_t m) {
-  const int64_t warps = (m / 8 + 31) / 32;
-  return static_cast<int>(32 * std::min<int64_t>(std::max<int64_t>(warps, 1), 32));
+  static const int64_t env_cols = [] {
+    const char* s = std::getenv("NAT_CUDA_COLS_PER_THREAD");
+    return s ? std::max<int64_t>(1, std::atoll(s)) : 0;
+  }();
+  const int64_t cols = env_cols > 0 ? env_cols : 8;
+  const int64_t warps = (m / cols + 31) / 32;
+  return static_cast<int>(32 * std::clamp<int64_t>(warps, 1, kMaxBlockThreads / 32));
 }
 
 template <typename T, bool kMax>
@@ -81,8 +93,33 @@ __global__ void __launch_bounds__(kGridBlockThreads, kGridBlocksPerSm)
   }
 }
 
+// The auction and its repair for one problem a block (blockIdx.x), barriers within the block:
+// the whole batch at once, and no grid barrier, whose cost is several times a block's.
 template <typename T, bool kMax>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    auction_block_kernel(const T* cost, int64_t n, double* work, int64_t* iwork, int64_t* col4row,
+                         double* u, double* v, int64_t* status) {
+  __shared__ lap::CudaBlockTeam::Slots slots;
+  lap::CudaBlockTeam team(&slots);
+  lap::CudaBlockGrid grid;
+  const int64_t b = blockIdx.x;
+  double* w = work + b * 5 * n;
+  int64_t* iw = iwork + b * (3 * n + lap::kNumCounters);
+  const lap::AuctionState a{w, w + n, col4row + b * n, iw, reinterpret_cast<uint64_t*>(iw + 2 * n),
+                            reinterpret_cast<uint64_t*>(iw + 3 * n)};
+  const lap::BlockState r = lap::repair_state(a, w + 2 * n, w + 3 * n, w + 4 * n, iw + n);
+  int64_t bad = -1;
+  const lap::Status code = lap::auction_lsap<T, kMax>(grid, team, n, cost + b * n * n, a, r,
+                                                      u ? u + b * n : nullptr,
+                                                      v ? v + b * n : nullptr, &bad);
+  if (threadIdx.x == 0) {
+    status[2 * b] = code;
+    status[2 * b + 1] = bad;
+  }
+}
+
+template <typename T, bool kMax>
+__global__ void __launch_bounds__(kMaxBlockThreads)
     auction_repair_kernel(const T* cost, int64_t n, lap::BlockState s, double* u, double* v,
                           int64_t* status) {
   if (status[0] != lap::kSolved) return;  // the prepass failed: its status stands
@@ -100,6 +137,10 @@ __global__ void __launch_bounds__(1024)
 // problems run one after another under the auction, so it pays only for few of them.
 constexpr int64_t kAuctionMinSize = 2048;
 constexpr int64_t kAuctionMaxBatch = 8;
+// solver="auction" runs one block a problem up to this size (the batch in parallel), and the
+// whole-GPU cooperative kernel above it (problems one after another). Provisional: the
+// benchmark times both at 256 and 4096 so one GPU run can place it.
+constexpr int64_t kBlockAuctionMaxSize = 1024;
 
 bool use_auction(Solver solver, int64_t B, int64_t n, int64_t m) {
   if (solver != Solver::kAuto) return solver == Solver::kAuction;
@@ -113,6 +154,16 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
   // Prices, row duals, distances, saved prices and distances; row4col, pred, keys, counters.
   at::Tensor work = at::empty({B, 5 * n}, cost.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({B, 3 * n + lap::kNumCounters}, cost.options().dtype(at::kLong));
+  double* u = with_duals ? out.u.data_ptr<double>() : nullptr;
+  double* v = with_duals ? out.v.data_ptr<double>() : nullptr;
+  if (n <= kBlockAuctionMaxSize) {
+    const int threads = static_cast<int>(std::clamp<int64_t>((n + 31) / 32 * 32, 32, kMaxBlockThreads));
+    auction_block_kernel<T, kMax><<<static_cast<unsigned>(B), threads, 0, stream>>>(
+        cost.const_data_ptr<T>(), n, work.data_ptr<double>(), iwork.data_ptr<int64_t>(),
+        out.col4row.data_ptr<int64_t>(), u, v, status.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   // No more blocks than fit on the GPU at once, which a grid barrier requires.
   auto prepass = auction_prepass_kernel<T, kMax>;
   int blocks_per_sm = 0;
@@ -136,9 +187,8 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(prepass), blocks,
                                                kGridBlockThreads, args, 0, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    double* u = with_duals ? out.u.data_ptr<double>() + b * n : nullptr;
-    double* v = with_duals ? out.v.data_ptr<double>() + b * n : nullptr;
-    auction_repair_kernel<T, kMax><<<1, threads_for(n), 0, stream>>>(c, n, r, u, v, st);
+    auction_repair_kernel<T, kMax><<<1, threads_for(n), 0, stream>>>(
+        c, n, r, u ? u + b * n : nullptr, v ? v + b * n : nullptr, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -230,32 +280,15 @@ std::tuple<at::Tensor, at::Tensor> linear_sum_assignment_ex_cuda(const at::Tenso
   });
 }
 
-// Scores by cuBLAS (through ATen), read by the solver as they are: it applies the sign for
-// maximisation on load, so no conversion pass is needed between the two.
-std::tuple<at::Tensor, at::Tensor> assign_ex_cuda(const at::Tensor& feats,
-                                                  const at::Tensor& targets,
-                                                  c10::string_view solver, bool check_errors) {
-  check_assign(feats, targets, solver);
-  const c10::cuda::CUDAGuard guard(feats.device());
-  const at::Tensor scores = assign_scores(feats, targets);
-  return solve_ex(check_errors, [&](at::Tensor* info) {
-    return std::get<0>(solve_cuda(scores, true, solver, false, "assign", info));
-  });
-}
-
-at::Tensor assign_cuda(const at::Tensor& feats, const at::Tensor& targets,
-                       c10::string_view solver) {
-  return std::get<0>(assign_ex_cuda(feats, targets, solver, /*check_errors=*/true));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nat, CUDA, m) {
   m.impl("linear_sum_assignment", &linear_sum_assignment_cuda);
   m.impl("linear_sum_assignment_with_duals", &linear_sum_assignment_with_duals_cuda);
   m.impl("linear_sum_assignment_ex", &linear_sum_assignment_ex_cuda);
-  m.impl("assign", &assign_cuda);
-  m.impl("assign_ex", &assign_ex_cuda);
+  // assign and assign_ex: the composite kernels of assign.cpp (scores by cuBLAS, then the
+  // linear_sum_assignment_ex above, which applies the sign for maximisation on load), so both
+  // devices raise the same errors.
 }
 
 }  // namespace nat

@@ -3,7 +3,7 @@
 //     problem. reduce() is a butterfly of warp shuffles, then one slot per warp in shared
 //     memory; it doubles as the barrier (with memory ordering) the algorithm relies on.
 //   - CudaGrid (lap/auction_lsap.h): every thread of a cooperative launch; a warp scans a row;
-//     sync() is the cooperative-groups grid barrier.
+//     sync() is the cooperative-groups grid barrier. CudaBlockGrid: the same on one block.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -101,6 +101,18 @@ class CudaGrid {
   __device__ uint64_t load(const uint64_t* p) const {
     return *reinterpret_cast<const volatile uint64_t*>(p);
   }
+};
+
+// The Grid of one thread block (its warps are the groups): auction_lsap.h's prepass on a single
+// block, with block barriers instead of grid barriers, for problems small enough that one block's
+// warps bid fast enough; the atomics and loads are CudaGrid's.
+class CudaBlockGrid : public CudaGrid {
+ public:
+  __device__ int64_t rank() const { return threadIdx.x; }
+  __device__ int64_t size() const { return blockDim.x; }
+  __device__ int64_t group() const { return threadIdx.x >> 5; }
+  __device__ int64_t groups() const { return blockDim.x >> 5; }
+  __device__ void sync() { __syncthreads(); }
 };
 
 }  // namespace lap

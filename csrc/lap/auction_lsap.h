@@ -290,7 +290,7 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
 }
 
 // The Dijkstra state of the repair, on the auction's arrays plus its own (free_rows unused).
-inline BlockState repair_state(const AuctionState& a, double* d, double* saved_v, double* saved_d,
+NAT_HD inline BlockState repair_state(const AuctionState& a, double* d, double* saved_v, double* saved_d,
                                int64_t* pred) {
   return BlockState{a.v, d, saved_v, saved_d, pred, a.row4col, a.col4row, nullptr};
 }

@@ -30,6 +30,11 @@
 namespace nat {
 namespace lap {
 
+// Distance order with NaN last: a total order, so that every lane of a butterfly reduction picks
+// the same winner even if an overflow (finite costs near +-DBL_MAX) made a distance NaN; with
+// plain `<` two lanes could disagree and wait on each other forever.
+NAT_HD inline bool less_nan_last(double a, double b) { return a < b || (b != b && a == a); }
+
 // A column offered to the team-wide arg-min: smallest distance first, then a free column (it
 // ends the search), then the lowest index, so every team size picks the same column.
 struct Candidate {
@@ -40,7 +45,8 @@ struct Candidate {
 };
 
 NAT_HD inline bool better(const Candidate& a, const Candidate& b) {
-  if (a.d != b.d) return a.d < b.d;
+  if (less_nan_last(a.d, b.d)) return true;
+  if (less_nan_last(b.d, a.d)) return false;
   if ((a.r < 0) != (b.r < 0)) return a.r < 0;
   return a.j < b.j;
 }
@@ -75,7 +81,9 @@ NAT_HD inline Top2 no_top2() {
 }
 
 NAT_HD inline bool cheaper(double ua, int64_t ja, double ub, int64_t jb) {
-  return ua < ub || (ua == ub && ja < jb);
+  if (less_nan_last(ua, ub)) return true;
+  if (less_nan_last(ub, ua)) return false;
+  return ja < jb;
 }
 
 // Adds column j (reduced cost u, price v, assigned to row r) to a Top2.
@@ -124,6 +132,45 @@ NAT_HD inline double signed_cost(const T* row, int64_t j) {
   return kMax ? -c : c;
 }
 
+// Column sweeps take a thread's columns kSweepUnroll at a time, loading all of them before using
+// any: a step's latency is then about one round of loads, not one per column (the loads cannot
+// be hoisted by the compiler past the stores of the previous column, which might alias).
+constexpr int kSweepUnroll = 4;
+
+// What a sweep reads of column j (its distance only with kDist: Dijkstra's sweeps).
+struct ColumnView {
+  double c, v, d;
+  int64_t r;
+};
+
+// Calls visit(j, view) for each column j of this thread (j = rank mod size), loading
+// kSweepUnroll columns before visiting any of them.
+template <typename T, bool kMax, bool kDist, class Visit>
+NAT_HD inline void sweep_columns(const T* row, const BlockState& s, int64_t m, int64_t rank,
+                                 int64_t size, Visit visit) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t j0 = rank; j0 < m; j0 += kSweepUnroll * size) {
+    ColumnView cols[kSweepUnroll];
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kSweepUnroll; ++k) {
+      const int64_t j = j0 + k * size;
+      const bool in = j < m;
+      cols[k].c = in ? signed_cost<T, kMax>(row, j) : 0.0;
+      cols[k].v = in ? s.v[j] : -inf;
+      cols[k].d = kDist && in ? s.d[j] : inf;
+      cols[k].r = in ? s.row4col[j] : -1;
+    }
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kSweepUnroll; ++k) {
+      if (j0 + k * size < m) visit(j0 + k * size, cols[k]);
+    }
+  }
+}
+
 // Shortest augmenting paths (Dijkstra) from every row left free, on a state whose matched pairs
 // are tight: for a matched row i, c[i][col4row[i]] - v[col4row[i]] is the row's minimum of
 // c[i][j] - v[j]. block_lsap reaches that state by row reduction; auction_lsap.h by an auction.
@@ -141,19 +188,17 @@ NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, Blo
     while (true) {
       const T* row = cost + i * m;
       Candidate local = no_candidate();
-      for (int64_t j = rank; j < m; j += size) {
-        const double vj = s.v[j];
-        if (vj == -inf) continue;  // scanned in this search
-        const double h = base + (signed_cost<T, kMax>(row, j) - vj);
-        double dj = s.d[j];
-        if (h < dj) {
-          dj = h;
+      sweep_columns<T, kMax, true>(row, s, m, rank, size, [&](int64_t j, ColumnView col) {
+        if (col.v == -inf) return;  // scanned in this search
+        const double h = base + (col.c - col.v);
+        if (h < col.d) {
+          col.d = h;
           s.d[j] = h;
           s.pred[j] = i;
         }
-        const Candidate c{dj, vj, j, s.row4col[j]};
+        const Candidate c{col.d, col.v, j, col.r};
         if (better(c, local)) local = c;
-      }
+      });
       win = team.reduce(local, ArgMin{});
       if (!(win.d < inf)) return kInfeasible;  // nothing reachable: no perfect matching
       if (win.r < 0) break;                          // reached a free column: the sink
@@ -215,38 +260,40 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
   const int64_t rank = team.rank(), size = team.size();
   const double inf = std::numeric_limits<double>::infinity();
 
-  // 1. Validate every entry (one strided pass; the smallest bad index wins, for the message).
+  // 1. Initial prices, and every entry validated on the way (the smallest bad flat index wins,
+  // for the message). Square: v[j] = min_i c[i][j] and each column tentatively assigned to its
+  // cheapest row, a pass that reads every entry anyway. Rectangular: v = 0, which the
+  // certificate needs on columns left unassigned, and a strided validation pass.
   int64_t first_bad = INT64_MAX;
-  for (int64_t k = rank; k < n * m; k += size) {
+  for (int64_t j = rank; j < m; j += size) {
+    double best = inf;
+    int64_t arg = -1;
+    for (int64_t i = 0; i < n && n == m; ++i) {
+      const double c = signed_cost<T, kMax>(cost + i * m, j);
+      if (c != c || c == -inf) {
+        first_bad = first_bad < i * m + j ? first_bad : i * m + j;
+        break;
+      }
+      if (c < best) {
+        best = c;
+        arg = i;
+      }
+    }
+    s.v[j] = arg >= 0 ? best : 0.0;
+    s.pred[j] = arg;  // reused as "cheapest row" until the first search overwrites it
+    s.row4col[j] = -1;
+  }
+  for (int64_t k = rank; k < n * m && n != m; k += size) {
     const double c = signed_cost<T, kMax>(cost, k);
     if (c != c || c == -inf) {
       first_bad = k;
       break;
     }
   }
-  first_bad = team.reduce(first_bad, MinIndex{});
+  first_bad = team.reduce(first_bad, MinIndex{});  // also the barrier after the prices
   if (first_bad != INT64_MAX) {
     *bad_entry = first_bad;
     return kInvalidEntry;
-  }
-
-  // 2. Initial prices. Square: v[j] = min_i c[i][j] and each column tentatively assigned to its
-  // cheapest row. Rectangular: v = 0, which the certificate needs on columns left unassigned.
-  for (int64_t j = rank; j < m; j += size) {
-    double best = n == m ? inf : 0.0;
-    int64_t arg = -1;
-    if (n == m) {
-      for (int64_t i = 0; i < n; ++i) {
-        const double c = signed_cost<T, kMax>(cost + i * m, j);
-        if (c < best) {
-          best = c;
-          arg = i;
-        }
-      }
-    }
-    s.v[j] = arg >= 0 || n != m ? best : 0.0;
-    s.pred[j] = arg;  // reused as "cheapest row" until the first search overwrites it
-    s.row4col[j] = -1;
   }
   for (int64_t i = rank; i < n; i += size) s.col4row[i] = -1;
   team.sync();
@@ -262,7 +309,7 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
   }
   team.sync();
 
-  // 3. Augmenting row reduction: each free row takes its cheapest column and lowers that
+  // 2. Augmenting row reduction: each free row takes its cheapest column and lowers that
   // column's price to its second best, evicting the previous owner (retried at once when the
   // price moved, else in the next pass). One barrier a step, the reduction's: every thread knows
   // the evicted row from it, the column's owner updates that column's price and row, and thread 0
@@ -283,10 +330,9 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
       retry = -1;
       const T* row = cost + i * m;
       Top2 local = no_top2();
-      for (int64_t j = rank; j < m; j += size) {
-        const double vj = s.v[j];
-        offer(local, signed_cost<T, kMax>(row, j) - vj, vj, j, s.row4col[j]);
-      }
+      sweep_columns<T, kMax, false>(row, s, m, rank, size, [&](int64_t j, const ColumnView& col) {
+        offer(local, col.c - col.v, col.v, j, col.r);
+      });
       const Top2 t = team.reduce(local, MergeTop2{});
       if (!(t.u1 < inf)) return kInfeasible;  // row i has no finite entry
       int64_t j1 = t.j1, i0 = t.r1;
@@ -320,7 +366,7 @@ NAT_HD Status block_lsap(Team& team, int64_t n, int64_t m, const T* cost, BlockS
     nfree = nnew;
   }
 
-  // 4. Shortest augmenting paths, 5. duals.
+  // 3. Shortest augmenting paths, 4. duals.
   const Status code = block_augment<T, kMax>(team, n, m, cost, s);
   if (code == kSolved) block_duals<T, kMax>(team, n, m, cost, s, u, v_out);
   return code;

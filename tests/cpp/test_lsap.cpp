@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -215,6 +216,32 @@ int main() {
     std::printf("auction n=%d: %llu rounds, %llu Bellman-Ford sweeps, %llu rows left free, %lld "
                 "Dijkstra steps\n", n, (unsigned long long)st.rounds, (unsigned long long)st.sweeps,
                 (unsigned long long)st.free_rows, (long long)st.steps);
+  }
+  // The team arg-min's order is total even with NaN distances (an overflow): of two different
+  // candidates exactly one is better, so every lane of a butterfly reduction picks the same one.
+  {
+    const double nan = std::numeric_limits<double>::quiet_NaN(), inf = INFINITY;
+    const double ds[] = {nan, -1.0, 0.0, 2.5, inf, -inf};
+    std::vector<nat::lap::Candidate> all;
+    for (const double d : ds) {
+      for (int64_t j = 0; j < 2; ++j) {
+        for (int64_t r = -1; r < 1; ++r) all.push_back({d, 0.0, j, r});
+      }
+    }
+    for (const auto& a : all) {
+      for (const auto& b : all) {
+        const bool same = a.j == b.j && a.r == b.r && (a.d == b.d || (a.d != a.d && b.d != b.d));
+        const bool ab = nat::lap::better(a, b), ba = nat::lap::better(b, a);
+        expect(same ? !ab && !ba : ab != ba, "better() is a total order (NaN last)", 0, 0, 0);
+        ++cases;
+      }
+    }
+    nat::lap::Top2 t = nat::lap::no_top2();
+    nat::lap::offer(t, nan, 0.0, 0, -1);
+    nat::lap::offer(t, 3.0, 0.0, 1, -1);
+    // NaN ranks after everything, even the empty slot's +inf: it is never offered as a column.
+    expect(t.j1 == 1 && t.j2 == INT64_MAX, "Top2 ranks a NaN reduced cost last", 0, 0, 0);
+    ++cases;
   }
   std::printf("%d passed, %d failed\n", cases - failures, failures);
   return failures == 0 ? 0 : 1;

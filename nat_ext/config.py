@@ -1,0 +1,221 @@
+"""Settings of the training and evaluation jobs, and the CLIs built from them.
+
+Each setting is written once, as a dataclass field whose metadata holds its help
+text (and choices): :func:`build_parser` turns the fields into argparse options
+(``batch_size`` -> ``--batch-size``; a bool that defaults to False -> a flag, one
+that defaults to True -> ``--no-NAME``; a nested dataclass -> its fields under a
+prefix), :func:`parse_config` turns the parsed options back into the dataclass,
+and :func:`to_argv` writes a config as the command line that parses back to it.
+
+The probe settings (:class:`ProbeConfig`) are composed into both jobs: ``nat-train``
+offers them as ``--eval-*`` for the evaluation that follows training, ``nat-eval``
+offers them unprefixed.
+
+This module also holds :func:`progress`, the console progress helper both jobs use.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+from .models import ARCHS
+
+__all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
+           "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS"]
+
+TARGET_GENERATORS = ("auto", "philox", "pcg64")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+            prefix: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its CLI help (and choices, or a flag prefix for a nested config)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if prefix is not None:
+        meta["prefix"] = prefix
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ProbeConfig:
+    """How a frozen encoder is probed (linear probe and k-NN) and against which baselines."""
+    layer: str = setting("", "stage to probe (default: the last conv stage of the arch)")
+    grid: int = setting(2, "pool feature maps to grid x grid")
+    limit: int = setting(0, "probe on seeded subsets of this many labelled images (0: all)")
+    baselines: str = setting("random,pixels", "comma list of random,pixels,supervised ('' for none)")
+    supervised_epochs: int = setting(10, "epochs of the supervised baseline")
+    knn_k: int = setting(20, "neighbours of the k-NN classifier")
+    probe_iters: int = setting(300, "L-BFGS iterations of the linear probe")
+    probe_wd: float = setting(1e-4, "L2 penalty of the linear probe")
+    batch_size: int = setting(512, "batch size of the feature extraction")
+
+
+@dataclass
+class Config:
+    """Settings of a training run (plain values only: they go into the checkpoint)."""
+    data: str = setting("fashion-mnist", "'fashion-mnist' or an ImageFolder path (DIR/train, DIR/val)")
+    arch: str = setting("convnet", "encoder architecture", choices=ARCHS)
+    dim: int = setting(64, "target dimension d")
+    epochs: int = setting(10, "training epochs")
+    batch_size: int = setting(256, "images per step, per process")
+    lr: float = setting(0.01, "SGD learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(1e-5, "SGD weight decay")
+    schedule: str = setting("cosine", "learning-rate schedule", choices=("cosine", "constant"))
+    reassign_every: int = setting(3, "reassign targets on epochs 0, k, 2k...; 0 freezes the initial "
+                                     "random assignment (the ablation)")
+    objective: str = setting("nat", "nat, or supervised: the baseline encoder, cross-entropy on the labels",
+                             choices=("nat", "supervised"))
+    workers: int = setting(0, "DataLoader worker processes")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
+    amp: bool = setting(False, "mixed precision (bf16 on CPU, fp16 on CUDA)")
+    out: str = setting("runs/nat", "output folder")
+    resume: bool = setting(False, "continue from OUT/checkpoint.pt if present")
+    seed: int = setting(0, "seed of the model init, targets, initial assignment, data order, augmentation")
+    limit: int = setting(0, "train on a seeded subset of this many images (0: all)")
+    image_size: int = setting(224, "crop size for ImageFolder data")
+    sobel: bool = setting(False, "fixed Sobel front end")
+    targets_from_seed: bool = setting(False, "regenerate the batch's target rows from (seed, index) on the "
+                                             "device instead of storing the n x d matrix")
+    target_generator: str = setting("auto", "generator of the targets: philox (counter-based, runs on the "
+                                            "device), pcg64 (numpy on the CPU, every run before it); auto: "
+                                            "philox with --targets-from-seed, else pcg64",
+                                    choices=TARGET_GENERATORS)
+    skip_corrupt: bool = setting(False, "skip and count unreadable images")
+    log_every: int = setting(50, "read the loss from the device every N steps: the progress bar on a "
+                                 "terminal, a progress line in a redirected log (0: once per epoch)")
+    sync_debug: bool = setting(False, "CUDA: raise on any host sync inside the training step "
+                                      "(torch.cuda.set_sync_debug_mode('error'))")
+    eval: bool = setting(True, "linear probe + k-NN after training (rank 0)")
+    probe: ProbeConfig = setting(help="evaluation after training", prefix="eval-",
+                                 default_factory=ProbeConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation (plain values)."""
+    checkpoint: str = setting("", "checkpoint.pt from nat-train; empty: baselines only (give data, arch, dim)")
+    data: str = setting("", "default: the checkpoint's")
+    arch: str = setting("", "default: the checkpoint's")
+    dim: int = setting(0, "default: the checkpoint's")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
+    workers: int = setting(0, "DataLoader worker processes")
+    seed: int = setting(-1, "default: the checkpoint's")
+    skip_corrupt: bool = setting(False, "skip unreadable images")
+    out: str = setting("", "write the results JSON here")
+    probe: ProbeConfig = setting(help="probe settings", prefix="", default_factory=ProbeConfig)
+
+
+def _fields(cls: type, prefix: str = "", path: str = ""):
+    """(option name, dest, field, type) for every leaf field of ``cls``, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from _fields(typ, prefix + f.metadata.get("prefix", f.name + "-"), path + f.name + ".")
+        else:
+            yield prefix + f.name.replace("_", "-"), path + f.name, f, typ
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per leaf field of the dataclass ``cls``.
+
+    Args:
+        cls: a config dataclass (:class:`Config`, :class:`EvalConfig`).
+        prog, description: for ``--help``.
+
+    Returns:
+        The parser; :func:`parse_config` turns its result into ``cls``.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = cls()
+    for opt, dest, f, typ in _fields(cls):
+        default = _get(defaults, dest)
+        helptext = f.metadata.get("help", "")
+        if typ is bool:
+            if default:
+                p.add_argument(f"--no-{opt}", dest=dest, action="store_false", help=f"turn off: {helptext}")
+            else:
+                p.add_argument(f"--{opt}", dest=dest, action="store_true", help=helptext)
+        else:
+            p.add_argument(f"--{opt}", dest=dest, type=typ, default=default, help=helptext,
+                           choices=f.metadata.get("choices"), metavar=opt.upper().replace("-", "_"))
+    return p
+
+
+def _get(obj: Any, dest: str) -> Any:
+    for part in dest.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_from_dict(cls: type, values: dict) -> Any:
+    """Build ``cls`` from a (nested) dict, ignoring unknown keys: a checkpoint's config written
+    by another version loads with this version's defaults for what it lacks."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        kw[f.name] = config_from_dict(hints[f.name], v) if dataclasses.is_dataclass(hints[f.name]) else v
+    return cls(**kw)
+
+
+def parse_config(cls: type, args: argparse.Namespace | list[str] | None, prog: str = "",
+                 description: str = "") -> Any:
+    """Parse a command line (or an already parsed namespace) into the dataclass ``cls``."""
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser(cls, prog or cls.__name__, description).parse_args(args)
+    nested: dict = {}
+    for _, dest, _, _ in _fields(cls):
+        *parents, leaf = dest.split(".")
+        d = nested
+        for part in parents:
+            d = d.setdefault(part, {})
+        d[leaf] = getattr(args, dest)
+    return config_from_dict(cls, nested)
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The command line that :func:`parse_config` parses back to ``cfg`` (defaults left out)."""
+    defaults = type(cfg)()
+    argv = []
+    for opt, dest, _, typ in _fields(type(cfg)):
+        value, default = _get(cfg, dest), _get(defaults, dest)
+        if value == default:
+            continue
+        if typ is bool:
+            argv.append(f"--no-{opt}" if default else f"--{opt}")
+        else:
+            argv += [f"--{opt}", str(value)]
+    return argv
+
+
+def check_choices(cfg: Any) -> None:
+    """Raise ValueError for a field whose value is not among its metadata's choices."""
+    for opt, dest, f, _ in _fields(type(cfg)):
+        choices = f.metadata.get("choices")
+        if choices and _get(cfg, dest) not in choices:
+            raise ValueError(f"{dest} should be one of {choices}, got {_get(cfg, dest)!r}")
+
+
+def progress(iterable: Iterable, **kw) -> tqdm:
+    """A tqdm bar when stderr is a terminal; silent (no carriage-return updates) when redirected.
+
+    Args:
+        iterable: what to iterate over.
+        **kw: tqdm arguments (``disable=True`` silences it on a terminal too).
+    """
+    kw["disable"] = kw.get("disable", False) or not sys.stderr.isatty()
+    return tqdm(iterable, leave=kw.pop("leave", False), dynamic_ncols=True, **kw)
