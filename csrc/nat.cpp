@@ -34,4 +34,24 @@ TORCH_LIBRARY(nat, m) {
   m.def(
       "_linear_sum_assignment_team(Tensor cost, bool maximize, int threads, str solver=\"jv\") -> "
       "(Tensor col4row, Tensor u, Tensor v)");
+  // One sparse problem: row i may take only the columns col[crow[i]:crow[i+1]] at float64 costs
+  // cost[crow[i]:crow[i+1]], n = crow.size(0) - 1 <= m columns. Optionally warm from a previous
+  // matching (init_col4row, -1 for a free row) and prices (init_v, of the problem as posed).
+  // Returns int64 col4row [n] and float64 duals u [n], v [m] certifying optimality over the
+  // edges (as linear_sum_assignment_with_duals's); raises ValueError when infeasible.
+  m.def(
+      "sparse_linear_sum_assignment(Tensor crow, Tensor col, Tensor cost, int m, "
+      "bool maximize=False, Tensor? init_col4row=None, Tensor? init_v=None) -> "
+      "(Tensor col4row, Tensor u, Tensor v)");
+  // Internal to nat_ext.assign_full's candidate pass (CPU): for a chunk of scores [r, m] whose
+  // first row is row_offset, each row's k largest (values [r, k], columns [r, k], descending),
+  // and col_vals/col_rows [kc, m] (each column's kc largest so far, descending, and their rows)
+  // updated with the chunk.
+  m.def(
+      "_assign_full_candidates(Tensor scores, int k, Tensor col_vals, Tensor col_rows, "
+      "int row_offset) -> (Tensor row_vals, Tensor row_idx, Tensor col_vals_out, "
+      "Tensor col_rows_out)");
+  // Internal to assign_full's pricing filter (CPU): max_j (scores[r][j] - v[j]) per row, float64
+  // (NaN for a row holding a NaN).
+  m.def("_assign_full_row_max(Tensor scores, Tensor v) -> Tensor");
 }

@@ -1,0 +1,256 @@
+// Exact rectangular linear sum assignment on a sparse graph: n rows <= m columns, row i may take
+// only the columns of its candidate list (CSR: crow[n + 1], col[nnz], cost[nnz]); minimise
+// sum_i cost(i, col4row[i]) (or maximise, by negating every cost as it is read).
+//
+// Shortest augmenting paths (the Dijkstra phase of lsap.h's Jonker-Volgenant) over the edge
+// lists, with a binary heap instead of the dense sweep, so a step costs O(deg log) instead of
+// O(m). It can start warm from a previous matching and column prices (nat_ext.assign_full
+// re-solves after adding edges): the matched pairs that are still tight are kept, the other
+// rows start free.
+//
+// The output carries the certificate of lsap.h, over the candidate edges: u[i] + v[j] <= c[i][j]
+// on every edge, equality on assigned pairs, v[j] == 0 on unassigned columns and v[j] <= 0
+// elsewhere. Columns without an edge stay unassigned at v = 0.
+//
+// Plain C++ on pointers and sizes: no torch, so the CPU kernel and a C++ test share it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "lap/lsap.h"  // kInf
+#include "lap/status.h"
+
+namespace nat {
+namespace lap {
+
+// A sparse problem as the solver reads it. Entries must be finite; duplicates are allowed (the
+// solver takes the cheapest of them when it matters: an edge is just a way to reach a column).
+struct SparseProblem {
+  int64_t n, m;
+  const int64_t* crow;  // [n + 1], crow[0] == 0, non-decreasing
+  const int64_t* col;   // [nnz], in [0, m)
+  const double* cost;   // [nnz]
+};
+
+// Heap entry of the Dijkstra search: smaller label first; at equal labels a free column first (it
+// ends the search, which matters when many scores tie), then the lower column index.
+struct SparseHeapEntry {
+  double d;
+  int64_t matched;  // 0 for a free column, 1 for a matched one
+  int64_t j;
+  bool operator>(const SparseHeapEntry& o) const {
+    if (d != o.d) return d > o.d;
+    if (matched != o.matched) return matched > o.matched;
+    return j > o.j;
+  }
+};
+
+// Scratch memory; reusable across problems.
+struct SparseWorkspace {
+  std::vector<double> v, d, c;          // prices, Dijkstra labels, signed costs
+  std::vector<int64_t> row4col, edge4row, pred_edge, pred_row, scanned, touched;
+  std::vector<int64_t> ccol, cedge;     // the transpose (column -> edges), built on demand
+  std::vector<char> done;
+  std::vector<SparseHeapEntry> heap;
+
+  void resize(int64_t n, int64_t m, int64_t nnz) {
+    d.assign(m, kInf);
+    c.resize(nnz);
+    row4col.assign(m, -1);
+    edge4row.assign(n, -1);
+    pred_edge.resize(m);
+    pred_row.resize(m);
+    done.assign(m, 0);
+    scanned.clear();
+    touched.clear();
+  }
+};
+
+namespace detail {
+
+// u_i of a row under prices v: its smallest reduced cost over its edges (kInf for no edge).
+inline double row_min(const SparseProblem& p, const double* c, const double* v, int64_t i) {
+  double best = kInf;
+  for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) best = std::min(best, c[e] - v[p.col[e]]);
+  return best;
+}
+
+// Warm start: keeps the pairs of col4row (-1: free row) that are edges, one-to-one and tight
+// under the prices ws.v (their reduced cost is the row's minimum); frees the other rows.
+// Rectangular problems need every unassigned column at the top price: the prices are shifted to
+// a maximum of 0 and a column left free below 0 is raised to 0, which
+// can make an edge into it cheaper than the pair its row holds; that row is freed in turn (a
+// worklist over the transposed graph, each column raised at most once).
+// Returns the free rows.
+inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
+                                       SparseWorkspace& ws) {
+  const int64_t n = p.n, m = p.m, nnz = p.crow[n];
+  double* v = ws.v.data();
+  const double* c = ws.c.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = col4row[i];
+    col4row[i] = -1;
+    if (j < 0 || j >= m || ws.row4col[j] >= 0) continue;
+    int64_t edge = -1;  // the cheapest edge (i, j)
+    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+      if (p.col[e] == j && (edge < 0 || c[e] < c[edge])) edge = e;
+    }
+    if (edge < 0 || c[edge] - v[j] > row_min(p, c, v, i)) continue;
+    col4row[i] = j;
+    ws.row4col[j] = i;
+    ws.edge4row[i] = edge;
+  }
+  if (m > n) {
+    // A uniform shift of the prices changes no reduced cost ordering: top price 0. (Square
+    // problems keep their prices as they come, so that a caller comparing prices across warm
+    // solves sees only real moves.)
+    double vmax = -kInf;
+    for (int64_t j = 0; j < m; ++j) vmax = std::max(vmax, v[j]);
+    for (int64_t j = 0; j < m; ++j) v[j] -= vmax;
+    // The transpose, for the rows that have an edge into a raised column.
+    ws.ccol.assign(m + 1, 0);
+    ws.cedge.resize(nnz);
+    for (int64_t e = 0; e < nnz; ++e) ++ws.ccol[p.col[e] + 1];
+    for (int64_t j = 0; j < m; ++j) ws.ccol[j + 1] += ws.ccol[j];
+    std::vector<int64_t> fill(ws.ccol.begin(), ws.ccol.end() - 1), edge_row(nnz);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+        ws.cedge[fill[p.col[e]]++] = e;
+        edge_row[e] = i;
+      }
+    }
+    std::vector<int64_t> raise;
+    for (int64_t j = 0; j < m; ++j) {
+      if (ws.row4col[j] < 0 && v[j] < 0.0) raise.push_back(j);
+    }
+    while (!raise.empty()) {
+      const int64_t j = raise.back();
+      raise.pop_back();
+      v[j] = 0.0;
+      for (int64_t k = ws.ccol[j]; k < ws.ccol[j + 1]; ++k) {
+        const int64_t i = edge_row[ws.cedge[k]];
+        const int64_t ji = col4row[i];
+        if (ji < 0 || c[ws.edge4row[i]] - v[ji] <= c[ws.cedge[k]] - v[j]) continue;
+        col4row[i] = -1;  // an edge into j is now cheaper than row i's pair: not tight
+        ws.row4col[ji] = -1;
+        ws.edge4row[i] = -1;
+        if (v[ji] < 0.0) raise.push_back(ji);
+      }
+    }
+  }
+  std::vector<int64_t> free_rows;
+  for (int64_t i = 0; i < n; ++i) {
+    if (col4row[i] < 0) free_rows.push_back(i);
+  }
+  return free_rows;
+}
+
+// Dijkstra from free row f over reduced costs, then augment along the path found. Labels are
+// distances minus the reached row's u, as in lsap.h's augment: edges out of a matched row are
+// offset by its pair's reduced cost, so every step adds a non-negative amount.
+// Returns false when no free column is reachable from f.
+inline bool sparse_augment(const SparseProblem& p, int64_t f, int64_t* col4row,
+                           SparseWorkspace& ws) {
+  double* v = ws.v.data();
+  double* d = ws.d.data();
+  const double* c = ws.c.data();
+  int64_t* row4col = ws.row4col.data();
+  std::vector<SparseHeapEntry>& heap = ws.heap;
+  const std::greater<SparseHeapEntry> later;
+  heap.clear();
+  int64_t i = f, sink = -1;
+  double base = 0.0, best = kInf;
+  while (true) {
+    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+      const int64_t j = p.col[e];
+      if (ws.done[j]) continue;
+      const double h = base + (c[e] - v[j]);
+      if (h < d[j]) {
+        if (d[j] == kInf) ws.touched.push_back(j);
+        d[j] = h;
+        ws.pred_row[j] = i;
+        ws.pred_edge[j] = e;
+        heap.push_back({h, row4col[j] >= 0 ? 1 : 0, j});
+        std::push_heap(heap.begin(), heap.end(), later);
+      }
+    }
+    int64_t j = -1;
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), later);
+      const SparseHeapEntry top = heap.back();
+      heap.pop_back();
+      if (!ws.done[top.j] && top.d == d[top.j]) {
+        j = top.j;
+        break;
+      }
+    }
+    if (j < 0) break;  // nothing left to reach: infeasible
+    best = d[j];
+    if (row4col[j] < 0) {
+      sink = j;
+      break;
+    }
+    ws.done[j] = 1;
+    ws.scanned.push_back(j);
+    i = row4col[j];
+    base = best - (c[ws.edge4row[i]] - v[j]);
+  }
+  if (sink >= 0) {
+    for (const int64_t j : ws.scanned) v[j] += d[j] - best;
+    for (int64_t j = sink;;) {
+      const int64_t r = ws.pred_row[j];
+      row4col[j] = r;
+      const int64_t next = col4row[r];
+      col4row[r] = j;
+      ws.edge4row[r] = ws.pred_edge[j];
+      if (r == f) break;
+      j = next;
+    }
+  }
+  for (const int64_t j : ws.touched) d[j] = kInf;
+  for (const int64_t j : ws.scanned) ws.done[j] = 0;
+  ws.touched.clear();
+  ws.scanned.clear();
+  return sink >= 0;
+}
+
+}  // namespace detail
+
+// Solves one sparse problem (n <= m; entries finite, see SparseProblem). Warm start, optional:
+// col4row holds each row's previous column or -1 (read when `warm`), v_init (nullable) the
+// previous prices of the problem as posed. On kSolved, col4row[i] is row i's column and u, v
+// (either may be null) the duals of the problem as posed: u[i] + v[j] <= cost on every edge
+// (>= when maximising), equality on assigned pairs, and, when m > n or solving cold, unassigned
+// columns priced at 0 and every other column at most 0 (at least 0 when maximising); square
+// problems warm from v_init keep its offset. kInfeasible: no matching of every row.
+inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, const double* v_init,
+                           int64_t* col4row, double* u, double* v_out, SparseWorkspace& ws) {
+  const int64_t n = p.n, m = p.m, nnz = p.crow[n];
+  const double sign = maximize ? -1.0 : 1.0;
+  ws.resize(n, m, nnz);
+  for (int64_t e = 0; e < nnz; ++e) ws.c[e] = sign * p.cost[e];
+  ws.v.assign(m, 0.0);
+  if (v_init) {
+    for (int64_t j = 0; j < m; ++j) ws.v[j] = sign * v_init[j];
+  }
+  if (!warm) {
+    for (int64_t i = 0; i < n; ++i) col4row[i] = -1;
+  }
+  const std::vector<int64_t> free_rows = detail::warm_start(p, col4row, ws);
+  for (const int64_t f : free_rows) {
+    if (!detail::sparse_augment(p, f, col4row, ws)) return kInfeasible;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (u) u[i] = sign * (ws.c[ws.edge4row[i]] - ws.v[col4row[i]]);
+  }
+  if (v_out) {
+    for (int64_t j = 0; j < m; ++j) v_out[j] = sign * ws.v[j];
+  }
+  return kSolved;
+}
+
+}  // namespace lap
+}  // namespace nat

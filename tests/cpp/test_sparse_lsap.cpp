@@ -1,0 +1,133 @@
+// The sparse solver core (lap/sparse_lsap.h) on its own, no torch: random sparse problems against
+// the dense solver (lap/lsap.h, missing edges as +inf), cold and warm from random matchings and
+// prices, with the certificate checked over the edges; and infeasibility. Built by CMakeLists.txt
+// and run by ctest.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "lap/lsap.h"
+#include "lap/sparse_lsap.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, unsigned seed, bool warm) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s (seed %u, %s)\n", what, seed, warm ? "warm" : "cold");
+  }
+}
+
+struct Csr {
+  int64_t n, m;
+  std::vector<int64_t> crow, col;
+  std::vector<double> cost;
+};
+
+// Row i gets a hidden perfect matching's edge (so it is feasible) and `degree` random ones.
+Csr random_csr(std::mt19937& rng, int64_t n, int64_t m, int degree) {
+  Csr p{n, m, {0}, {}, {}};
+  std::vector<int64_t> perm(m);
+  for (int64_t j = 0; j < m; ++j) perm[j] = j;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::uniform_int_distribution<int64_t> pick(0, m - 1);
+  std::uniform_int_distribution<int> small(0, 9);  // small integers: many ties
+  for (int64_t i = 0; i < n; ++i) {
+    p.col.push_back(perm[i]);
+    p.cost.push_back(small(rng));
+    for (int e = 0; e < degree; ++e) {
+      p.col.push_back(pick(rng));
+      p.cost.push_back(small(rng));
+    }
+    p.crow.push_back(static_cast<int64_t>(p.col.size()));
+  }
+  return p;
+}
+
+// u_i + v_j <= c on every edge, equality on the pairs; free columns at 0, the others <= 0 (not
+// checked for square problems warm from given prices, which keep their offset).
+bool certificate_holds(const Csr& p, const std::vector<int64_t>& x, const std::vector<double>& u,
+                       const std::vector<double>& v, bool priced) {
+  const double tol = 1e-9;
+  std::vector<char> used(p.m, 0);
+  for (int64_t i = 0; i < p.n; ++i) {
+    if (x[i] < 0 || x[i] >= p.m || used[x[i]]) return false;
+    used[x[i]] = 1;
+    bool tight = false;
+    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+      if (u[i] + v[p.col[e]] > p.cost[e] + tol) return false;
+      tight |= p.col[e] == x[i] && std::fabs(u[i] + v[x[i]] - p.cost[e]) <= tol;
+    }
+    if (!tight) return false;
+  }
+  for (int64_t j = 0; priced && j < p.m; ++j) {
+    if (v[j] > tol || (!used[j] && std::fabs(v[j]) > tol)) return false;
+  }
+  return true;
+}
+
+void run_case(unsigned seed) {
+  std::mt19937 rng(seed);
+  const int64_t n = 5 + seed % 40, m = n + (seed % 3) * (seed % 7);
+  const Csr p = random_csr(rng, n, m, 1 + seed % 4);
+  std::vector<double> dense(n * m, nat::lap::kInf);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+      double& c = dense[i * m + p.col[e]];
+      c = std::min(c, p.cost[e]);
+    }
+  }
+  std::vector<int64_t> xd(n);
+  nat::lap::Workspace dws;
+  nat::lap::solve(n, m, dense.data(), false, xd.data(), nullptr, nullptr, dws);
+  double optimum = 0;
+  for (int64_t i = 0; i < n; ++i) optimum += dense[i * m + xd[i]];
+
+  const nat::lap::SparseProblem sp{n, m, p.crow.data(), p.col.data(), p.cost.data()};
+  for (const bool warm : {false, true}) {
+    std::vector<int64_t> x(n, -1);
+    std::vector<double> u(n), v(m), v0(m);
+    if (warm) {  // a random partial matching and random prices
+      std::vector<int64_t> perm(m);
+      for (int64_t j = 0; j < m; ++j) perm[j] = j;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::normal_distribution<double> normal;
+      for (int64_t i = 0; i < n; ++i) x[i] = i % 3 ? perm[i] : -1;
+      for (int64_t j = 0; j < m; ++j) v0[j] = normal(rng);
+    }
+    nat::lap::SparseWorkspace ws;
+    const nat::lap::Status st = nat::lap::sparse_solve(sp, false, warm, warm ? v0.data() : nullptr,
+                                                       x.data(), u.data(), v.data(), ws);
+    expect(st == nat::lap::kSolved, "solved", seed, warm);
+    if (st != nat::lap::kSolved) continue;
+    double got = 0;
+    for (int64_t i = 0; i < n; ++i) got += dense[i * m + x[i]];
+    expect(std::fabs(got - optimum) <= 1e-9, "same optimum as the dense solver", seed, warm);
+    expect(certificate_holds(p, x, u, v, m > n || !warm), "certificate", seed, warm);
+  }
+}
+
+void infeasible_case() {
+  // rows 0 and 1 can only take column 0
+  const std::vector<int64_t> crow{0, 1, 2, 4}, col{0, 0, 1, 2};
+  const std::vector<double> cost{1, 2, 3, 4};
+  const nat::lap::SparseProblem sp{3, 3, crow.data(), col.data(), cost.data()};
+  std::vector<int64_t> x(3);
+  std::vector<double> u(3), v(3);
+  nat::lap::SparseWorkspace ws;
+  expect(nat::lap::sparse_solve(sp, false, false, nullptr, x.data(), u.data(), v.data(), ws) ==
+             nat::lap::kInfeasible,
+         "infeasible detected", 0, false);
+}
+
+}  // namespace
+
+int main() {
+  for (unsigned seed = 0; seed < 300; ++seed) run_case(seed);
+  infeasible_case();
+  std::printf("%s: %d failures\n", failures ? "FAILED" : "ok", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,361 @@
+"""nat_ext.assign_full and the sparse solver op under it, against oracles that share nothing with
+them: brute-force enumeration, scipy on the dense scores, and a chunked dense pass over the dual
+certificate (written here, in float64)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import nat_ext
+from nat_ext.full_assign import sparse_linear_sum_assignment
+from conftest import cpu_and_cuda
+
+
+def certificate_holds(feats, targets, x, u, v, rtol=1e-9, chunk=64):
+    """u_i + v_j >= f_i . t_j on every pair, equality on the assigned ones, every unassigned
+    target's v at most every assigned one's; scores recomputed in float64, chunk by chunk."""
+    f, t = feats.double().cpu(), targets.double().cpu()
+    x, u, v = x.cpu(), u.double().cpu(), v.double().cpu()
+    n, m = f.shape[0], t.shape[0]
+    if x.shape != (n,) or u.shape != (n,) or v.shape != (m,):
+        return False
+    if n and (x.min() < 0 or x.max() >= m or x.unique().numel() != n):
+        return False
+    tol = rtol * (1.0 + float(f.norm(dim=1).max()) * float(t.norm(dim=1).max()) if n else 1.0)
+    for r0 in range(0, n, chunk):
+        s = f[r0:r0 + chunk] @ t.T
+        if (s - u[r0:r0 + chunk, None] - v[None, :] > tol).any():
+            return False
+        assigned = s.gather(1, x[r0:r0 + chunk, None]).squeeze(1)
+        if ((assigned - u[r0:r0 + chunk] - v[x[r0:r0 + chunk]]).abs() > tol).any():
+            return False
+    used = torch.zeros(m, dtype=torch.bool)
+    used[x] = True
+    if n and (~used).any() and v[~used].max() > v[used].min() + tol:
+        return False
+    return True
+
+
+def total(feats, targets, x):
+    return float((feats.double().cpu() * targets.double().cpu()[x.cpu()]).sum())
+
+
+def dense_optimum(feats, targets):
+    s = (feats.double().cpu() @ targets.double().cpu().T).numpy()
+    r, c = scipy.optimize.linear_sum_assignment(s, maximize=True)
+    return float(s[r, c].sum())
+
+
+def random_problem(seed, n, m, d, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, generator=g, dtype=dtype)
+    t = torch.randn(m, d, generator=g, dtype=dtype)
+    return f.to(device), t.to(device)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_brute_force_tiny(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 6))
+    m = int(rng.integers(n, 7))
+    f, t = random_problem(seed, n, m, 3)
+    x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=1, col_k=0)
+    s = (f @ t.T).numpy()
+    best = max(sum(s[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+    assert total(f, t, x) == pytest.approx(best, abs=1e-9), f"seed {seed}"
+    assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("m_extra", [0, 57])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_matches_scipy(device, m_extra, with_init):
+    for seed in range(3):
+        n = 300
+        m = n + m_extra
+        f, t = random_problem(seed, n, m, 16, device=device)
+        init = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n].to(device) \
+            if with_init else None
+        stats = {}
+        x, u, v = nat_ext.assign_full(f, t, init=init, return_duals=True, k=4, stats=stats)
+        assert x.device == f.device and u.device == f.device and v.device == f.device
+        assert x.dtype == torch.int64 and u.dtype == v.dtype == torch.float64
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+        assert stats["rounds"] == len(stats["time_solve"]) == len(stats["candidates_per_row"])
+        if m == n:  # prices only rise between square rounds: no column needs a full rescan
+            assert not any(stats["rechecked_cols"]), f"seed {seed}: {stats}"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_float32(device):
+    for seed in range(3):
+        f, t = random_problem(seed, 500, 520, 32, torch.float32, device)
+        x = nat_ext.assign_full(f, t)
+        # optimal for the float32 scores, to within their rounding: the float64 optimum may
+        # differ by that much, no more
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-5), f"seed {seed}"
+        assert x.unique().numel() == 500
+
+
+def test_ties():
+    # 0/1 features and targets: scores are small integers, with ties everywhere
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        f = torch.randint(0, 2, (60, 5), generator=g).double()
+        t = torch.randint(0, 2, (75, 5), generator=g).double()
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=2)
+        assert total(f, t, x) == dense_optimum(f, t), f"seed {seed}"
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+
+
+@pytest.mark.parametrize("m", [200, 400])
+def test_all_features_alike_forces_pricing(m):
+    # every row ranks the targets (almost) the same way, so the top-k lists all name the same
+    # few targets and the optimum needs pairs that only pricing finds
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(1, 8, generator=g, dtype=torch.float64)
+        f = base + 1e-3 * torch.randn(200, 8, generator=g, dtype=torch.float64)
+        t = torch.randn(m, 8, generator=g, dtype=torch.float64)
+        stats = {}
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=2, col_k=0, stats=stats)
+        assert stats["rounds"] > 2, f"seed {seed}: {stats}"
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+
+
+def test_identical_rows_take_the_best_targets():
+    # identical feats: any assignment of the n best targets is optimal, and only those
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(1, 6, generator=g, dtype=torch.float64).expand(50, 6).contiguous()
+    t = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=1, col_k=0)
+    best = (t @ f[0]).topk(50).indices
+    assert set(x.tolist()) == set(best.tolist())
+    assert certificate_holds(f, t, x, u, v)
+
+
+def test_init_is_kept_when_optimal():
+    f, t = random_problem(7, 100, 100, 8)
+    x = nat_ext.assign_full(f, t)
+    stats = {}
+    again = nat_ext.assign_full(f, t, init=x, stats=stats)
+    assert total(f, t, again) == pytest.approx(total(f, t, x), rel=1e-13)
+    assert stats["violating_rows"][-1] == 0
+
+
+def test_empty_and_single():
+    f, t = random_problem(0, 0, 5, 3)
+    x, u, v = nat_ext.assign_full(f, t, return_duals=True)
+    assert x.shape == (0,) and u.shape == (0,) and v.shape == (5,)
+    f, t = random_problem(0, 1, 5, 3)
+    x = nat_ext.assign_full(f, t)
+    assert int(x) == int((t @ f[0]).argmax())
+
+
+# --- the sparse op on its own ---
+
+def random_sparse(seed, n, m, degree):
+    g = torch.Generator().manual_seed(seed)
+    cols, costs, crow = [], [], [0]
+    perm = torch.randperm(m, generator=g)[:n]  # a perfect matching, so it is feasible
+    for i in range(n):
+        c = torch.cat([perm[i:i + 1], torch.randint(0, m, (degree,), generator=g)])
+        cols.append(c)
+        costs.append(torch.randn(c.numel(), generator=g, dtype=torch.float64))
+        crow.append(crow[-1] + c.numel())
+    return torch.tensor(crow), torch.cat(cols), torch.cat(costs)
+
+
+def dense_of(crow, col, cost, n, m, maximize):
+    # duplicate edges: the better one counts
+    fill = -torch.inf if maximize else torch.inf
+    dense = torch.full((n, m), fill, dtype=torch.float64)
+    for i in range(n):
+        for e in range(int(crow[i]), int(crow[i + 1])):
+            j = int(col[e])
+            dense[i, j] = max(dense[i, j], cost[e]) if maximize else min(dense[i, j], cost[e])
+    return dense
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_sparse_op_against_dense_solver(maximize):
+    for seed in range(20):
+        n, m = 30, 30 + seed % 3 * 7
+        crow, col, cost = random_sparse(seed, n, m, 3)
+        x, u, v = sparse_linear_sum_assignment(crow, col, cost, m, maximize)
+        dense = dense_of(crow, col, cost, n, m, maximize)
+        assert nat_ext.check_optimality(dense, x, u, v, maximize=maximize), f"seed {seed}"
+        ref = torch.ops.nat.linear_sum_assignment(dense, maximize)
+        assert float(dense.gather(1, x[:, None]).sum()) == pytest.approx(
+            float(dense.gather(1, ref[:, None]).sum()), abs=1e-9), f"seed {seed}"
+        # warm from a random matching and random prices: the same optimum, a valid certificate
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.randperm(m, generator=g)[:n]
+        x0[::4] = -1
+        v0 = torch.randn(m, generator=g, dtype=torch.float64)
+        xw, uw, vw = sparse_linear_sum_assignment(crow, col, cost, m, maximize, x0, v0)
+        assert nat_ext.check_optimality(dense, xw, uw, vw, maximize=maximize), f"seed {seed}"
+
+
+def test_sparse_op_opcheck():
+    crow, col, cost = random_sparse(0, 10, 12, 2)
+    torch.library.opcheck(torch.ops.nat.sparse_linear_sum_assignment.default,
+                          (crow, col, cost, 12, True, None, None))
+    torch.library.opcheck(torch.ops.nat.sparse_linear_sum_assignment.default,
+                          (crow, col, cost, 12, False, torch.arange(10), torch.zeros(12,
+                                                                      dtype=torch.float64)))
+
+
+def test_sparse_op_errors():
+    crow, col, cost = random_sparse(0, 4, 5, 1)
+    with pytest.raises(ValueError, match="infeasible"):
+        # two rows whose only column is 0
+        sparse_linear_sum_assignment(torch.tensor([0, 1, 2]), torch.tensor([0, 0]),
+                                     torch.tensor([1.0, 2.0], dtype=torch.float64), 3)
+    with pytest.raises(ValueError, match="col\\[0\\]"):
+        sparse_linear_sum_assignment(crow, col + 5, cost, 5)
+    with pytest.raises(ValueError, match="not finite"):
+        sparse_linear_sum_assignment(crow, col, cost * torch.nan, 5)
+    with pytest.raises(TypeError, match="cost should be Double"):
+        sparse_linear_sum_assignment(crow, col, cost.float(), 5)
+    with pytest.raises(ValueError, match="n <= m"):
+        sparse_linear_sum_assignment(crow, col, cost, 3)
+    with pytest.raises(ValueError, match="init_col4row"):
+        sparse_linear_sum_assignment(crow, col, cost, 5, False, torch.full((4,), 7))
+    # the fake kernel says what eager says
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake = [torch.empty(5, dtype=torch.int64), torch.empty(3, dtype=torch.int64),
+                torch.empty(3, dtype=torch.float32)]
+        with pytest.raises(TypeError, match="cost should be Double"):
+            torch.ops.nat.sparse_linear_sum_assignment(*fake, 5)
+
+
+# --- bad input to assign_full ---
+
+@pytest.mark.parametrize("case, error, match", [
+    ("nan feats", ValueError, "feats contains NaN"),
+    ("inf targets", ValueError, "targets contains NaN or infinite"),
+    ("n > m", ValueError, "n <= m"),
+    ("d mismatch", ValueError, "feature size"),
+    ("dtype mismatch", TypeError, "targets should have the dtype"),
+    ("int feats", TypeError, "feats should be float32 or float64"),
+    ("1-D feats", ValueError, "feats should be a 2-D"),
+    ("list targets", TypeError, "targets should be a Tensor"),
+    ("init shape", ValueError, "init should have shape"),
+    ("init dtype", TypeError, "init should be an int64"),
+    ("init range", ValueError, "init should hold targets in"),
+    ("init negative", ValueError, "init should hold targets in"),
+    ("init duplicates", ValueError, "init should be one-to-one"),
+    ("k", ValueError, "k should be an int >= 1"),
+    ("col_k", ValueError, "col_k should be an int >= 0"),
+    ("overflow", ValueError, "not finite"),
+    ("overflow float32", ValueError, "not finite"),
+])
+def test_bad_input(case, error, match):
+    f, t = random_problem(0, 6, 8, 3)
+    init = torch.arange(6)
+    kwargs = {}
+    if case == "nan feats":
+        f[2, 1] = torch.nan
+    elif case == "inf targets":
+        t[3, 0] = torch.inf
+    elif case == "n > m":
+        f, t = t, f
+        init = torch.arange(8)
+    elif case == "d mismatch":
+        t = t[:, :2]
+    elif case == "dtype mismatch":
+        t = t.float()
+    elif case == "int feats":
+        f = f.long()
+    elif case == "1-D feats":
+        f = f[0]
+    elif case == "list targets":
+        t = t.tolist()
+    elif case == "init shape":
+        init = torch.arange(5)
+    elif case == "init dtype":
+        init = init.double()
+    elif case == "init range":
+        init[0] = 8
+    elif case == "init negative":
+        init[0] = -1
+    elif case == "init duplicates":
+        init[0] = init[1]
+    elif case == "k":
+        kwargs["k"] = 0
+    elif case == "col_k":
+        kwargs["col_k"] = -1
+    elif case == "overflow":
+        f, t = f * 1e300, t * 1e300
+    elif case == "overflow float32":
+        f, t = f.float() * 1e20, t.float() * 1e20
+    with pytest.raises(error, match=match):
+        nat_ext.assign_full(f, t, init=init, **kwargs)
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    f, t = random_problem(0, 6, 8, 3)
+    with pytest.raises(ValueError, match="targets should be on the device"):
+        nat_ext.assign_full(f.cuda(), t)
+    with pytest.raises(ValueError, match="init should be on the device"):
+        nat_ext.assign_full(f.cuda(), t.cuda(), init=torch.arange(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidate_pass_matches_topk(dtype):
+    # the fused CPU candidate op against torch.topk along both dimensions, chunk by chunk
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(50, 300, generator=g, dtype=dtype)
+    col_vals = torch.full((3, 300), -torch.inf, dtype=dtype)
+    col_rows = torch.zeros((3, 300), dtype=torch.int64)
+    for r0 in range(0, 50, 20):
+        vals, idx, col_vals, col_rows = torch.ops.nat._assign_full_candidates(
+            s[r0:r0 + 20], 5, col_vals, col_rows, r0)
+        ref = s[r0:r0 + 20].topk(5, dim=1)
+        assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
+    ref = s.topk(3, dim=0)
+    assert torch.equal(col_vals, ref.values) and torch.equal(col_rows, ref.indices)
+    torch.library.opcheck(torch.ops.nat._assign_full_candidates.default,
+                          (s[:20], 5, col_vals, col_rows, 0))
+
+
+def test_row_max_op():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(30, 200, generator=g).bfloat16()
+    s[3, 7] = torch.nan
+    v = torch.randn(200, generator=g, dtype=torch.float64)
+    got = torch.ops.nat._assign_full_row_max(s, v)
+    ref = (s.double() - v).amax(dim=1)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~got.isnan()],
+                                                                 ref[~ref.isnan()])
+    s[3, 7] = 0.0  # opcheck compares outputs without equal_nan
+    torch.library.opcheck(torch.ops.nat._assign_full_row_max.default, (s, v))
+
+
+def test_torch_topk_candidate_path(monkeypatch):
+    # the candidate path the GPU takes (torch.topk), run on the CPU
+    monkeypatch.setattr(nat_ext.full_assign, "_TORCH_TOPK", True)
+    for seed in range(3):
+        f, t = random_problem(seed, 200, 230, 8)
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2)
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+
+
+@pytest.mark.parametrize("m_extra", [0, 40])
+def test_candidates_in_input_dtype(m_extra):
+    # no bfloat16 ranking and no bfloat16 pricing filter (the path of CPUs without native
+    # bfloat16 and of the GPU)
+    for seed in range(3):
+        f, t = random_problem(seed, 250, 250 + m_extra, 12)
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3,
+                                      candidate_dtype=torch.float64)
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
