@@ -444,7 +444,8 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     x0 = (torch.arange(n, device=device) if init is None else init.to(torch.int64))
     chunks = _row_chunks(n, m, chunk_elems)
     eps = torch.finfo(dtype).eps
-    scale = float(feats.norm(dim=1).max()) * float(targets.norm(dim=1).max())
+    # in float64: float32 norms of huge (finite) rows could overflow and make tol infinite
+    scale = float(feats.double().norm(dim=1).max()) * float(targets.double().norm(dim=1).max())
     info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [],
                   "rechecked_rows": [], "exact_rows": [], "rechecked_cols": [],
                   "time_candidates": 0.0, "time_solve": [], "time_pricing": []}

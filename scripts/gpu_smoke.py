@@ -55,11 +55,11 @@ def jv_global_by_size():  # state above the shared-memory cap: global workspace
     certified(rand(1, 1800, 1800, seed=5), solver="jv")
 
 
-def jv_global_by_batch():  # more problems than one wave: global workspace
+def jv_global_by_batch():  # more problems than one wave (~19 blocks an SM): global workspace
     certified(rand(5000, 16, 16, seed=6))
 
 
-def jv_global_by_batch_small():  # the same path, fewer problems than a wave would allow
+def jv_global_by_batch_small():  # the same path on smaller problems, for the sanitizers
     certified(rand(4300, 4, 4, seed=6))
 
 
@@ -129,6 +129,7 @@ def main() -> int:
     names = args.case or list(SMALL if args.small else CASES)
     failed = 0
     for name in names:
+        print(f"START {name}", flush=True)  # a hang shows which case it was
         t0 = time.perf_counter()
         try:
             pool[name]()

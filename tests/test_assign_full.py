@@ -254,6 +254,7 @@ def test_sparse_op_errors():
     ("k", ValueError, "k should be an int >= 1"),
     ("col_k", ValueError, "col_k should be an int >= 0"),
     ("overflow", ValueError, "not finite"),
+    ("overflow float32", ValueError, "not finite"),
 ])
 def test_bad_input(case, error, match):
     f, t = random_problem(0, 6, 8, 3)
@@ -292,6 +293,8 @@ def test_bad_input(case, error, match):
         kwargs["col_k"] = -1
     elif case == "overflow":
         f, t = f * 1e300, t * 1e300
+    elif case == "overflow float32":
+        f, t = f.float() * 1e20, t.float() * 1e20
     with pytest.raises(error, match=match):
         nat_ext.assign_full(f, t, init=init, **kwargs)
 

@@ -1,5 +1,6 @@
 """No module under nat_ext/ imports another in a circle, counting imports inside functions."""
 import ast
+import importlib.machinery
 import os
 
 import nat_ext
@@ -10,6 +11,9 @@ PKG_DIR = os.path.dirname(nat_ext.__file__)
 def import_graph(pkg_dir: str, pkg: str) -> dict[str, set[str]]:
     """module -> package modules it imports anywhere in its source (top level, functions, branches)."""
     modules = {f[:-3] for f in os.listdir(pkg_dir) if f.endswith(".py")}
+    # Compiled extension modules (_C): leaves, importing nothing of the package.
+    compiled = {f.split(".")[0] for f in os.listdir(pkg_dir)
+                if f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))}
 
     def resolve(name: str) -> str | None:
         # "pkg.x.y" -> "x" when pkg/x.py exists; "pkg" -> "__init__"
@@ -36,8 +40,8 @@ def import_graph(pkg_dir: str, pkg: str) -> dict[str, set[str]]:
                     continue
                 target = resolve(base)
                 names = {a.name for a in node.names}
-                if target == "__init__" and names <= modules:  # from . import x, with x a module
-                    deps |= names
+                if target == "__init__" and names <= modules | compiled:  # from . import x, x a module
+                    deps |= names & modules
                 else:  # from .x import name, from . import name (a module of its own, or the package's)
                     deps.add(target)
                     if target == "__init__":
