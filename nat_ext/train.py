@@ -119,7 +119,7 @@ def reassign(assignment: Assignment, targets: Targets, idx: torch.Tensor, feats:
 
 
 @torch.no_grad()
-def dataset_features(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int, device: torch.device,
                      rank: int = 0, world: int = 1) -> torch.Tensor:
     """The embeddings of the whole training set, for the dataset-wide assignment and the objective.
 
@@ -132,7 +132,9 @@ def dataset_features(model: torch.nn.Module, dataset, batch_size: int, device: t
 
     Args:
         model: the encoder (not the DDP wrapper: no collective inside the forward).
-        dataset: the unaugmented training set, yielding (image, label, index).
+        dataset: the unaugmented training set, yielding (image, label, index); the rows of
+            images it skips (``--skip-corrupt``) are zero, so they score 0 with every target.
+        dim: the embedding dimension.
         batch_size: images per forward pass.
         device: where the forward passes run.
         rank, world: process index and count.
@@ -145,11 +147,12 @@ def dataset_features(model: torch.nn.Module, dataset, batch_size: int, device: t
     lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
     model.eval()
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, collate_fn=collate)
-    parts = [model(x.to(device)).float() for x, _, _, _ in loader]
-    mine = torch.cat(parts) if parts else torch.empty(0, device=device)
+    mine = torch.zeros(shard, dim, device=device)  # skipped (unreadable) images keep a zero row
+    for x, _, idx, _ in loader:
+        if idx.numel():
+            mine[idx.to(device) - lo] = model(x.to(device)).float()  # idx: dataset indices
     if world == 1:
-        return mine
-    mine = F.pad(mine.reshape(hi - lo, -1), (0, 0, 0, shard - (hi - lo)))
+        return mine[:n]
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     return torch.cat(every)[:n]
@@ -502,7 +505,7 @@ def train(cfg: Config) -> dict:
             # reassign over the whole dataset, once, at the epoch start (done already when resuming mid-epoch)
             if reassigning and cfg.reassign_scope == "dataset" and start_step == 0:
                 t0 = time.perf_counter()
-                feats = dataset_features(model, plain, cfg.probe.batch_size, device, rank, world)
+                feats = dataset_features(model, plain, cfg.dim, cfg.probe.batch_size, device, rank, world)
                 t_extract = time.perf_counter() - t0
                 changed, stats.reassign_info = reassign_dataset(assignment, target_matrix, feats, rank, world)
                 stats.changed += changed
@@ -566,7 +569,7 @@ def train(cfg: Config) -> dict:
                                  global_step)
             if reassigning and cfg.track_objective:  # measurement only: not in the epoch's time
                 t0 = time.perf_counter()
-                feats = dataset_features(model, plain, cfg.probe.batch_size, device, rank, world)
+                feats = dataset_features(model, plain, cfg.dim, cfg.probe.batch_size, device, rank, world)
                 row["objective_end"] = assignment_objective(feats, target_matrix, assignment.perm)
                 row["objective_seconds"] = time.perf_counter() - t0
                 del feats
