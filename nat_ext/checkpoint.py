@@ -15,10 +15,10 @@ import torch
 __all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "COMPAT_KEYS", "LEGACY_VALUES"]
 
 # Config fields that must match for a checkpoint to be resumed or evaluated.
-COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels", "target_generator")
+COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels", "target_generator", "target_set")
 
 # What a checkpoint written before a key existed implicitly holds for it.
-LEGACY_VALUES = {"target_generator": "pcg64"}
+LEGACY_VALUES = {"target_generator": "pcg64", "target_set": "sphere"}
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -72,5 +72,6 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
              for k in COMPAT_KEYS if saved.get(k) != current.get(k)]
     if diffs:
-        raise ValueError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); "
-                         "use the same --data/--limit, --dim, --arch and --target-generator, or another --out")
+        raise ValueError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); use the same "
+                         "--data/--limit, --dim, --arch, --target-generator and --targets (with its "
+                         "--num-prototypes, --target-spread), or another --out")

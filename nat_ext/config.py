@@ -25,13 +25,15 @@ from typing import Any, Iterable
 from tqdm import tqdm
 
 from .models import ARCHS
+from .targets import KINDS as TARGET_KINDS
 
 __all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
            "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS",
-           "REASSIGN_SCOPES"]
+           "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS"]
 
 TARGET_GENERATORS = ("auto", "philox", "pcg64")
 REASSIGN_SCOPES = ("batch", "dataset")
+ALIGNS = ("exact", "sinkhorn")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -81,6 +83,25 @@ class Config:
                                            "with nat_ext.assign_full on features extracted in eval mode, "
                                            "unaugmented; the epoch then trains against those targets)",
                                   choices=REASSIGN_SCOPES)
+    targets: str = setting("sphere", "target distribution: sphere (uniform on the unit sphere, the paper's), "
+                                     "onehot (the k one-hot vectors e_0..e_k-1 of R^dim, each held by n/k images: "
+                                     "the exact assignment becomes balanced clustering; k <= dim, k divides n), "
+                                     "clustered (around k random centres on the sphere: normalize(centre + spread * u), "
+                                     "u uniform on the sphere)", choices=TARGET_KINDS)
+    num_prototypes: int = setting(50, "k of --targets onehot and clustered")
+    target_spread: float = setting(0.5, "--targets clustered: spread around the centre (cosine to it about "
+                                        "1/sqrt(1 + spread^2))")
+    align: str = setting("exact", "how a batch's images share the targets they hold on reassigning steps: exact "
+                                  "(the optimal permutation, the paper's) or sinkhorn (entropy-regularised transport "
+                                  "plan with equal marginals; the loss is taken against the plan-weighted targets, "
+                                  "the held permutation becomes the plan rounded to the nearest permutation)",
+                         choices=ALIGNS)
+    sinkhorn_eps: float = setting(0.02, "--align sinkhorn: entropy weight, in units of the feature-target cosine")
+    sinkhorn_iters: int = setting(50, "--align sinkhorn: Sinkhorn-Knopp iterations per batch")
+    views: int = setting(1, "augmented views of each image per step; 2: on reassigning steps the alignment is "
+                            "solved on each view's features and the loss taken on the other view (both ways, "
+                            "averaged), and the held permutation follows the solve on both views' summed scores",
+                         choices=(1, 2))
     track_objective: bool = setting(True, "after each reassigning epoch, extract the whole training set "
                                           "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
                                           "metrics.jsonl as objective_end (not counted in the epoch's time)")

@@ -136,6 +136,16 @@ class IndexedImageFolder(ImageFolder):
         return self.transform(img), label, i
 
 
+class _Views:
+    """A transform applied ``views`` times to one image, the results stacked (picklable for workers)."""
+
+    def __init__(self, transform: Callable, views: int) -> None:
+        self.transform, self.views = transform, views
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.stack([self.transform(img) for _ in range(self.views)])
+
+
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Collate ``(image, label, index)`` items, dropping ``None`` (skipped) items.
 
@@ -156,7 +166,7 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
-                seed: int = 0) -> tuple[Dataset, DataInfo]:
+                seed: int = 0, views: int = 1) -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
@@ -168,6 +178,8 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         image_size: crop size for image folders.
         skip_corrupt: see :class:`IndexedImageFolder`.
         seed: seed of the ``limit`` subset.
+        views: for augmented image folders, independent augmentations of each image, stacked
+            as Tensor[views, C, H, W] when more than 1 (Fashion-MNIST: augment each view on the device).
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -187,6 +199,8 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
     norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
     if augment:
         tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        if views > 1:
+            tf = _Views(tf, views)
     else:
         tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm])
     ds = IndexedImageFolder(root, tf, skip_corrupt=skip_corrupt)

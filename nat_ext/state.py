@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .align import round_plan
 from .ops import assign_ex
 
 __all__ = ["Assignment"]
@@ -96,7 +97,25 @@ class Assignment:
             raise ValueError(f"feats should be Tensor[{index.numel()}, d], got {tuple(feats.shape)}")
         held = self.targets_of(index)
         targets = target_rows(held).to(device=feats.device, dtype=feats.dtype)
-        col4row, info = self.assign_fn(feats.detach(), targets)
+        return self._take(held, *self.assign_fn(feats.detach(), targets))
+
+    def reassign_plan(self, index: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """Redistribute the targets held by a batch by a transport plan rounded to the nearest
+        permutation (``nat_ext.align.round_plan``); as :meth:`reassign`, apply with :meth:`update`.
+
+        Args:
+            index: Tensor[b] int64 image indices of the batch, distinct.
+            plan: Tensor[b, b]: row i image ``index[i]``, column j the target it holds now.
+
+        Returns:
+            Tensor[b] int64 on the state's device: the target index each image of the batch holds next.
+        """
+        if plan.shape != (index.numel(), index.numel()):
+            raise ValueError(f"plan should be Tensor[{index.numel()}, {index.numel()}], got {tuple(plan.shape)}")
+        return self._take(self.targets_of(index), *round_plan(plan.detach()))
+
+    def _take(self, held: torch.Tensor, col4row: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        # The targets picked by a solve over the held ones; a failed solve keeps them and is counted.
         ok = col4row >= 0
         self.solver_status[0] += (info != 0).to(torch.int64)
         self.solver_status[1] = torch.maximum(self.solver_status[1], info.to(self.device))

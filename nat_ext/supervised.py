@@ -38,8 +38,10 @@ def supervised_config(run: dict, out: str, epochs: int, device: str = "auto", wo
         evaluation and no resume.
     """
     cfg = config_from_dict(Config, run)
+    defaults = Config()  # the NAT-only settings go back to their defaults
     return dataclasses.replace(cfg, objective="supervised", epochs=epochs, out=out, device=device,
-                               workers=workers, eval=False, resume=False, sync_debug=False)
+                               workers=workers, eval=False, resume=False, sync_debug=False,
+                               targets=defaults.targets, align=defaults.align, views=defaults.views)
 
 
 def train_supervised(cfg: Config) -> str:

@@ -19,6 +19,17 @@ Every target row is a pure function of ``(seed, index)``, drawn by one of two ge
   ``philox`` generator existed used it; it stays for those checkpoints.
 
 So a run can store just the seed and regenerate any row, or the whole ``n x d`` matrix.
+
+Besides the paper's uniform noise (``sphere``), two other target sets (``--targets``), every
+row still a pure function of ``(seed, index)`` and the set's parameters:
+
+* ``onehot``: ``k`` prototypes, the basis vectors ``e_0 .. e_{k-1}`` of R^d; target ``i`` is
+  ``e_{i mod k}``, so each prototype is held by ``n / k`` images and the exact assignment of a
+  batch becomes a balanced clustering of its images.
+* ``clustered``: ``k`` centres drawn uniformly on the sphere (the sphere rows of the seed
+  ``seed + 2^40``, so they are not rows of the run's own set) and target ``i`` =
+  ``normalize(c_{i mod k} + spread * u_i)`` with ``u_i`` the sphere row ``i``: the cosine to its
+  centre is about ``1 / sqrt(1 + spread^2)`` in high dimension.
 """
 from __future__ import annotations
 
@@ -27,9 +38,11 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["GENERATORS", "target_rows", "philox4x32", "Targets"]
+__all__ = ["GENERATORS", "KINDS", "target_rows", "philox4x32", "Targets", "check_target_set"]
 
 GENERATORS = ("philox", "pcg64")
+KINDS = ("sphere", "onehot", "clustered")
+_CENTRE_SEED_OFFSET = 1 << 40  # the clustered set's centres: sphere rows of seed + 2^40
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -126,6 +139,25 @@ def target_rows(seed: int, index: torch.Tensor | list[int], d: int, generator: s
     return _pcg64_rows(seed, index, d)
 
 
+def check_target_set(kind: str, n: int, d: int, k: int, spread: float) -> None:
+    """Raise ValueError, naming the option, unless ``(kind, k, spread)`` defines a target set
+    of ``n`` targets in ``d`` dimensions (see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"targets should be one of {KINDS}, got {kind!r}")
+    if kind == "onehot":
+        if not 2 <= k <= d:
+            raise ValueError(f"targets onehot: num_prototypes should lie in [2, dim = {d}] (one-hot vectors of "
+                             f"R^dim), got {k}")
+        if n % k:
+            raise ValueError(f"targets onehot: num_prototypes should divide the {n} images (each prototype is "
+                             f"held by n / k images), got {k}")
+    if kind == "clustered":
+        if not 1 <= k <= n:
+            raise ValueError(f"targets clustered: num_prototypes should lie in [1, {n}], got {k}")
+        if not (math.isfinite(spread) and spread >= 0):
+            raise ValueError(f"targets clustered: target_spread should be finite and >= 0, got {spread}")
+
+
 class Targets:
     """The ``n`` targets of a run, materialised or regenerated on demand.
 
@@ -137,22 +169,43 @@ class Targets:
             regenerating the rows a batch needs from the seed (no memory).
         device: device for the materialised matrix and for ``rows`` results.
         generator: ``philox`` or ``pcg64``; both modes give the same rows.
+        kind: ``sphere``, ``onehot`` or ``clustered`` (see the module docstring).
+        num_prototypes: ``k`` of ``onehot`` and ``clustered``.
+        spread: ``clustered``: spread of the targets around their centre.
     """
 
     def __init__(self, n: int, d: int, seed: int, materialize: bool = True,
-                 device: torch.device | str = "cpu", generator: str = "pcg64") -> None:
+                 device: torch.device | str = "cpu", generator: str = "pcg64", kind: str = "sphere",
+                 num_prototypes: int = 0, spread: float = 0.0) -> None:
         _check_sizes(seed, d)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n should be a positive int, got {n!r}")
         if generator not in GENERATORS:
             raise ValueError(f"generator should be one of {GENERATORS}, got {generator!r}")
+        check_target_set(kind, n, d, num_prototypes, spread)
         self.n, self.d, self.seed, self.generator = n, d, seed, generator
+        self.kind, self.num_prototypes, self.spread = kind, num_prototypes, spread
         self.device = torch.device(device)
+        self.centres = None
+        if kind == "clustered":
+            where = self.device if generator == "philox" else "cpu"
+            self.centres = target_rows(seed + _CENTRE_SEED_OFFSET, torch.arange(num_prototypes, device=where),
+                                       d, generator).to(self.device)
         self.matrix: torch.Tensor | None = None
         if materialize:
             where = self.device if generator == "philox" else "cpu"
             chunks = torch.arange(n, device=where).split(1 << 16)  # bounds the float64 work space
-            self.matrix = torch.cat([target_rows(seed, c, d, generator).to(self.device) for c in chunks])
+            self.matrix = torch.cat([self._generate(c).to(self.device) for c in chunks])
+
+    def _generate(self, index: torch.Tensor) -> torch.Tensor:
+        if self.kind == "onehot":
+            return torch.nn.functional.one_hot(index % self.num_prototypes, self.d).float()
+        rows = target_rows(self.seed, index, self.d, self.generator)
+        if self.kind == "clustered":
+            centre = self.centres.to(rows.device).index_select(0, index % self.num_prototypes)
+            mixed = centre.double() + self.spread * rows.double()
+            rows = (mixed / mixed.norm(dim=1, keepdim=True)).float()
+        return rows
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Targets of the given rows, with no host sync when ``index`` is on ``self.device``
@@ -170,8 +223,9 @@ class Targets:
         index = index.to(self.device)
         if self.matrix is not None:
             return self.matrix.index_select(0, index)
-        return target_rows(self.seed, index, self.d, self.generator)
+        return self._generate(index).to(self.device)
 
     def state_dict(self) -> dict:
-        """Plain description (no matrix): the seed and generator regenerate everything."""
-        return {"n": self.n, "d": self.d, "seed": self.seed, "generator": self.generator}
+        """Plain description (no matrix): the seed, generator and set regenerate everything."""
+        return {"n": self.n, "d": self.d, "seed": self.seed, "generator": self.generator, "kind": self.kind,
+                "num_prototypes": self.num_prototypes, "spread": self.spread}

@@ -31,15 +31,17 @@ from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, EvalConfig, check_choices, parse_config, progress
+from .align import check_sinkhorn, sinkhorn_plan
 from .data import batch_augment, collate, get_dataset
 from .eval import evaluate
 from .full_assign import assign_full
 from .models import build_model
 from .state import Assignment
-from .targets import Targets
+from .targets import Targets, check_target_set
 
-__all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "dataset_features",
-           "assignment_objective", "reassign_dataset", "plot_metrics"]
+__all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "align_batch",
+           "check_settings", "target_set", "dataset_features", "assignment_objective", "reassign_dataset",
+           "plot_metrics"]
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -83,6 +85,46 @@ def target_generator(cfg: Config) -> str:
     return "philox" if cfg.targets_from_seed else "pcg64"
 
 
+def target_set(cfg: Config) -> str:
+    """The run's target set as one string (recorded in checkpoints, compared on resume):
+    ``sphere``, ``onehot:k`` or ``clustered:k:spread``."""
+    if cfg.targets == "onehot":
+        return f"onehot:{cfg.num_prototypes}"
+    if cfg.targets == "clustered":
+        return f"clustered:{cfg.num_prototypes}:{cfg.target_spread!r}"
+    return "sphere"
+
+
+def check_settings(cfg: Config, n: int) -> None:
+    """Raise ValueError, naming the options, for values and combinations that cannot train
+    ``n`` images (called before anything is trained).
+
+    Args:
+        cfg: the run's settings.
+        n: number of training images.
+    """
+    check_choices(cfg)
+    if cfg.reassign_every < 0:
+        raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
+    if cfg.objective != "nat":
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
+                   (("targets", "sphere"), ("align", "exact"), ("views", 1)) if getattr(cfg, k) != v]
+        if changed:
+            raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} apply to NAT only")
+        return
+    check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
+    if cfg.align == "sinkhorn":
+        check_sinkhorn(cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+    if cfg.reassign_scope == "dataset":
+        if cfg.align != "exact":
+            raise ValueError("align sinkhorn works on a batch's b x b scores: use --reassign-scope batch with it "
+                             "(the dataset-wide reassignment is exact)")
+        if cfg.targets == "onehot":
+            raise ValueError("targets onehot with --reassign-scope dataset: the n x n problem has n/k identical "
+                             "targets per prototype, which assign_full's top-k candidates cannot separate; use "
+                             "--reassign-scope batch")
+
+
 def _exchange(idx: torch.Tensor, new: torch.Tensor, batch_size: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's (image, new target) pairs of this step; -1 pads short batches (skipped images)."""
     pad = batch_size - idx.numel()
@@ -116,6 +158,50 @@ def reassign(assignment: Assignment, targets: Targets, idx: torch.Tensor, feats:
     if world > 1:
         idx, new = _exchange(idx, new, batch_size, world)
     return assignment.update(idx, new)
+
+
+def align_batch(cfg: Config, assignment: Assignment, targets: Targets, idx: torch.Tensor,
+                views: list[torch.Tensor], world: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A reassigning step: align the batch's images with the targets they hold, update the held
+    permutation, and give each view the targets its loss is taken against.
+
+    * ``--align exact``, one view: NAT's reassignment (:func:`reassign`); the loss targets are the new ones.
+    * ``--align sinkhorn``: the Sinkhorn plan between the features and the held targets; the loss is
+      taken against the plan-weighted targets (a soft target per image, so an image whose scores are
+      close for several targets is not forced onto one of them), and the held permutation becomes the
+      plan rounded to the nearest permutation (so later epochs and batches still hold one target each).
+    * two views: each view's alignment gives the other view's loss targets (swapped prediction); the
+      held permutation follows the alignment of both views' summed scores (exact: the solve on the
+      summed features; sinkhorn: the rounded mean plan).
+
+    Args:
+        cfg: the run's settings (``align``, ``sinkhorn_*``, ``batch_size``).
+        assignment, targets: the run's permutation and targets.
+        idx: Tensor[b] the batch's image indices, on the device.
+        views: one Tensor[b, d] of features per view.
+        world: number of processes.
+
+    Returns:
+        (one Tensor[b, d] of loss targets per view, Tensor[] images whose target changed, all processes).
+    """
+    if cfg.align == "exact" and len(views) == 1:
+        changed = reassign(assignment, targets, idx, views[0], cfg.batch_size, world)
+        return [targets.rows(assignment.targets_of(idx))], changed
+    feats = [f.detach().float() for f in views]
+    if cfg.align == "exact":
+        per_view = [assignment.reassign(idx, f, targets.rows) for f in feats]
+        loss_rows = [targets.rows(t) for t in per_view]
+        keep = assignment.reassign(idx, sum(feats), targets.rows)
+    else:
+        rows = targets.rows(assignment.targets_of(idx))
+        plans = [sinkhorn_plan(f @ rows.t(), cfg.sinkhorn_eps, cfg.sinkhorn_iters) for f in feats]
+        loss_rows = [p @ rows for p in plans]
+        keep = assignment.reassign_plan(idx, sum(plans) / len(plans))
+    if len(loss_rows) == 2:
+        loss_rows = loss_rows[::-1]  # each view is pulled towards the other view's alignment
+    if world > 1:
+        idx, keep = _exchange(idx, keep, cfg.batch_size, world)
+    return loss_rows, assignment.update(idx, keep)
 
 
 @torch.no_grad()
@@ -427,10 +513,7 @@ def train(cfg: Config) -> dict:
         ``perm`` (Tensor[n] final assignment, CPU), ``train_seconds`` and ``eval``
         (results or None).
     """
-    check_choices(cfg)
-    if cfg.reassign_every < 0:
-        raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
-
+    check_choices(cfg)  # before any process group or data: a bad choice fails at once
     # processes, data, model, targets, optimizer
     device, rank, world = _setup_processes(cfg)
     master = rank == 0
@@ -438,17 +521,20 @@ def train(cfg: Config) -> dict:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     torch.manual_seed(cfg.seed)  # same model init on every rank
     dataset, info = get_dataset(cfg.data, "train", augment=True, limit=cfg.limit or None,
-                                image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed)
+                                image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed,
+                                views=cfg.views)
     n = len(dataset)
+    check_settings(cfg, n)
     nat = cfg.objective == "nat"
     model = build_model(cfg.arch, cfg.dim if nat else info.num_classes, info.in_channels,
                         sobel=cfg.sobel, small_input=info.small_input, normalize=nat).to(device)
     # What a checkpoint must agree on to be resumed (see checkpoint.COMPAT_KEYS).
     run_info = dict(dataclasses.asdict(cfg), target_generator=target_generator(cfg), n_images=n,
                     in_channels=info.in_channels, num_classes=info.num_classes,
-                    small_input=info.small_input, world_size=world)
+                    small_input=info.small_input, world_size=world, target_set=target_set(cfg))
     targets = Targets(n, cfg.dim, seed=cfg.seed, materialize=not cfg.targets_from_seed, device=device,
-                      generator=run_info["target_generator"]) if nat else None
+                      generator=run_info["target_generator"], kind=cfg.targets,
+                      num_prototypes=cfg.num_prototypes, spread=cfg.target_spread) if nat else None
     assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
     # the dataset-wide pass (reassignment and objective): unaugmented images, every target
     whole = nat and cfg.reassign_every > 0 and (cfg.reassign_scope == "dataset" or cfg.track_objective)
@@ -521,19 +607,26 @@ def train(cfg: Config) -> dict:
             for step, (x, y, idx, skipped) in enumerate(bar, start=start_step):
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
                 with _no_sync_allowed(no_sync):
-                    # forward
+                    # forward: every view of the batch in one pass
                     if info.batch_augment:  # in-memory data: augment on the device, batched
-                        x = batch_augment(x, aug_gen)
+                        x = torch.cat([batch_augment(x, aug_gen) for _ in range(cfg.views)])
+                    elif cfg.views > 1:  # the dataset stacked the views: Tensor[b, views, C, H, W]
+                        x = x.transpose(0, 1).flatten(0, 1)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                         out = net(x)
-                    # reassign: on scheduled epochs the batch's images swap their targets
+                    views = list(out.chunk(cfg.views))
+                    # reassign: on scheduled epochs the batch's images share out their targets anew
                     if per_batch:
                         t0 = time.perf_counter()
-                        stats.changed += reassign(assignment, targets, idx, out, cfg.batch_size, world)
+                        loss_rows, changed = align_batch(cfg, assignment, targets, idx, views, world)
+                        stats.changed += changed
                         stats.assign_seconds += time.perf_counter() - t0
-                    # loss: squared distance to the held targets (NAT), or cross-entropy (supervised)
+                    elif nat:
+                        loss_rows = [targets.rows(assignment.targets_of(idx))] * cfg.views
+                    # loss: squared distance to the targets (NAT; views averaged), or cross-entropy (supervised)
                     if nat:
-                        loss = (out.float() - targets.rows(assignment.targets_of(idx))).pow(2).sum(dim=1).mean()
+                        loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in zip(views, loss_rows))
+                        loss = loss / cfg.views
                     else:
                         loss = F.cross_entropy(out.float(), y)
                     # backward, update
