@@ -26,8 +26,8 @@ row still a pure function of ``(seed, index)`` and the set's parameters:
 * ``onehot``: ``k`` prototypes, the basis vectors ``e_0 .. e_{k-1}`` of R^d; target ``i`` is
   ``e_{i mod k}``, so each prototype is held by ``n / k`` images and the exact assignment of a
   batch becomes a balanced clustering of its images.
-* ``clustered``: ``k`` centres drawn uniformly on the sphere (the sphere rows of the seed
-  ``seed + 2^40``, so they are not rows of the run's own set) and target ``i`` =
+* ``clustered``: ``k`` centres drawn uniformly on the sphere (the sphere rows ``2^62 + c`` of the
+  same seed: rows no dataset reaches, so no target is a centre) and target ``i`` =
   ``normalize(c_{i mod k} + spread * u_i)`` with ``u_i`` the sphere row ``i``: the cosine to its
   centre is about ``1 / sqrt(1 + spread^2)`` in high dimension.
 """
@@ -42,7 +42,7 @@ __all__ = ["GENERATORS", "KINDS", "target_rows", "philox4x32", "Targets", "check
 
 GENERATORS = ("philox", "pcg64")
 KINDS = ("sphere", "onehot", "clustered")
-_CENTRE_SEED_OFFSET = 1 << 40  # the clustered set's centres: sphere rows of seed + 2^40
+_CENTRE_ROW = 1 << 62  # the clustered set's centre c is the sphere row 2^62 + c
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -189,7 +189,7 @@ class Targets:
         self.centres = None
         if kind == "clustered":
             where = self.device if generator == "philox" else "cpu"
-            self.centres = target_rows(seed + _CENTRE_SEED_OFFSET, torch.arange(num_prototypes, device=where),
+            self.centres = target_rows(seed, _CENTRE_ROW + torch.arange(num_prototypes, device=where),
                                        d, generator).to(self.device)
         self.matrix: torch.Tensor | None = None
         if materialize:
