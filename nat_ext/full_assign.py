@@ -19,6 +19,20 @@ Route (column generation with a dual certificate as the stopping rule):
    frees, which are scanned against every row), so a row needs a new scan only when its u fell
    below the bound kept from its last scan; on the CPU a bfloat16 pass with a proven error bound
    (_BF16_ERROR) clears most of those before the exact pass.
+Near-parallel features (an untrained network's: every row ranks the targets alike) defeat step
+1: every row's top-k names the same few targets, and the rounds must grow the candidates to a
+tenth of all targets (n = 8192: 900 per row, 12 rounds; n = 60000 did not fit in 13 GB). There
+what a row needs is its top targets by reduced score s_ij - v_j under the optimum's prices (with
+those, 16-32 per row certify at once). So, where a sample of rows crowds onto the same
+favourite targets, step 1 first solves a random 1/4 of the rows and targets exactly (this
+function, so recursively, down to coarse_min), extends its duals to every target (v_j = max over
+the sampled rows of s_ij - u_i) and every row (likewise over the sampled targets), each leaving
+out a sampled point's own partner, ranks 4k candidates per row and col_k per target by
+s_ij - u_i - v_j, and warms the first solve with those prices. The rounds then only correct
+the sampling error. The duals enter the bfloat16 ranking pass as extra hi + lo columns, so
+they are not rounded to bfloat16. Spread features skip this: their first solve is faster from
+zero prices, whose errors are local, than from coarse ones, whose errors are smooth shifts that
+the augmenting paths must carry across the whole problem.
 Unassigned targets keep v = 0 and every assigned one has v >= 0 (the sparse solver's rectangular
 certificate), so m > n needs nothing more: a pair with an unassigned target is priced as any
 other.
@@ -105,7 +119,7 @@ def _sparse_linear_sum_assignment_fake(crow: Tensor, col: Tensor, cost: Tensor, 
 
 
 def _check_inputs(feats: Any, targets: Any, init: Any, k: int, col_k: int,
-                  chunk_elems: int) -> None:
+                  chunk_elems: int, coarse: int = 1, coarse_min: int = 1) -> None:
     """The argument checks of assign_full: TypeError / ValueError naming the argument."""
     for name, t in (("feats", feats), ("targets", targets)):
         if not isinstance(t, Tensor):
@@ -131,7 +145,8 @@ def _check_inputs(feats: Any, targets: Any, init: Any, k: int, col_k: int,
     for name, t in (("feats", feats), ("targets", targets)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"assign_full: {name} contains NaN or infinite values")
-    for name, value, least in (("k", k, 1), ("col_k", col_k, 0), ("chunk_elems", chunk_elems, 1)):
+    for name, value, least in (("k", k, 1), ("col_k", col_k, 0), ("chunk_elems", chunk_elems, 1),
+                               ("coarse", coarse, 1), ("coarse_min", coarse_min, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"assign_full: {name} should be an int >= {least}, got {value!r}")
     if init is None:
@@ -248,6 +263,8 @@ class _Held:
 # in float32 by oneDNN, d 2^-24 more) by 0.00782 sum_k |f_ik t_jk| <= 0.00782 |f_i| |t_j|
 # (Cauchy-Schwarz), and the bfloat16 result by 2^-8 of that more: 0.0118 in all, rounded up.
 _BF16_ERROR = 0.0125
+
+_WARM_K = 4  # candidates per row under coarse prices, in multiples of k
 
 
 class _LowPrecision:
@@ -391,10 +408,84 @@ def _assign_full_row_max_fake(scores: Tensor, v: Tensor) -> Tensor:
     return v.new_empty(scores.shape[0])
 
 
+
+def _c_transform(a: Tensor, b: Tensor, w: Tensor, leave_out: Tensor,
+                 chunk_elems: int) -> Tensor:
+    """max_i (a_j . b_i - w_i) over i != leave_out[j] (-1: every i), for every row j of a
+    (float64 out), streamed in chunks of a."""
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
+    wneg = -w.to(a.dtype)
+    chunks = _row_chunks(a.shape[0], b.shape[0], chunk_elems)
+    buf = torch.empty(chunks[0][1] * b.shape[0], dtype=a.dtype, device=a.device)
+    for r0, r1 in chunks:
+        s = torch.addmm(wneg, a[r0:r1], b.T, out=buf[:(r1 - r0) * b.shape[0]].view(r1 - r0, -1))
+        skip = leave_out[r0:r1]
+        at = (skip >= 0).nonzero().squeeze(1)
+        s.view(-1).index_fill_(0, at * s.shape[1] + skip[at], -math.inf)
+        out[r0:r1] = s.amax(dim=1)
+    return out
+
+
+def _split(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x (float64) as two columns hi + lo in dtype, hi + lo = x to about dtype's eps squared."""
+    hi = x.to(dtype)
+    return torch.stack([hi, (x - hi.double()).to(dtype)], 1)
+
+
+_CROWD_ROWS = 1024  # rows sampled to tell whether the rows crowd onto the same targets
+
+
+def _crowded(feats: Tensor, targets: Tensor, chunk_elems: int) -> tuple[bool, int, int]:
+    """Whether a seeded sample of rows' favourite targets (raw scores) are mostly shared: fewer
+    distinct favourites than half of what independent uniform picks would give. Near-parallel features (an untrained network's)
+    crowd; then the coarse duals pay for themselves many times over, while on spread features
+    the first solve is faster from zero prices (its errors are local, not a global shift)."""
+    (n, _), m = feats.shape, targets.shape[0]
+    g = torch.Generator().manual_seed(n * 1000003 + m + 1)
+    rows = torch.randperm(n, generator=g)[:min(n, _CROWD_ROWS)].to(feats.device)
+    best = torch.cat([torch.mm(feats[rows[r0:r1]], targets.T).argmax(dim=1)
+                      for r0, r1 in _row_chunks(rows.numel(), m, chunk_elems)])
+    distinct = int(best.unique().numel())
+    # independent uniform favourites would name m (1 - exp(-r / m)) distinct targets
+    expected = m * -math.expm1(-rows.numel() / m)
+    return 2 * distinct < expected, distinct, int(rows.numel())
+
+
+def _coarse_duals(feats: Tensor, targets: Tensor, k: int, col_k: int, chunk_elems: int,
+                  candidate_dtype: torch.dtype | None, factor: int, least: int,
+                  info: dict) -> tuple[Tensor, Tensor]:
+    """Approximate duals (u[n], v[m], float64) from the exact duals of a random 1/factor
+    subsample of rows and targets, extended to every row and target by c-transforms."""
+    (n, _), m = feats.shape, targets.shape[0]
+    g = torch.Generator().manual_seed(n * 1000003 + m)
+    rows = torch.randperm(n, generator=g)[:max(1, n // factor)].sort().values.to(feats.device)
+    cols = torch.randperm(m, generator=g)[:max(rows.numel(), m // factor)].sort().values
+    cols = cols.to(feats.device)
+    sub: dict = {}
+    x_r, u_r, v_c = assign_full(feats[rows], targets[cols], return_duals=True, k=k,
+                                col_k=col_k, chunk_elems=chunk_elems,
+                                candidate_dtype=candidate_dtype, coarse=factor,
+                                coarse_min=least, stats=sub)
+    t0 = time.perf_counter()
+    # Every target is priced by the sampled rows, every row by the sampled targets, leaving out
+    # a sampled one's own partner: a partner fits it better than any other sample, so keeping it
+    # made the sampled targets dearer than the rest, and the first solve spent most of its time
+    # moving rows back to them.
+    keep_r = torch.full((m,), -1, dtype=torch.int64, device=feats.device)
+    keep_r[cols[x_r]] = torch.arange(rows.numel(), device=feats.device)
+    v = _c_transform(targets, feats[rows], u_r, keep_r, chunk_elems)
+    keep_c = torch.full((n,), -1, dtype=torch.int64, device=feats.device)
+    keep_c[rows] = x_r
+    u = _c_transform(feats, targets[cols], v_c, keep_c, chunk_elems)
+    info["coarse"] = {"n": rows.numel(), "stats": sub, "time_extend": time.perf_counter() - t0}
+    return u, v
+
+
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
                 return_duals: bool = False, *, k: int = 8, col_k: int = 2,
                 chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
-                stats: dict | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                stats: dict | None = None, coarse: int = 4, coarse_min: int = 1024
+                ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The exact assignment of every feats row to its own target over the whole dataset,
     maximising sum_i feats_i . targets_c(i), without forming the n x m score matrix.
 
@@ -424,7 +515,16 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         chunk_elems: score entries computed at once (rows per chunk = chunk_elems // m).
         candidate_dtype: the dtype the top-k pass ranks in (never the one the answer is
             certified in). None: bfloat16 on CPUs with native bfloat16 matmul, else feats'.
-        stats: a dict to fill with rounds, candidates per row, violations and phase times (s).
+        stats: a dict to fill with rounds, candidates per row, violations and phase times (s);
+            where the coarse duals were computed, "coarse" holds the subsample's size, its own
+            stats and the time of the extension, and "crowd" the gate's sample.
+        coarse: the subsample factor of the coarse duals (1: never use them). Where n >=
+            coarse_min and a sample of rows crowds onto the same favourite targets (fewer
+            distinct favourites than half of what independent picks give: near-parallel features), the exact duals
+            of a random 1/coarse of the rows and targets (solved by this function, so
+            recursively), extended to every row and target, rank the first candidates by
+            reduced score (4k per row) and warm the first solve.
+        coarse_min: the smallest n that computes coarse duals (the recursion's floor).
 
     Returns:
         int64 Tensor[n] on feats' device: for each feats row, its target. With return_duals,
@@ -432,7 +532,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         feats_i . targets_j (up to tol above) for every pair, equality on the assigned pairs,
         and every unassigned target's v (0) at most every assigned one's.
     """
-    _check_inputs(feats, targets, init, k, col_k, chunk_elems)
+    _check_inputs(feats, targets, init, k, col_k, chunk_elems, coarse, coarse_min)
     (n, d), m = feats.shape, targets.shape[0]
     device, dtype = feats.device, feats.dtype
     if n == 0:
@@ -455,13 +555,30 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     # candidate_dtype; the scores the solver gets are then computed exactly, pair by pair
     kk, kc = min(k, m), min(col_k, n)
     cdt = candidate_dtype or _default_candidate_dtype(device, dtype)
+    u0 = v0 = None  # the coarse duals, where the rows crowd onto the same targets
+    if coarse > 1 and n >= coarse_min:
+        crowded, distinct, sampled = _crowded(feats, targets, chunk_elems)
+        info["crowd"] = {"distinct": distinct, "sampled": sampled}
+        if crowded:
+            u0, v0 = _coarse_duals(feats, targets, k, col_k, chunk_elems, candidate_dtype,
+                                   coarse, coarse_min, info)
+            kk = min(_WARM_K * k, m)
     feats_c, targets_c = feats.to(cdt), targets.to(cdt)
+    if v0 is None:
+        rank_f, rank_t = feats_c, targets_c
+    else:
+        # rank by reduced scores s_ij - u_i - v_j: each dual enters as two extra columns (hi +
+        # lo in cdt), so the products carry it at about cdt's eps squared
+        ones = torch.ones(n, 2, dtype=cdt, device=device)
+        rank_f = torch.cat([feats_c, ones, -_split(u0, cdt)], 1)
+        rank_t = torch.cat([targets_c, -_split(v0, cdt),
+                            torch.ones(m, 2, dtype=cdt, device=device)], 1)
     col_best = torch.full((kc, m), -math.inf, dtype=cdt, device=device)
     col_rows = torch.zeros((kc, m), dtype=torch.int64, device=device)
     buf = torch.empty(chunks[0][1] * m, dtype=cdt, device=device)
     pair_rows, pair_cols = [], []
     for r0, r1 in chunks:
-        s = torch.mm(feats_c[r0:r1], targets_c.T, out=buf[:(r1 - r0) * m].view(r1 - r0, m))
+        s = torch.mm(rank_f[r0:r1], rank_t.T, out=buf[:(r1 - r0) * m].view(r1 - r0, m))
         _, idx, col_best, col_rows = _chunk_candidates(s, kk, col_best, col_rows, r0)
         pair_rows.append(torch.arange(r0, r1, device=device)[:, None].expand(-1, kk + 1))
         pair_cols.append(torch.cat([idx, x0[r0:r1, None]], 1))
@@ -469,7 +586,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     # the pricing filter needs the bfloat16 copies and the op that reads them (CPU)
     lo = _LowPrecision(feats_c, targets_c, feats, targets) if \
         cdt == torch.bfloat16 and device.type == "cpu" else None
-    del feats_c, targets_c
+    del feats_c, targets_c, rank_f, rank_t
     pair_rows.append(col_rows.T)
     pair_cols.append(torch.arange(m, device=device)[:, None].expand(-1, kc))
     pair_rows = torch.cat([r.flatten() for r in pair_rows])
@@ -482,7 +599,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     del pair_rows, pair_cols, pair_scores
     info["time_candidates"] = time.perf_counter() - start
 
-    x, u, v = x0.cpu(), None, None
+    x, u, v = x0.cpu(), None, None if v0 is None else v0.cpu()
     add, tol = kk, 0.0
     best = torch.full((n,), math.inf, dtype=dtype, device=device)
     while True:
@@ -513,7 +630,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         info["exact_rows"].append(int(rows.numel()))
         _price(feats, targets, rows, None, u_dev, v_dev, tol, add, chunk_elems, held, best,
                found)
-        cols = None if v_old is None else (v < v_old).nonzero().squeeze(1)
+        cols = None if info["rounds"] == 1 else (v < v_old).nonzero().squeeze(1)
         if cols is not None and cols.numel():
             rows = None if lo is None else _filter_rows(lo, None, cols, u_dev, v_dev, tol,
                                                         chunk_elems, held, best)

@@ -128,6 +128,76 @@ def test_all_features_alike_forces_pricing(m):
         assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
 
 
+def near_parallel_problem(seed, n, m, d=16, dtype=torch.float64):
+    """An untrained network's embedding in miniature: unit rows around one direction (mean
+    pairwise cosine about 0.998), centred as NAT's dataset reassignment centres them, with most
+    of the spread along a few directions; targets on the sphere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, d, generator=g, dtype=torch.float64)
+    spread = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(
+        0, -2, d, dtype=torch.float64)
+    f = torch.nn.functional.normalize(base / base.norm() + 0.05 * spread, dim=1)
+    f = f - f.mean(0)
+    t = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+    return f.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("m_extra", [0, 41])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_near_parallel_coarse_duals(m_extra, with_init):
+    # the rows crowd onto the same targets, so the coarse duals (a subsample's exact duals,
+    # recursively) choose the candidates; the answer must still be the dense optimum, certified
+    for seed in range(3):
+        n = 400
+        m = n + m_extra
+        f, t = near_parallel_problem(seed, n, m)
+        init = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:n] \
+            if with_init else None
+        stats = {}
+        x, u, v = nat_ext.assign_full(f, t, init=init, return_duals=True, stats=stats,
+                                      coarse_min=64)
+        assert "coarse" in stats, \
+            f"seed {seed}: the coarse path was not taken: {stats.get('crowd')}"
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+
+
+def test_near_parallel_float32_default_settings():
+    # the default path at a size where it applies (n >= coarse_min), in float32: optimal for the
+    # float32 scores to within their rounding, as the cold path is
+    f, t = near_parallel_problem(5, 1500, 1500, d=32, dtype=torch.float32)
+    stats = {}
+    x = nat_ext.assign_full(f, t, stats=stats)
+    assert "coarse" in stats, stats.get("crowd")
+    assert x.unique().numel() == 1500
+    assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-5)
+    cold = nat_ext.assign_full(f, t, coarse=1)
+    assert total(f, t, x) == pytest.approx(total(f, t, cold), rel=1e-5)
+
+
+def test_spread_features_skip_coarse_duals():
+    # random features do not crowd: the first solve is faster from zero prices, so no coarse step
+    f, t = (torch.nn.functional.normalize(a, dim=1) for a in random_problem(3, 1200, 1200, 32))
+    stats = {}
+    x, u, v = nat_ext.assign_full(f, t, return_duals=True, stats=stats)
+    assert "coarse" not in stats and stats["crowd"]["distinct"] * 2 >= stats["crowd"]["sampled"]
+    assert certificate_holds(f, t, x, u, v)
+
+
+def test_coarse_duals_forced_on_spread_features(monkeypatch):
+    # exactness does not depend on the gate: force the coarse path where it is not chosen
+    import nat_ext.full_assign as fa
+    monkeypatch.setattr(fa, "_crowded", lambda *a: (True, 0, 0))
+    for seed in range(3):
+        f, t = random_problem(seed, 300, 300 + 17 * seed, 8)
+        stats = {}
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, stats=stats, coarse_min=40,
+                                      coarse=3)
+        assert "coarse" in stats, f"seed {seed}"
+        assert certificate_holds(f, t, x, u, v), f"seed {seed}"
+        assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+
+
 def test_identical_rows_take_the_best_targets():
     # identical feats: any assignment of the n best targets is optimal, and only those
     g = torch.Generator().manual_seed(0)
