@@ -86,8 +86,9 @@ class Config:
     targets: str = setting("sphere", "target distribution: sphere (uniform on the unit sphere, the paper's), "
                                      "onehot (the k one-hot vectors e_0..e_k-1 of R^dim, each held by n/k images: "
                                      "the exact assignment becomes balanced clustering; k <= dim, k divides n), "
-                                     "clustered (around k random centres on the sphere: normalize(centre + spread * u), "
-                                     "u uniform on the sphere)", choices=TARGET_KINDS)
+                                     "clustered (around k random centres on the sphere: "
+                                     "normalize(centre + spread * u), u uniform on the sphere)",
+                           choices=TARGET_KINDS)
     num_prototypes: int = setting(50, "k of --targets onehot and clustered")
     target_spread: float = setting(0.5, "--targets clustered: spread around the centre (cosine to it about "
                                         "1/sqrt(1 + spread^2))")

@@ -408,7 +408,6 @@ def _assign_full_row_max_fake(scores: Tensor, v: Tensor) -> Tensor:
     return v.new_empty(scores.shape[0])
 
 
-
 def _c_transform(a: Tensor, b: Tensor, w: Tensor, leave_out: Tensor,
                  chunk_elems: int) -> Tensor:
     """max_i (a_j . b_i - w_i) over i != leave_out[j] (-1: every i), for every row j of a
@@ -437,8 +436,8 @@ _CROWD_ROWS = 1024  # rows sampled to tell whether the rows crowd onto the same 
 
 def _crowded(feats: Tensor, targets: Tensor, chunk_elems: int) -> tuple[bool, int, int]:
     """Whether a seeded sample of rows' favourite targets (raw scores) are mostly shared: fewer
-    distinct favourites than half of what independent uniform picks would give. Near-parallel features (an untrained network's)
-    crowd; then the coarse duals pay for themselves many times over, while on spread features
+    distinct favourites than half of what independent uniform picks would give. Near-parallel
+    features (an untrained network's) crowd; then the coarse duals pay for themselves many times over, while on spread features
     the first solve is faster from zero prices (its errors are local, not a global shift)."""
     (n, _), m = feats.shape, targets.shape[0]
     g = torch.Generator().manual_seed(n * 1000003 + m + 1)
@@ -520,7 +519,8 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
             stats and the time of the extension, and "crowd" the gate's sample.
         coarse: the subsample factor of the coarse duals (1: never use them). Where n >=
             coarse_min and a sample of rows crowds onto the same favourite targets (fewer
-            distinct favourites than half of what independent picks give: near-parallel features), the exact duals
+            distinct favourites than half of what independent picks give: near-parallel
+            features), the exact duals
             of a random 1/coarse of the rows and targets (solved by this function, so
             recursively), extended to every row and target, rank the first candidates by
             reduced score (4k per row) and warm the first solve.
