@@ -40,8 +40,8 @@ from .state import Assignment
 from .targets import Targets, check_target_set
 
 __all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "align_batch",
-           "check_settings", "target_set", "dataset_features", "assignment_objective", "reassign_dataset",
-           "plot_metrics"]
+           "check_settings", "target_set", "dataset_features", "centre_features", "assignment_objective",
+           "reassign_dataset", "plot_metrics"]
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -255,6 +255,16 @@ def assignment_objective(feats: torch.Tensor, target_matrix: torch.Tensor, perm:
     return float((feats.double() * target_matrix.index_select(0, perm.to(feats.device)).double()).sum())
 
 
+def centre_features(feats: torch.Tensor) -> torch.Tensor:
+    """``feats`` minus their mean row (taken in float64): what the dataset-wide solve is given.
+
+    Centring changes every one-to-one assignment's total by the same constant
+    (``-mean . sum_j t_j``: every target is held once), so the optimum is the same; it halves the
+    candidates ``assign_full`` needs on the near-parallel features of an untrained network.
+    """
+    return feats - feats.double().mean(0).to(feats.dtype)
+
+
 def _checksum(perm: torch.Tensor) -> torch.Tensor:
     # Order-sensitive: sum_i (i + 1) perm[i] (< 2^63 for n up to 3.5M).
     return ((torch.arange(perm.numel(), device=perm.device) + 1) * perm).sum()
@@ -283,10 +293,7 @@ def reassign_dataset(assignment: Assignment, target_matrix: torch.Tensor, feats:
     held = assignment.perm.clone()
     stats: dict = {}
     if rank == 0:
-        # Centring the features changes every assignment's total by the same constant
-        # (-mean . sum_j t_j: every target is held once), so the optimum is the same; it halves
-        # the candidates assign_full needs on the near-parallel features of an untrained net.
-        centred = feats - feats.double().mean(0).to(feats.dtype)
+        centred = centre_features(feats)
         new = assign_full(centred, target_matrix.to(feats.dtype), init=held, stats=stats)
         del centred
     else:
