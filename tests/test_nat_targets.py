@@ -73,7 +73,8 @@ def test_materialized_and_from_seed_agree(generator):
     b = Targets(100, 12, seed=5, materialize=False, generator=generator)
     idx = torch.tensor([0, 99, 42, 7])
     assert torch.equal(a.rows(idx), b.rows(idx))
-    assert b.matrix is None and b.state_dict() == {"n": 100, "d": 12, "seed": 5, "generator": generator}
+    assert b.matrix is None and b.state_dict() == {"n": 100, "d": 12, "seed": 5, "generator": generator,
+                                                   "kind": "sphere", "num_prototypes": 0, "spread": 0.0}
 
 
 @pytest.mark.cuda
