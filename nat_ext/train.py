@@ -29,9 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from .align import check_sinkhorn, sinkhorn_plan
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, EvalConfig, check_choices, parse_config, progress
-from .align import check_sinkhorn, sinkhorn_plan
 from .data import batch_augment, collate, get_dataset
 from .eval import evaluate
 from .full_assign import assign_full
@@ -110,7 +110,8 @@ def check_settings(cfg: Config, n: int) -> None:
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
                    (("targets", "sphere"), ("align", "exact"), ("views", 1)) if getattr(cfg, k) != v]
         if changed:
-            raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} apply to NAT only")
+            raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
+                             "apply to NAT only")
         return
     check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
     if cfg.align == "sinkhorn":
@@ -120,8 +121,8 @@ def check_settings(cfg: Config, n: int) -> None:
             raise ValueError("align sinkhorn works on a batch's b x b scores: use --reassign-scope batch with it "
                              "(the dataset-wide reassignment is exact)")
         if cfg.targets == "onehot":
-            raise ValueError("targets onehot with --reassign-scope dataset: the n x n problem has n/k identical "
-                             "targets per prototype, which assign_full's top-k candidates cannot separate; use "
+            raise ValueError("targets onehot with --reassign-scope dataset: each prototype is n/k identical "
+                             "targets, so assign_full's candidate lists grow towards n/k per row; use "
                              "--reassign-scope batch")
 
 

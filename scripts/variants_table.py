@@ -86,7 +86,8 @@ def main() -> None:
                "mean_linear_2x2": mean, "spread": max(lin) - min(lin), "gap_closed_pct": closed,
                **{k: [f.get(k) for f in got] for k in ("linear_global", "knn_2x2", "knn_global",
                                                        "train_seconds", "loss")}}
-        rows[name] = row
+        row["reference"] = bool(encoder)
+        rows[row["label"]] = row
 
         def fmt(k):
             m = _mean(row[k])
@@ -103,9 +104,9 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, row in rows.items():
+        for row in rows.values():
             losses = [l for l in row["loss"] if l]
-            if not losses or name in (a.random, a.supervised):
+            if not losses or row["reference"]:
                 continue
             curve = [statistics.mean(v) for v in zip(*losses)]
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=row["label"])
