@@ -103,7 +103,7 @@ def main() -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(10, 4))
         for row in rows.values():
             losses = [l for l in row["loss"] if l]
             if not losses or row["reference"]:
@@ -112,7 +112,7 @@ def main() -> None:
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=row["label"])
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss (mean over seeds)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(a.plot, dpi=90)
 
