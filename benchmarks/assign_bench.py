@@ -10,7 +10,6 @@ peer time / our time: above 1 means we are faster. Missing peers are skipped wit
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 import nat_ext
+from _results import write_results
 
 try:
     from scipy.optimize import linear_sum_assignment as scipy_lsa
@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows: list[dict]) -> None:
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_results(args.json, meta, rows)
 
     run(cases, repeats, save)
     if args.json:

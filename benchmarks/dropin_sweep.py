@@ -14,7 +14,6 @@ faster.
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import nat_ext
+from _results import write_results
 
 SQUARE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"machine": platform.machine(), "processor": platform.processor(),
                 "cpu_count": os.cpu_count(), "numpy": np.__version__,
                 "scipy": __import__("scipy").__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_results(args.json, meta, rows)
         print(f"wrote {args.json}")
     return 0
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 DEFAULT_CASES = ["4096x64", "16384x64", "60000x64", "4096x2048"]
 
@@ -149,7 +150,7 @@ def main() -> None:
         meta = {"machine": platform.machine(), "processor": platform.processor(),
                 "cpus": torch.get_num_threads(), "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_results(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ unless --threads says otherwise (the codebases' numpy and scipy work is single-t
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import nat_ext
+from _results import write_results
 
 
 # --- pattern A: squared distances in numpy, scipy by its full name ---------------------------------
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['full_ms']:>8.2f} {row['full_speedup']:>7.2f}x")
     if args.json:
         meta = {"device": args.device, "machine": machine, "torch": torch.__version__,
-                "repeats": args.repeats, "runs": args.runs, "threads": args.threads, "time": time.strftime("%Y-%m-%d %H:%M")}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                "repeats": args.repeats, "runs": args.runs, "threads": args.threads,
+                "time": time.strftime("%Y-%m-%d %H:%M")}
+        write_results(args.json, meta, rows)
         print(f"\nwrote {args.json}")
     return 0
 
