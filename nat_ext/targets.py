@@ -186,14 +186,13 @@ class Targets:
         self.n, self.d, self.seed, self.generator = n, d, seed, generator
         self.kind, self.num_prototypes, self.spread = kind, num_prototypes, spread
         self.device = torch.device(device)
+        where = self.device if generator == "philox" else "cpu"  # where the generator runs
         self.centres = None
         if kind == "clustered":
-            where = self.device if generator == "philox" else "cpu"
             self.centres = target_rows(seed, _CENTRE_ROW + torch.arange(num_prototypes, device=where),
                                        d, generator).to(self.device)
         self.matrix: torch.Tensor | None = None
         if materialize:
-            where = self.device if generator == "philox" else "cpu"
             chunks = torch.arange(n, device=where).split(1 << 16)  # bounds the float64 work space
             self.matrix = torch.cat([self._generate(c).to(self.device) for c in chunks])
 

@@ -97,13 +97,13 @@ def target_set(cfg: Config) -> str:
 
 def check_settings(cfg: Config, n: int) -> None:
     """Raise ValueError, naming the options, for values and combinations that cannot train
-    ``n`` images (called before anything is trained).
+    ``n`` images (called before anything is trained; the choices are checked before, by
+    ``check_choices``).
 
     Args:
         cfg: the run's settings.
         n: number of training images.
     """
-    check_choices(cfg)
     if cfg.reassign_every < 0:
         raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
     if cfg.objective != "nat":
