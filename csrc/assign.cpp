@@ -19,16 +19,25 @@ std::tuple<at::Tensor, at::Tensor> assign_ex_composite(const at::Tensor& feats,
                                                        bool check_errors) {
   check_assign(feats, targets, solver);
   const at::Tensor scores = assign_scores(feats, targets);
-  // A host sync, fine here (CPU); the CUDA kernel checks inside the solver instead.
-  if (check_errors && !at::isfinite(scores).all().item<bool>()) {
-    for (const auto& [name, t] : {std::pair{"feats", feats}, std::pair{"targets", targets}}) {
-      TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "assign: ", name,
-                        " contains NaN or infinite values");
+  if (check_errors) {
+    // One host sync (the plain op makes one anyway), so bad input is named in assign's terms.
+    if (!at::isfinite(scores).all().item<bool>()) {
+      for (const auto& [name, t] : {std::pair{"feats", feats}, std::pair{"targets", targets}}) {
+        TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), "assign: ", name,
+                          " contains NaN or infinite values");
+      }
+      TORCH_CHECK_VALUE(false, "assign: feats @ targets^T overflowed to infinity in ",
+                        scores.scalar_type(), "; normalise the inputs");
     }
-    TORCH_CHECK_VALUE(false, "assign: feats @ targets^T overflowed to infinity in ",
-                      scores.scalar_type(), "; normalise the inputs");
+    // The plain op: a solver fault falls back or raises (solver_faults.h), never passes as -1s.
+    static const auto lsa =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("nat::linear_sum_assignment", "")
+            .typed<at::Tensor(const at::Tensor&, bool, c10::string_view)>();
+    const at::Tensor cols = lsa.call(scores, /*maximize=*/true, solver);
+    return {cols, at::zeros(cols.sizes().slice(0, cols.dim() - 1), cols.options())};
   }
-  // Finite scores can fail nothing; otherwise the caller asked for the status, not an error.
+  // The caller asked for the statuses, not an error.
   static const auto lsa_ex =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nat::linear_sum_assignment_ex", "")

@@ -20,14 +20,24 @@ TORCH_LIBRARY(nat, m) {
   m.def("assign(Tensor feats, Tensor targets, str solver=\"auto\") -> Tensor");
   // The _ex variants, as torch.linalg's: with check_errors=False they never sync with the host
   // and never raise for the values of the input; info ([B] / [], int64, on the input's device)
-  // holds each problem's status (0 solved, 1 infeasible, 2 NaN or -inf entry) and the rows of a
-  // failed problem are -1. With check_errors=True they raise as the plain ops do.
+  // holds each problem's status (0 solved, 1 infeasible, 2 NaN or -inf entry; 3 iteration limit
+  // and 4 certificate failed are solver faults, lap/status.h) and the rows of a failed problem
+  // are -1. With check_errors=True they raise (or fall back) as the plain ops do.
   m.def(
       "linear_sum_assignment_ex(Tensor cost, bool maximize=False, str solver=\"auto\", "
       "bool check_errors=False) -> (Tensor col4row, Tensor info)");
   m.def(
       "assign_ex(Tensor feats, Tensor targets, str solver=\"auto\", bool check_errors=False) -> "
       "(Tensor col4row, Tensor info)");
+  // The independent optimality check that follows every CUDA solve (lap/certify.h): cost [n, m]
+  // or [B, n, m] (n <= m), col4row int64 [.., n], v [.., m] the column duals of the problem as
+  // posed (as linear_sum_assignment_with_duals returns them). Returns int64 [B] ([] unbatched)
+  // on cost's device: 0 when the certificate holds, 4 when it does not (including rows of -1).
+  m.def("certify(Tensor cost, Tensor col4row, Tensor v, bool maximize=False) -> Tensor");
+  // Test-only: certify, then what a plain op does with the problems that fail it (re-solve on the
+  // CPU or raise, per NAT_CUDA_FALLBACK: solver_faults.h), so the fault path is exercised with a
+  // deliberately wrong assignment on any device. Returns col4row with the failed problems fixed.
+  m.def("_certify_or_fall_back(Tensor cost, Tensor col4row, Tensor v, bool maximize=False) -> Tensor");
   // Test-only: the CUDA solvers' algorithms ("jv": lap/block_lsap.h; "auction":
   // lap/auction_lsap.h) run by `threads` host threads, so the GPU code paths are checked on
   // machines without a GPU. Same outputs as the duals op.

@@ -142,6 +142,19 @@ PyObject* lsa_numpy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                   maximize);
 }
 
+// The fallback warning as a Python UserWarning (solver_faults.h). A warnings filter that turns
+// it into an error makes the op raise a RuntimeError with the warning's text.
+void python_user_warning(const std::string& message) {
+  const PyGILState_STATE gil = PyGILState_Ensure();
+  if (PyErr_WarnEx(PyExc_UserWarning, message.c_str(), 1) == 0) {
+    PyGILState_Release(gil);
+    return;
+  }
+  PyErr_Clear();
+  PyGILState_Release(gil);
+  TORCH_CHECK(false, message, " (raised: a warnings filter made this warning an error)");
+}
+
 PyMethodDef lsa_numpy_def = {
     "_lsa_numpy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&lsa_numpy)),
     METH_FASTCALL,
@@ -155,5 +168,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nat_ext's compiled ops (registered with torch.ops.nat on import) and numpy entry point";
   m.add_object("_lsa_numpy", pybind11::reinterpret_steal<pybind11::object>(
                                  PyCFunction_NewEx(&nat::lsa_numpy_def, nullptr, m.ptr())));
+  nat::set_warning_reporter(&nat::python_user_warning);
+  m.def("_fallback_count", &nat::fallback_count,
+        "Problems re-solved on the CPU after a solver fault in this process (solver_faults.h).");
+  m.def("_reset_fallback_warning", &nat::reset_fallback_warning,
+        "Test hook: the next solver fault warns again.");
 }
 #endif  // __has_include(<Python.h>)

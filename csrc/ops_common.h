@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "lap/status.h"
+#include "solver_faults.h"
 
 namespace nat {
 
@@ -48,6 +49,29 @@ inline void check_solver_shape(Solver solver, int64_t n, int64_t m, const char* 
   TORCH_CHECK_VALUE(solver != Solver::kAuction || n == m, op,
                     ": solver='auction' needs square problems (n == m), got n=", n, ", m=", m,
                     "; use solver='auto' or 'jv'");
+}
+
+// certify's arguments: a cost as check_cost takes it, col4row int64 [.., n] and v floating
+// [.., m] batched as cost is, all on cost's device.
+inline void check_certify(const at::Tensor& cost, const at::Tensor& col4row, const at::Tensor& v) {
+  check_cost(cost, "certify");
+  auto expect = cost.sizes().vec();
+  expect.pop_back();
+  TORCH_CHECK_VALUE(col4row.sizes() == at::IntArrayRef(expect), "certify: col4row should have shape ",
+                    at::IntArrayRef(expect), " for cost of shape ", cost.sizes(), ", got ",
+                    col4row.sizes());
+  TORCH_CHECK_TYPE(col4row.scalar_type() == at::kLong, "certify: col4row should be int64, got ",
+                   col4row.scalar_type());
+  expect.back() = cost.size(-1);
+  TORCH_CHECK_VALUE(v.sizes() == at::IntArrayRef(expect), "certify: v should have shape ",
+                    at::IntArrayRef(expect), " for cost of shape ", cost.sizes(), ", got ",
+                    v.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(v.scalar_type()),
+                   "certify: v should be float32, float64, float16 or bfloat16, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(col4row.device() == cost.device() && v.device() == cost.device(),
+                    "certify: cost, col4row and v should be on the same device, got cost on ",
+                    cost.device(), ", col4row on ", col4row.device(), " and v on ", v.device());
 }
 
 // feats: [n, d] / [B, n, d]; targets: [m, d] / [B, m, d]; same dims, B, d, dtype and device;
@@ -165,14 +189,17 @@ inline void raise_on_failure(const char* op, const at::Tensor& status, const at:
   }
 }
 
-// Ends a solve. With info == nullptr: raises for the first failed problem (one host sync on
-// CUDA). Else (the _ex ops without check_errors): no host sync; *info gets each problem's
-// lap::Status ([B], or [] unbatched: 0 solved, 1 infeasible, 2 invalid entry) and the rows of
-// failed problems are set to -1, so no failure can pass for an answer.
+// Ends a solve. With info == nullptr: one host sync, then the problems whose solver faulted
+// (status 3 or 4) are re-solved on the CPU or raise, as NAT_CUDA_FALLBACK says
+// (solver_faults.h), and the first problem with bad input raises. Else (the _ex ops without
+// check_errors): no host sync; *info gets each problem's lap::Status ([B], or [] unbatched) and
+// the rows of failed problems are set to -1, so no failure can pass for an answer.
 inline void finish_solve(const char* op, const at::Tensor& status, const at::Tensor& cost,
                          bool batched, bool maximize, SolveOutputs& out, at::Tensor* info) {
   if (!info) {
-    raise_on_failure(op, status.cpu(), cost, batched, maximize);
+    const at::Tensor st = status.cpu();
+    resolve_solver_faults(op, st, cost, batched, maximize, out.col4row, out.u, out.v);
+    raise_on_failure(op, st, cost, batched, maximize);
     return;
   }
   *info = status.select(1, 0).clone(at::MemoryFormat::Contiguous);

@@ -1,10 +1,11 @@
 """nat_ext: Noise As Targets (Bojanowski & Joulin, ICML 2017) for PyTorch, with exact batched
 linear assignment ops on CPU and GPU.
 
-Ops (torch.ops.nat.*): assign, linear_sum_assignment, linear_sum_assignment_with_duals, and
-the sync-free assign_ex, linear_sum_assignment_ex.
+Ops (torch.ops.nat.*): assign, linear_sum_assignment, linear_sum_assignment_with_duals,
+certify, and the sync-free assign_ex, linear_sum_assignment_ex.
 Python API: assign, linear_sum_assignment (a drop-in for scipy's), solve_with_duals,
-check_optimality, assign_ex, linear_sum_assignment_ex; patch_scipy / unpatch_scipy /
+check_optimality, certify (the check after every CUDA solve), cuda_fallback_count, assign_ex,
+linear_sum_assignment_ex; patch_scipy / unpatch_scipy /
 scipy_patched route scipy.optimize.linear_sum_assignment to ours (see docs/porting.md);
 assign_full, the exact assignment over a whole dataset without the n x m scores.
 """
@@ -26,10 +27,11 @@ except ImportError as e:
 
 from . import ops  # noqa: E402  (registers the fake kernels)
 from .lsap import check_optimality, linear_sum_assignment  # noqa: E402
-from .ops import assign, assign_ex, linear_sum_assignment_ex, solve_with_duals  # noqa: E402
+from .ops import (assign, assign_ex, certify, cuda_fallback_count,  # noqa: E402
+                  linear_sum_assignment_ex, solve_with_duals)
 from .scipy_patch import patch_scipy, scipy_is_patched, scipy_patched, unpatch_scipy  # noqa: E402
 from .full_assign import assign_full  # noqa: E402
 
 __all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
-           "linear_sum_assignment_ex", "patch_scipy", "unpatch_scipy", "scipy_is_patched",
+           "linear_sum_assignment_ex", "certify", "cuda_fallback_count", "patch_scipy", "unpatch_scipy", "scipy_is_patched",
            "scipy_patched", "assign_full", "ops"]

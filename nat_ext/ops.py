@@ -97,7 +97,8 @@ def linear_sum_assignment_ex(cost: Tensor, maximize: bool = False, solver: str =
     Returns:
         (col4row, info): int64 Tensor[.., n], the column of each row (-1 in failed problems);
         int64 Tensor[B] (or [] unbatched) on cost's device: 0 solved, 1 infeasible, 2 a NaN or
-        -inf entry (+inf when maximising).
+        -inf entry (+inf when maximising); 3 (iteration limit) and 4 (certificate failed) are
+        solver faults, a bug to report: re-solve such problems on the CPU.
     """
     return torch.ops.nat.linear_sum_assignment_ex.default(cost, maximize, solver, check_errors)
 
@@ -118,6 +119,39 @@ def assign_ex(feats: Tensor, targets: Tensor, solver: str = "auto",
     return torch.ops.nat.assign_ex.default(feats, targets, solver, check_errors)
 
 
+def certify(cost: Tensor, col4row: Tensor, v: Tensor, maximize: bool = False) -> Tensor:
+    """The independent optimality check that follows every CUDA solve, on any device.
+
+    Holds when col4row uses each column at most once, every assigned entry and every v_j is
+    finite, each row's assigned column attains min_j (c_ij - v_j) (max when maximising) within
+    tol, and, when n < m, every unassigned column's v is at least every assigned column's v - tol
+    (at most + tol when maximising). tol = rel * (1 + max finite |c_ij| + max |v_j|), rel = 1e-9
+    for float64 costs and 1e-6 for float32, float16 and bfloat16 (widened to float32) ones. It
+    shares no code with the solvers (csrc/lap/certify.h); `check_optimality` is a second,
+    independent implementation in Python, and the tests hold each against the other.
+
+    Args:
+        cost: Tensor[n, m] or Tensor[B, n, m] with n <= m, floating point.
+        col4row: int64 Tensor[n] / Tensor[B, n] (-1 rows fail).
+        v: Tensor[m] / Tensor[B, m]: column duals of the problem as posed, as `solve_with_duals`
+            returns them.
+        maximize: whether the assignment maximises.
+
+    Returns:
+        int64 Tensor[B] ([] unbatched) on cost's device: 0 where the certificate holds, 4
+        (certificate failed) where it does not.
+    """
+    return torch.ops.nat.certify.default(cost, col4row, v, maximize)
+
+
+def cuda_fallback_count() -> int:
+    """Problems that a plain op re-solved on the CPU after a GPU solver fault (status 3 or 4), in
+    this process. The first fallback warns; later ones are only counted here. NAT_CUDA_FALLBACK
+    (cpu by default, or raise) chooses between falling back and raising."""
+    from . import _C
+    return _C._fallback_count()
+
+
 # --- fake kernels: the checks of csrc/ops_common.h, in its words -------------------------------
 
 _SCALAR_TYPE_NAMES = {
@@ -133,8 +167,13 @@ def _type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def _shape_str(shape) -> str:
+    """A shape as c10 prints an IntArrayRef."""
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
 def _sizes(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    return _shape_str(t.shape)
 
 
 def _check_solver(solver: str, n, m, op: str) -> None:
@@ -185,6 +224,33 @@ def _check_assign(feats: Tensor, targets: Tensor, solver: str) -> None:
     torch._check_value(n <= m, lambda: (
         f"assign: feats should have no more rows than targets (n <= m), got n={n}, m={m}"))
     _check_solver(solver, n, m, "assign")
+
+
+@torch.library.register_fake("nat::certify")
+def _certify_fake(cost: Tensor, col4row: Tensor, v: Tensor, maximize: bool = False) -> Tensor:
+    _check_cost(cost, "certify")
+    rows = tuple(cost.shape[:-1])
+    torch._check_value(tuple(col4row.shape) == rows, lambda: (
+        f"certify: col4row should have shape {_shape_str(rows)} for cost of shape "
+        f"{_sizes(cost)}, got {_sizes(col4row)}"))
+    torch._check_type(col4row.dtype == torch.int64, lambda: (
+        f"certify: col4row should be int64, got {_type_name(col4row.dtype)}"))
+    cols = tuple(cost.shape[:-2]) + (cost.shape[-1],)
+    torch._check_value(tuple(v.shape) == cols, lambda: (
+        f"certify: v should have shape {_shape_str(cols)} for cost of shape {_sizes(cost)}, "
+        f"got {_sizes(v)}"))
+    torch._check_type(v.dtype in _FLOATS, lambda: (
+        f"certify: v should be float32, float64, float16 or bfloat16, got {_type_name(v.dtype)}"))
+    torch._check_value(col4row.device == cost.device and v.device == cost.device, lambda: (
+        f"certify: cost, col4row and v should be on the same device, got cost on {cost.device}, "
+        f"col4row on {col4row.device} and v on {v.device}"))
+    return cost.new_empty(cost.shape[:-2], dtype=torch.int64)
+
+
+@torch.library.register_fake("nat::_certify_or_fall_back")
+def _certify_or_fall_back_fake(cost: Tensor, col4row: Tensor, v: Tensor, maximize: bool = False):
+    _certify_fake(cost, col4row, v, maximize)
+    return torch.empty_like(col4row)
 
 
 @torch.library.register_fake("nat::linear_sum_assignment")

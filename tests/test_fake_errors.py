@@ -50,9 +50,18 @@ TEAM_CASES = [
     ((z(2, 2), False, 2, "auto"), ValueError),
     ((z(2, 3), False, 2, "auction"), ValueError),
 ]
+CERTIFY_CASES = [
+    ((z(3, 2), z(3, dtype=torch.int64), z(2)), ValueError),                    # n > m
+    ((z(2, 2, dtype=torch.int64), z(2, dtype=torch.int64), z(2)), TypeError),  # integer cost
+    ((z(2, 3), z(3, dtype=torch.int64), z(3)), ValueError),                    # col4row shape
+    ((z(2, 3), z(2), z(3)), TypeError),                                        # float col4row
+    ((z(2, 2, 3), z(2, 2, dtype=torch.int64), z(3)), ValueError),              # v unbatched
+    ((z(2, 3), z(2, dtype=torch.int64), z(3, dtype=torch.int64)), TypeError),  # integer v
+]
 CASES = (
     [(op, args, exc) for op in ("linear_sum_assignment", "linear_sum_assignment_with_duals",
                                 "linear_sum_assignment_ex") for args, exc in COST_CASES]
+    + [(op, args, exc) for op in ("certify", "_certify_or_fall_back") for args, exc in CERTIFY_CASES]
     + [(op, args, exc) for op in ("assign", "assign_ex") for args, exc in ASSIGN_CASES]
     + [("_linear_sum_assignment_team", args, exc) for args, exc in TEAM_CASES]
 )
@@ -105,6 +114,8 @@ def test_assign_devices_differ_message():
     ("assign", (z(2, 3, 4), z(2, 5, 4))),
     ("assign_ex", (z(3, 4), z(3, 4), "auction")),
     ("_linear_sum_assignment_team", (z(3, 4), False, 2, "jv")),
+    ("certify", (z(2, 3, 4), lambda d: torch.tensor([[0, 1, 2]] * 2, device=d), z(2, 4), True)),
+    ("certify", (z(3, 3), lambda d: torch.tensor([2, 0, 1], device=d), z(3))),
 ])
 def test_fake_kernel_shapes_match_eager(op, args):
     """Valid input: no error on either path, same output shapes and dtypes."""

@@ -6,8 +6,12 @@
 //     auction prepass of lap/auction_lsap.h and its exact repair, the batch in parallel; above,
 //     a cooperative kernel on the whole GPU runs the prepass, then one block finishes with exact
 //     augmenting paths, the problems of a batch one after another.
-// One host sync per call: reading the per-problem status, so that NaN, -inf and infeasible
-// inputs raise instead of returning junk.
+// Every solve is followed, on the same stream, by the independent certificate of
+// lap/certify.h (cuda/certify_kernel.cu), which marks a problem whose answer does not hold
+// lap::kCertificateFailed; the solvers' loops are bounded (lap::kIterationLimit). The plain ops
+// then make one host sync, under a deadline (NAT_CUDA_TIMEOUT_S), to read the statuses: bad input
+// raises, and solver faults fall back to the CPU or raise (solver_faults.h). The _ex ops return
+// the statuses on the device without a sync.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,10 +19,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <string_view>
 #include <tuple>
 
+#include "cuda/checks.h"
 #include "cuda/team.cuh"
 #include "lap/auction_lsap.h"
 #include "lap/block_lsap.h"
@@ -147,20 +153,19 @@ bool use_auction(Solver solver, int64_t B, int64_t n, int64_t m) {
   return n == m && n >= kAuctionMinSize && B <= kAuctionMaxBatch;
 }
 
+// u: the row duals or nullptr; v: the column duals [B, n] (always: the certificate needs them).
 template <typename T, bool kMax>
-void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
+void launch_auction(const at::Tensor& cost, const at::Tensor& col4row, double* u, double* v,
                     const at::Tensor& status, cudaStream_t stream) {
   const int64_t B = cost.size(0), n = cost.size(1);
   // Prices, row duals, distances, saved prices and distances; row4col, pred, keys, counters.
   at::Tensor work = at::empty({B, 5 * n}, cost.options().dtype(at::kDouble));
   at::Tensor iwork = at::empty({B, 3 * n + lap::kNumCounters}, cost.options().dtype(at::kLong));
-  double* u = with_duals ? out.u.data_ptr<double>() : nullptr;
-  double* v = with_duals ? out.v.data_ptr<double>() : nullptr;
   if (n <= kBlockAuctionMaxSize) {
     const int threads = static_cast<int>(std::clamp<int64_t>((n + 31) / 32 * 32, 32, kMaxBlockThreads));
     auction_block_kernel<T, kMax><<<static_cast<unsigned>(B), threads, 0, stream>>>(
         cost.const_data_ptr<T>(), n, work.data_ptr<double>(), iwork.data_ptr<int64_t>(),
-        out.col4row.data_ptr<int64_t>(), u, v, status.data_ptr<int64_t>());
+        col4row.data_ptr<int64_t>(), u, v, status.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -173,10 +178,14 @@ void launch_auction(const at::Tensor& cost, SolveOutputs& out, bool with_duals,
               "this GPU");
   const int blocks = std::min(blocks_per_sm, kGridBlocksPerSm) *
                      at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (std::getenv("NAT_CUDA_VERBOSE")) {
+    std::fprintf(stderr, "nat_ext: cooperative auction n=%lld blocks_per_sm=%d blocks=%d threads=%d\n",
+                 static_cast<long long>(n), blocks_per_sm, blocks, kGridBlockThreads);
+  }
   for (int64_t b = 0; b < B; ++b) {
     double* w = work.data_ptr<double>() + b * 5 * n;
     int64_t* iw = iwork.data_ptr<int64_t>() + b * (3 * n + lap::kNumCounters);
-    lap::AuctionState a{w, w + n, out.col4row.data_ptr<int64_t>() + b * n, iw,
+    lap::AuctionState a{w, w + n, col4row.data_ptr<int64_t>() + b * n, iw,
                               reinterpret_cast<uint64_t*>(iw + 2 * n),
                               reinterpret_cast<uint64_t*>(iw + 3 * n)};
     const lap::BlockState r = lap::repair_state(a, w + 2 * n, w + 3 * n, w + 4 * n, iw + n);
@@ -216,10 +225,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
   TORCH_CHECK_VALUE(B <= INT32_MAX, op, ": at most 2^31 - 1 problems a call, got ", B);
   at::Tensor status = at::empty({B, 2}, cost.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
+  // The column duals always (scratch when the caller did not ask): the certificate reads them.
+  const at::Tensor v_all = with_duals ? out.v : at::empty({B, m}, cost.options().dtype(at::kDouble));
+  double* u = with_duals ? out.u.data_ptr<double>() : nullptr;
+  double* v = v_all.data_ptr<double>();
   if (use_auction(solver, B, n, m)) {
     AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
       (maximize ? launch_auction<scalar_t, true> : launch_auction<scalar_t, false>)(
-          cost, out, with_duals, status, stream);
+          cost, out.col4row, u, v, status, stream);
     });
   } else {
     AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment_cuda", [&] {
@@ -250,12 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_cuda(const at::Tensor& cost
       }
       kernel<<<static_cast<unsigned>(B), threads, in_shared ? bytes : 0, stream>>>(
           cost.const_data_ptr<scalar_t>(), n, m, in_shared ? nullptr : work.data_ptr<double>(),
-          in_shared ? nullptr : iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(),
-          with_duals ? out.u.data_ptr<double>() : nullptr,
-          with_duals ? out.v.data_ptr<double>() : nullptr, status.data_ptr<int64_t>());
+          in_shared ? nullptr : iwork.data_ptr<int64_t>(), out.col4row.data_ptr<int64_t>(), u,
+          v, status.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  launch_certify(cost, out.col4row, v_all, maximize, status.data_ptr<int64_t>(), 2, stream);
+  if (!info) wait_with_deadline(stream, op);
   finish_solve(op, status, cost, batched, maximize, out, info);
   return out.result(batched, with_duals);
 }

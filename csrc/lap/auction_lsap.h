@@ -92,6 +92,40 @@ constexpr int kFinalEpsilonLog2 = 22;
 constexpr int64_t kStopDivisor = 256;
 constexpr int kMaxSweeps = 64;
 
+// The hand-off to the repair: keeps a matched pair only if it is reciprocal (col4row and row4col
+// point at each other, indices in range) and tight by Dijkstra's own arithmetic, so block_augment
+// starts from a consistent matching whatever the auction's stores did. Rows first (each row's
+// group decides its row), then columns (a column whose row does not point back is freed).
+template <typename T, bool kMax, class Grid>
+NAT_HD void release_unsound_pairs(Grid& g, int64_t n, const T* cost, const AuctionState& s) {
+  const int64_t rank = g.rank(), size = g.size();
+  const int64_t group = g.group(), groups = g.groups(), lane = g.lane(), lanes = g.lanes();
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t i = group; i < n; i += groups) {
+    const int64_t j = s.col4row[i];
+    if (j < 0) continue;  // the same in every lane of the group
+    if (j >= n || s.row4col[j] != i) {
+      if (lane == 0) s.col4row[i] = -1;
+      continue;
+    }
+    const T* row = cost + i * n;
+    const double own = signed_cost<T, kMax>(row, j) - s.v[j];
+    double lowest = inf;
+    for (int64_t k = lane; k < n; k += lanes) {
+      const double c = signed_cost<T, kMax>(row, k) - s.v[k];
+      lowest = c < lowest ? c : lowest;
+    }
+    lowest = g.group_reduce(lowest, MinDouble{});
+    if (lane == 0 && (lowest < own || !(own < inf))) s.col4row[i] = -1;
+  }
+  g.sync();
+  for (int64_t j = rank; j < n; j += size) {
+    const int64_t i = s.row4col[j];
+    if (i >= 0 && (i >= n || s.col4row[i] != j)) s.row4col[j] = -1;
+  }
+  g.sync();
+}
+
 // The prepass for a square n x n problem. Returns kInvalidEntry (with *bad_entry), kInfeasible
 // for a row without a finite entry, else kSolved with the state ready for block_augment: v set,
 // matched pairs tight, the rest free. The same value in every thread.
@@ -261,24 +295,7 @@ NAT_HD Status auction_prepass(Grid& g, int64_t n, const T* cost, AuctionState s,
     if (g.load(changed) == 0) break;
   }
 
-  // Unmatch every row whose pair is not tight, by Dijkstra's own arithmetic.
-  for (int64_t i = group; i < n; i += groups) {
-    const int64_t j = s.col4row[i];
-    if (j < 0) continue;
-    const T* row = cost + i * n;
-    const double own = signed_cost<T, kMax>(row, j) - s.v[j];
-    double lowest = inf;
-    for (int64_t k = lane; k < n; k += lanes) {
-      const double c = signed_cost<T, kMax>(row, k) - s.v[k];
-      lowest = c < lowest ? c : lowest;
-    }
-    lowest = g.group_reduce(lowest, MinDouble{});
-    if (lane == 0 && (lowest < own || !(own < inf))) {
-      s.col4row[i] = -1;
-      s.row4col[j] = -1;
-    }
-  }
-  g.sync();
+  release_unsound_pairs<T, kMax>(g, n, cost, s);
   if (rank == 0) {
     int64_t free_rows = 0;
     for (int64_t i = 0; i < n; ++i) free_rows += s.col4row[i] < 0;

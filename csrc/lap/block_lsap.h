@@ -64,6 +64,9 @@ struct ArgMin {
 struct MinIndex {
   NAT_HD int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
+struct MaxIndex {
+  NAT_HD int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
 
 // The two cheapest columns of a row (by reduced cost, then index), for augmenting row reduction,
 // with what their owners know of them (read before the reduction's barrier, so no thread reads
@@ -171,9 +174,31 @@ NAT_HD inline void sweep_columns(const T* row, const BlockState& s, int64_t m, i
   }
 }
 
+// Flips the augmenting path that ends at column j (reached from free row f): each column on it
+// goes to the row that reached it (pred), each row to its new column. Returns false instead of
+// walking on when the arrays disagree: more than n + 1 hops (a pred cycle that misses f) or an
+// index out of range. Serial: one thread runs it.
+NAT_HD inline bool flip_path(const BlockState& s, int64_t n, int64_t m, int64_t f, int64_t j) {
+  for (int64_t hops = 0; hops <= n; ++hops) {
+    if (j < 0 || j >= m) return false;
+    const int64_t r = s.pred[j];
+    if (r < 0 || r >= n) return false;
+    s.row4col[j] = r;
+    const int64_t next = s.col4row[r];
+    s.col4row[r] = j;
+    if (r == f) return true;
+    j = next;
+  }
+  return false;
+}
+
 // Shortest augmenting paths (Dijkstra) from every row left free, on a state whose matched pairs
 // are tight: for a matched row i, c[i][col4row[i]] - v[col4row[i]] is the row's minimum of
 // c[i][j] - v[j]. block_lsap reaches that state by row reduction; auction_lsap.h by an auction.
+// Every loop is bounded, and every thread takes the same exit: a search that would scan more
+// than m columns or reach a row whose column does not point back at it, or a path flip that
+// fails, returns
+// kIterationLimit from the whole team (the decisions come from reduced values).
 template <typename T, bool kMax, class Team>
 NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, BlockState s) {
   const int64_t rank = team.rank(), size = team.size();
@@ -185,7 +210,8 @@ NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, Blo
     int64_t i = f;
     double base = 0.0;
     Candidate win;
-    while (true) {
+    for (int64_t scans = 0;; ++scans) {
+      if (scans > m) return kIterationLimit;  // every column scanned, yet no free one reached
       const T* row = cost + i * m;
       Candidate local = no_candidate();
       sweep_columns<T, kMax, true>(row, s, m, rank, size, [&](int64_t j, ColumnView col) {
@@ -202,6 +228,9 @@ NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, Blo
       win = team.reduce(local, ArgMin{});
       if (!(win.d < inf)) return kInfeasible;  // nothing reachable: no perfect matching
       if (win.r < 0) break;                          // reached a free column: the sink
+      // row4col and col4row disagree (or point out of range): a corrupt state. col4row is read
+      // by every thread alike: only thread 0 writes it, in the flip, before a barrier.
+      if (win.r >= n || s.col4row[win.r] != win.j) return kIterationLimit;
       const int64_t jb = win.j;
       if (jb % size == rank) {  // the owner marks it scanned; nobody else touches column jb
         s.saved_v[jb] = win.v;
@@ -218,17 +247,9 @@ NAT_HD Status block_augment(Team& team, int64_t n, int64_t m, const T* cost, Blo
       if (s.v[j] == -inf) s.v[j] = s.saved_v[j] + (s.saved_d[j] - win.d);
       s.d[j] = inf;
     }
-    if (rank == 0) {
-      for (int64_t j = win.j;;) {
-        const int64_t r = s.pred[j];
-        s.row4col[j] = r;
-        const int64_t next = s.col4row[r];
-        s.col4row[r] = j;
-        if (r == f) break;
-        j = next;
-      }
-    }
-    team.sync();
+    const int64_t flip_failed = rank == 0 && !flip_path(s, n, m, f, win.j) ? 1 : 0;
+    // Thread 0's verdict to everyone; the reduction is also the barrier after the flip.
+    if (team.reduce(flip_failed, MaxIndex{}) != 0) return kIterationLimit;
   }
 
   return kSolved;

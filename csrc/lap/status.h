@@ -10,6 +10,11 @@ enum Status : int64_t {
   kSolved = 0,
   kInfeasible = 1,    // no assignment of every row avoids the forbidden (infinite) entries
   kInvalidEntry = 2,  // NaN, or -inf (+inf when maximising)
+  // Faults of a solver, never of the input: they mean a bug (or hardware we have not seen).
+  kIterationLimit = 3,     // a loop hit its bound or found the matching arrays in disagreement
+                           // (a search longer than m scans, row4col and col4row not inverse, a
+                           // path flip longer than n + 1 hops or leaving the index range)
+  kCertificateFailed = 4,  // the answer failed the independent check of lap/certify.h
 };
 
 }  // namespace lap

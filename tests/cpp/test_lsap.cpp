@@ -176,6 +176,131 @@ void run_case(unsigned seed, int n, int m, bool integer_costs, bool with_inf, So
   }
 }
 
+// A corrupted state must end in kIterationLimit (or be repaired), never in a hang: the path flip
+// on a pred cycle that misses the free row and on indices out of range, and the Dijkstra search
+// on matching arrays that disagree, by a serial and a threaded team (ctest's TIMEOUT turns a hang
+// into a failure). Returns the number of cases.
+int corrupt_state_cases() {
+  using nat::lap::BlockState;
+  int cases = 0;
+  const int n = 4, m = 4;
+  std::vector<double> w(4 * m);
+  std::vector<int64_t> pred(m), row4col(m), col4row(n), free_rows(n);
+  const BlockState s{w.data(), w.data() + m, w.data() + 2 * m, w.data() + 3 * m,
+                     pred.data(), row4col.data(), col4row.data(), free_rows.data()};
+  // From free row 0 the path reaches column 0, but pred cycles 0 -> row 1 -> column 1 -> row 2 ->
+  // column 0 -> row 1 ... without ever reaching row 0.
+  pred = {1, 2, 0, 0};
+  col4row = {-1, 1, 0, 3};
+  expect(!nat::lap::flip_path(s, n, m, 0, 0), "flip_path stops on a pred cycle", 0, n, m);
+  ++cases;
+  pred = {-1, 0, 0, 0};
+  col4row = {-1, 1, 0, 3};
+  expect(!nat::lap::flip_path(s, n, m, 0, 0), "flip_path stops on pred = -1", 0, n, m);
+  ++cases;
+  pred = {1, 0, 0, 0};
+  col4row = {-1, 7, 0, 3};
+  expect(!nat::lap::flip_path(s, n, m, 0, 0), "flip_path stops on a column out of range", 0, n, m);
+  ++cases;
+  pred = {1, 0, 0, 0};
+  col4row = {-1, 1, 2, 3};
+  expect(nat::lap::flip_path(s, n, m, 0, 0) && col4row[0] == 1 && col4row[1] == 0 &&
+             row4col[0] == 1 && row4col[1] == 0,
+         "flip_path flips a sound path", 0, n, m);
+  ++cases;
+
+  // block_augment from matching arrays that disagree (row4col says column j belongs to a row
+  // whose col4row points elsewhere, or out of range): kIterationLimit or a certified optimum.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  for (const int threads : {1, 4}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      const int size = 6 + trial % 5;
+      std::vector<double> c(static_cast<size_t>(size) * size);
+      for (auto& e : c) e = uni(rng);
+      std::vector<double> ww(4 * size, 0.0);
+      std::vector<int64_t> ip(size, -1), ir(size, -1), ic(size, -1), fr(size);
+      // Rows 1.. matched to the identity, row 0 free; then one lie in row4col.
+      for (int i = 1; i < size; ++i) ic[i] = ir[i] = i;
+      ir[trial % size] = trial % 3 == 0 ? size + 3 : (trial + 2) % size;
+      for (int j = 0; j < size; ++j) {  // prices that make the identity pairs tight
+        ww[j] = c[static_cast<size_t>(j) * size + j];
+      }
+      const BlockState st{ww.data(), ww.data() + size, ww.data() + 2 * size,
+                          ww.data() + 3 * size, ip.data(), ir.data(), ic.data(), fr.data()};
+      nat::lap::Status code;
+      if (threads == 1) {
+        nat::lap::SerialTeam team;
+        code = nat::lap::block_augment<double, false>(team, size, size, c.data(), st);
+      } else {
+        nat::lap::HostTeamShared shared(threads);
+        std::vector<nat::lap::Status> codes(threads);
+        std::vector<std::thread> pool;
+        for (int r = 0; r < threads; ++r) {
+          pool.emplace_back([&, r] {
+            nat::lap::HostThreadTeam team(shared, r, threads);
+            codes[r] = nat::lap::block_augment<double, false>(team, size, size, c.data(), st);
+          });
+        }
+        for (auto& t : pool) t.join();
+        code = codes[0];
+        for (const auto other : codes) {
+          expect(other == code, "every thread returns the same status", trial, size, size);
+        }
+      }
+      bool sound = code == nat::lap::kIterationLimit;
+      if (code == nat::lap::kSolved) {  // repaired after all: must be a true assignment
+        std::vector<char> used(size, 0);
+        sound = true;
+        for (int i = 0; i < size; ++i) {
+          sound = sound && ic[i] >= 0 && ic[i] < size && !used[ic[i]];
+          if (sound) used[ic[i]] = 1;
+        }
+      }
+      expect(sound, "a corrupt matching ends in kIterationLimit or a true assignment", trial, size,
+             size);
+      ++cases;
+    }
+  }
+
+  // The auction's hand-off releases non-reciprocal pairs, so the repair starts consistent and
+  // ends optimal.
+  for (int trial = 0; trial < 20; ++trial) {
+    const int size = 8;
+    std::vector<double> c(size * size);
+    for (auto& e : c) e = uni(rng);
+    std::vector<double> v(size, 0.0), scratch(size), d(size), sv(size), sd(size);
+    std::vector<int64_t> x(size), r4c(size), keys_storage(size), pr(size);
+    std::vector<uint64_t> keys(size), counters(nat::lap::kNumCounters);
+    for (int i = 0; i < size; ++i) x[i] = r4c[i] = (i + trial) % size;  // a matching, then lies
+    r4c[trial % size] = (trial + 3) % size;
+    x[(trial + 5) % size] = trial % 2 ? size + 1 : (trial + 6) % size;
+    for (int j = 0; j < size; ++j) {  // column minima: tight for whichever row is cheapest
+      v[j] = c[j];
+      for (int i = 1; i < size; ++i) v[j] = std::min(v[j], c[i * size + j]);
+    }
+    const nat::lap::AuctionState a{v.data(), scratch.data(), x.data(), r4c.data(), keys.data(),
+                                   counters.data()};
+    nat::lap::SerialGrid grid;
+    nat::lap::release_unsound_pairs<double, false>(grid, size, c.data(), a);
+    bool consistent = true;
+    for (int i = 0; i < size; ++i) {
+      consistent = consistent && (x[i] < 0 || (x[i] < size && r4c[x[i]] == i));
+      consistent = consistent && (r4c[i] < 0 || (r4c[i] < size && x[r4c[i]] == i));
+    }
+    expect(consistent, "release_unsound_pairs leaves a consistent matching", trial, size, size);
+    const nat::lap::BlockState b = nat::lap::repair_state(a, d.data(), sv.data(), sd.data(), pr.data());
+    nat::lap::SerialTeam team;
+    std::vector<double> u(size), vo(size);
+    const auto code = nat::lap::block_augment<double, false>(team, size, size, c.data(), b);
+    nat::lap::block_duals<double, false>(team, size, size, c.data(), b, u.data(), vo.data());
+    expect(code == nat::lap::kSolved && certificate_holds(c, size, size, x, u, vo),
+           "the repair after release_unsound_pairs is optimal", trial, size, size);
+    cases += 2;
+  }
+  return cases;
+}
+
 }  // namespace
 
 int main() {
@@ -243,6 +368,7 @@ int main() {
     expect(t.j1 == 1 && t.j2 == INT64_MAX, "Top2 ranks a NaN reduced cost last", 0, 0, 0);
     ++cases;
   }
+  cases += corrupt_state_cases();
   std::printf("%d passed, %d failed\n", cases - failures, failures);
   return failures == 0 ? 0 : 1;
 }
