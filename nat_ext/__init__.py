@@ -33,5 +33,6 @@ from .scipy_patch import patch_scipy, scipy_is_patched, scipy_patched, unpatch_s
 from .full_assign import assign_full  # noqa: E402
 
 __all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
-           "linear_sum_assignment_ex", "certify", "cuda_fallback_count", "patch_scipy", "unpatch_scipy", "scipy_is_patched",
+           "linear_sum_assignment_ex", "certify", "cuda_fallback_count", "patch_scipy",
+           "unpatch_scipy", "scipy_is_patched",
            "scipy_patched", "assign_full", "ops"]

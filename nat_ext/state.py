@@ -8,18 +8,18 @@ device and read by :meth:`Assignment.check`, at the end of an epoch.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
 from .align import round_plan
+from .faults import SOLVER_FAULTS, STATUS_NAMES, SolverFaultError, fallback_mode, wait_for_device
 from .ops import assign_ex
 
 __all__ = ["Assignment"]
 
 AssignFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-_INFO = {1: "infeasible", 2: "a NaN or infinite feature-target score"}
 
 
 def _default_assign(feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +54,8 @@ class Assignment:
         self._perm = torch.cat([perm.to(torch.int64), perm.new_tensor([n])]).to(self.device)
         self._inverse = torch.empty_like(self._perm)
         self._inverse[self._perm] = torch.arange(n + 1, device=self.device)
-        # (failed reassignments, worst assign_ex info) since the last check(), on the device.
-        self.solver_status = torch.zeros(2, dtype=torch.int64, device=self.device)
+        # Failed reassignments since the last check(), by assign_ex status (index 1-4), on the device.
+        self.solver_status = torch.zeros(len(STATUS_NAMES), dtype=torch.int64, device=self.device)
 
     @property
     def n(self) -> int:
@@ -117,8 +117,8 @@ class Assignment:
     def _take(self, held: torch.Tensor, col4row: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
         # The targets picked by a solve over the held ones; a failed solve keeps them and is counted.
         ok = col4row >= 0
-        self.solver_status[0] += (info != 0).to(torch.int64)
-        self.solver_status[1] = torch.maximum(self.solver_status[1], info.to(self.device))
+        status = info.to(self.device).reshape(1).clamp(0, len(STATUS_NAMES) - 1)
+        self.solver_status.scatter_add_(0, status, (status != 0).to(torch.int64))
         return torch.where(ok, held.index_select(0, col4row.clamp(min=0)), held)
 
     def update(self, index: torch.Tensor, new_targets: torch.Tensor) -> torch.Tensor:
@@ -147,13 +147,30 @@ class Assignment:
         return changed
 
     def check(self) -> None:
-        """Raise RuntimeError if a reassignment failed since the last check, or unless ``perm``
-        is a permutation and ``inverse`` its inverse. Waits for the device."""
-        failed, worst = self.solver_status.tolist()
+        """Report the reassignments that failed since the last check, by status, and check that
+        ``perm`` is a permutation and ``inverse`` its inverse. Waits for the device (under
+        NAT_CUDA_TIMEOUT_S).
+
+        A failed batch kept its targets. Bad input (status 1 or 2: NaN or infinite features)
+        raises RuntimeError. Solver faults (3, 4: a bug) warn and let training go on, or raise
+        SolverFaultError when NAT_CUDA_FALLBACK=raise.
+        """
+        wait_for_device(self.device, "the epoch's reassignments")
+        counts = self.solver_status.tolist()
         self.solver_status.zero_()
-        if failed:
-            raise RuntimeError(f"{failed} batch reassignments failed (assign_ex info {worst}: "
-                               f"{_INFO.get(worst, 'unknown')}); the features have diverged")
+
+        def report(codes):
+            return ", ".join(f"{counts[c]} {STATUS_NAMES[c]} (status {c})" for c in codes if counts[c])
+        if counts[1] or counts[2]:
+            raise RuntimeError(f"batch reassignments failed: {report((1, 2))}; the features have "
+                               "diverged (NaN or infinite)")
+        if any(counts[c] for c in SOLVER_FAULTS):
+            message = (f"batch reassignments failed in the solver: {report(SOLVER_FAULTS)}. Those "
+                       "batches kept their targets. This is a bug in nat_ext: please report it")
+            if fallback_mode() == "raise":
+                raise SolverFaultError(message + " (NAT_CUDA_FALLBACK=raise stops training)")
+            warnings.warn(message + " (NAT_CUDA_FALLBACK=cpu: training goes on)", RuntimeWarning,
+                          stacklevel=2)
         n, perm = self.n, self.perm
         counts = torch.bincount(perm, minlength=n)
         if perm.min() < 0 or perm.max() >= n or not bool((counts == 1).all()):

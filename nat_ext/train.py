@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .align import check_sinkhorn, sinkhorn_plan
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .faults import SolverFaultError
 from .config import Config, EvalConfig, check_choices, parse_config, progress
 from .data import batch_augment, collate, get_dataset
 from .eval import evaluate
@@ -475,8 +476,8 @@ def _epoch_summary(stats: _EpochStats, assignment: Assignment | None, epoch: int
         dist.all_reduce(tot)
     loss_sum, images, skipped = tot.tolist()
     if assignment is not None:
-        if world > 1:  # every rank raises if any rank's solver failed
-            dist.all_reduce(assignment.solver_status, op=dist.ReduceOp.MAX)
+        if world > 1:  # every rank reports (and raises) the failures of all ranks alike
+            dist.all_reduce(assignment.solver_status)
         assignment.check()
         if world > 1:
             ref = assignment.perm.clone()
@@ -666,8 +667,13 @@ def train(cfg: Config) -> dict:
             bar.close()
 
             # epoch summary, checkpoint
-            row = _epoch_summary(stats, assignment, epoch, reassigning, n, world, sched.get_last_lr()[0],
-                                 global_step)
+            try:
+                row = _epoch_summary(stats, assignment, epoch, reassigning, n, world,
+                                     sched.get_last_lr()[0], global_step)
+            except SolverFaultError:  # NAT_CUDA_FALLBACK=raise: stop, keeping the epoch's work
+                train_seconds += stats.seconds
+                checkpoint(epoch + 1, 0, None)
+                raise
             if reassigning and cfg.track_objective:  # measurement only: not in the epoch's time
                 t0 = time.perf_counter()
                 feats = dataset_features(model, plain, cfg.dim, cfg.probe.batch_size, device, rank, world)

@@ -4,6 +4,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from conftest import cpu_and_cuda
+from nat_ext.faults import SolverFaultError
+from nat_ext.ops import assign_ex
 from nat_ext.state import Assignment
 from nat_ext.targets import Targets
 
@@ -99,9 +102,52 @@ def test_failed_solve_keeps_the_targets_and_is_reported_at_check():
     new = state.reassign(idx, feats, targets.rows)
     assert torch.equal(new, held), f"seed {seed}: a failed solve moved targets"
     state.update(idx, new)
-    with pytest.raises(RuntimeError, match="1 batch reassignments failed .*info 2"):
+    with pytest.raises(RuntimeError, match=r"failed: 1 invalid entry \(status 2\); the features "
+                                           "have diverged"):
         state.check()
     state.check()  # the report is cleared once raised
+
+
+def faulty_solver(fail_calls: set[int], status: int = 4):
+    """assign_ex that reports a solver fault (rows -1, info `status`) on the given calls."""
+    calls = []
+
+    def solve(feats, targets):
+        calls.append(1)
+        col4row, info = assign_ex(feats, targets)
+        if len(calls) in fail_calls:
+            return torch.full_like(col4row, -1), torch.full_like(info, status)
+        return col4row, info
+    return solve
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_solver_faults_keep_targets_and_are_reported_by_name(device, monkeypatch):
+    seed, n, b, d = 4, 64, 8, 4
+    targets = Targets(n, d, seed=seed)
+    state = Assignment(n, seed=seed, assign_fn=faulty_solver({2, 3}), device=device)
+    g = torch.Generator().manual_seed(seed)
+    for call in range(1, 5):
+        idx = torch.arange((call - 1) * b, call * b)
+        held = state.perm[idx.to(device)].clone()
+        feats = F.normalize(torch.randn(b, d, generator=g), dim=1).to(device)
+        new = state.reassign(idx, feats, lambda t: targets.rows(t.cpu()).to(device))
+        if call in (2, 3):
+            assert torch.equal(new, held), f"seed {seed}: a faulted solve moved targets"
+        state.update(idx, new)
+    monkeypatch.delenv("NAT_CUDA_FALLBACK", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"failed in the solver: 2 certificate failed \(status 4\)"
+                                            r".*kept their targets.*training goes on"):
+        state.check()
+    state.check()  # counted once, then cleared
+    state.reassign(torch.arange(b), F.normalize(torch.randn(b, d, generator=g), dim=1).to(device),
+                   lambda t: targets.rows(t.cpu()).to(device))  # call 5: fine
+    state.assign_fn = faulty_solver({1}, status=3)
+    state.reassign(torch.arange(b), F.normalize(torch.randn(b, d, generator=g), dim=1).to(device),
+                   lambda t: targets.rows(t.cpu()).to(device))
+    monkeypatch.setenv("NAT_CUDA_FALLBACK", "raise")
+    with pytest.raises(SolverFaultError, match=r"1 iteration limit \(status 3\).*NAT_CUDA_FALLBACK=raise"):
+        state.check()
 
 
 @pytest.mark.cuda

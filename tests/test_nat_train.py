@@ -12,6 +12,7 @@ import torch
 from nat_ext import eval as nat_eval
 from nat_ext import train as nat_train
 from nat_ext.checkpoint import load_checkpoint
+from nat_ext.faults import SolverFaultError
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist")
                                 and "NAT_FASHION_MNIST_DIR" not in os.environ,
@@ -215,3 +216,33 @@ def test_reassigning_cuda_step_never_syncs(tmp_path, from_seed):
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 2 and all(r["reassigned"] and 0 < r["changed_frac"] <= 1 and 0 < r["loss"] < 4
                                   for r in rows), rows
+
+
+def test_solver_fault_in_training_keeps_targets_reports_and_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    """A batch whose solve faulted keeps its held targets; the epoch end reports the status by
+    name and trains on (NAT_CUDA_FALLBACK=cpu) or stops with a checkpoint of that epoch (raise)."""
+    from nat_ext import state as nat_state
+    real = nat_state._default_assign
+    calls = []
+
+    def fault_on_third_batch(feats, targets):
+        calls.append(1)
+        col4row, info = real(feats, targets)
+        if len(calls) == 3:
+            return torch.full_like(col4row, -1), torch.full_like(info, 4)
+        return col4row, info
+
+    monkeypatch.setattr(nat_state, "_default_assign", fault_on_third_batch)
+    args = TINY + ["--epochs", "2", "--reassign-every", "1", "--no-eval", "--seed", "5"]
+    monkeypatch.delenv("NAT_CUDA_FALLBACK", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"1 certificate failed \(status 4\)"):
+        assert nat_train.main(args + ["--out", str(tmp_path / "cpu")]) == 0
+    rows = [json.loads(l) for l in open(tmp_path / "cpu" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1]  # trained on past the fault
+    calls.clear()
+    monkeypatch.setenv("NAT_CUDA_FALLBACK", "raise")
+    with pytest.raises(SolverFaultError, match=r"status 4"):
+        nat_train.main(args + ["--out", str(tmp_path / "raise")])
+    ck = load_checkpoint(os.path.join(tmp_path / "raise", "checkpoint.pt"))
+    assert ck["epoch"] == 1 and ck["step"] == 0  # the faulted epoch's work is kept
+    assert torch.equal(ck["assignment"]["perm"].sort().values, torch.arange(512))

@@ -1,7 +1,7 @@
 // CUDA kernels of the certificate (lap/certify.h): launch_certify, run by the solvers after
 // every solve, and the op nat::certify; and the deadline on the host's wait (cuda/checks.h). Two kernels on the same stream, so the verdict needs no
 // grid barrier:
-//   1. rows: blocks of kRowsPerBlock rows (a warp per row, lanes over columns, so the cost is read
+//   1. rows: blocks of kRowsPerBlock rows (a warp a row, lanes over columns, so the cost is read
 //      once, coalesced, by enough blocks to fill the GPU even for one large problem); each block
 //      marks its rows' columns used (an atomic per row, a repeat fails) and writes a partial
 //      Verdict;
@@ -29,7 +29,9 @@ namespace cert = lap::certify;
 
 constexpr int kCertifyThreads = 256;
 constexpr int kCertifyWarps = kCertifyThreads / 32;
-constexpr int64_t kRowsPerBlock = 32;
+// One row a warp: a single 4096 x 4096 problem then spreads over 512 blocks (about 4 an SM on
+// an H100/H200, 32 warps an SM), enough loads in flight to approach the memory bandwidth.
+constexpr int64_t kRowsPerBlock = kCertifyWarps;
 
 __device__ cert::RowScan shuffle_merge(cert::RowScan s) {
   for (int offset = 16; offset > 0; offset >>= 1) {
