@@ -94,11 +94,13 @@ fi
 {
   echo "total: $((SECONDS - start)) s of a ${budget} s budget"
   echo "hangs:"; grep -h '^HANG' "$out"/*.log 2>/dev/null || echo "  none"
-  echo "start-up (plain smoke processes, then under each compute-sanitizer tool):"
-  grep -h '^startup:' "$out/smoke.log" "$out/tools.log" 2>/dev/null || echo "  none recorded"
+  # Each smoke and tool run: its start-up times (the plain runs against those under each
+  # compute-sanitizer tool give the tool's start-up), its tally, the tool's error summary.
+  echo "smoke and tool runs:"
+  grep -h -E '^(=== |startup:|smoke:|========= ERROR SUMMARY)' "$out/smoke.log" "$out/tools.log" 2>/dev/null ||
+    echo "  none recorded"
   echo "cooperative auction launches (count, line):"
   grep -h 'nat_ext: cooperative auction' "$out"/*.log 2>/dev/null | sort | uniq -c || echo "  none recorded"
-  echo "compute-sanitizer:"; grep -h 'ERROR SUMMARY' "$out/tools.log" 2>/dev/null || echo "  no summary line"
   timeout "${LIMIT[summary]}" python3 scripts/gpu_targets.py --bench "$out/gpu.json" \
     --tests "$out/cuda_tests.xml" --smoke "$out/smoke.log"
 } 2>&1 | tee -a "$summary"
