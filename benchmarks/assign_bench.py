@@ -5,8 +5,8 @@
     python benchmarks/assign_bench.py --quick --json out.json
     python benchmarks/assign_bench.py --max-n 256 --json out.json   # only the small cases
 
-With --device cuda every GPU solver of every case is timed first, then the CPU ones (our CPU op,
-scipy), each called once: a run cut short keeps the GPU figures. On the CPU, peers on problems of
+With --device cuda every GPU solver of every case is timed first, then our CPU op, then scipy,
+the CPU ones called once each: a run cut short keeps the GPU figures. On the CPU, peers on problems of
 4096x4096 and up are timed once too. The JSON is rewritten after each solver.
 
 Every solver's total is checked against ours (which carries a dual certificate); a peer that
@@ -190,7 +190,8 @@ def run(cases: list[Case], repeats: int, save: Callable[[list[dict]], None], gpu
         skip: str | None = None, hang: str | None = None) -> tuple[list[dict], bool]:
     """Times every solver of every case; `save` gets the rows after each solver, so a run cut
     short keeps what it measured. A solver that raises is reported and skipped. gpu_first: every
-    GPU solver of every case first, then the CPU ones, each timed once. skip: a regex; solvers
+    GPU solver of every case first, then our CPU op on every case, then the CPU peers; the CPU
+    ones timed once. skip: a regex; solvers
     whose "case: solver" matches are left out. hang: a regex; an error matching it (the op's
     NAT_CUDA_TIMEOUT_S deadline) ends the run, since every later launch would queue behind the
     hung kernel. Returns the rows and whether it ended at a hang."""
@@ -199,8 +200,8 @@ def run(cases: list[Case], repeats: int, save: Callable[[list[dict]], None], gpu
     print(header)
     print("-" * len(header))
     order = [(case, s) for case in cases for s in case.solvers]
-    if gpu_first:
-        order = [o for o in order if o[1][3]] + [o for o in order if not o[1][3]]
+    if gpu_first:  # GPU rows, then our CPU op's, then the CPU peers' (stable within each)
+        order.sort(key=lambda o: (not o[1][3], not o[1][0].startswith("nat")))
     ours: dict[str, tuple[float, np.ndarray]] = {}  # case -> our time and totals: its first row
     for i, (case, (label, fn, to_totals, sync)) in enumerate(order):
         if skip and re.search(skip, f"{case.name}: {label}"):
