@@ -44,9 +44,10 @@ budget_begin() {
     exit 2
   fi
   start=$SECONDS
-  no_gpu=
-  nvidia-smi -L > /dev/null 2>&1 || no_gpu="no GPU: nvidia-smi -L fails"
-  [ -n "$no_gpu" ] && echo "budget: $no_gpu; only env and the summary run" | tee -a "$summary"
+  skip_reason=
+  nvidia-smi -L > /dev/null 2>&1 || skip_reason="no GPU: nvidia-smi -L fails"
+  [ -n "$skip_reason" ] && echo "budget: $skip_reason; only env and the summary run" | tee -a "$summary"
+  # (install_ext sets skip_reason too, when neither the wheel nor a build gives a working module)
   return 0
 }
 
@@ -66,8 +67,8 @@ stage() {
   shift 2
   stage_rc=
   wanted "$name" || return 0
-  if [ -n "${no_gpu:-}" ] && [ "$name" != env ]; then
-    echo "stage $name: skipped ($no_gpu)" | tee -a "$summary"
+  if [ -n "${skip_reason:-}" ] && [ "$name" != env ]; then
+    echo "stage $name: skipped ($skip_reason)" | tee -a "$summary"
     stage_rc=skipped
     return 0
   fi
@@ -92,7 +93,7 @@ stage() {
 # Python code: from the carried wheel when it was built from these sources and passes
 # check_build.py (CUDA kernels registered, a 3x3 solved on the GPU); else built from source.
 install_ext() {
-  [ -n "${no_gpu:-}" ] && { echo "stage install: skipped ($no_gpu)" | tee -a "$summary"; return 0; }
+  [ -n "${skip_reason:-}" ] && { echo "stage install: skipped ($skip_reason)" | tee -a "$summary"; return 0; }
   local whl=
   compgen -G "$WHEEL_DIR/nat_ext-*.whl" > /dev/null && whl=$(compgen -G "$WHEEL_DIR/nat_ext-*.whl" | head -1)
   if [ -n "$whl" ] && [ "$(cat "$WHEEL_DIR/SOURCE_HASH" 2>/dev/null)" != "$(source_hash)" ]; then
@@ -111,6 +112,9 @@ install_ext() {
   LIMIT[build]=$LIMIT_FALLBACK_BUILD
   stage build install.log bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace && python3 scripts/check_build.py --cuda 1 --run"
+  # Without a working extension every later stage would only fail on its import.
+  [ "$stage_rc" = 0 ] || skip_reason="no working extension: see install.log"
+  return 0
 }
 
 # The peers' wheels (lapx, torch-linear-assignment) where the machine lacks them, and the data.
