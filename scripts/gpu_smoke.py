@@ -217,6 +217,7 @@ CASES = {f.__name__: f for group in (PATHS, SMALL) for fs in group.values() for 
 
 
 def main() -> int:
+    global DEVICE, CHECK, HOST_THREADS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", action="append", choices=list(PATHS), help="only this path's cases (repeatable)")
     p.add_argument("--skip-path", action="append", default=[], choices=list(PATHS),
@@ -225,12 +226,13 @@ def main() -> int:
     p.add_argument("--case", action="append", choices=sorted(CASES), help="run only this case (repeatable)")
     p.add_argument("--profile", action="store_true", help="run the kernels only, no checks (for ncu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--host-threads", type=int, default=HOST_THREADS,
+                   help="--device cpu: the team run at this many threads is compared with 1 thread")
     p.add_argument("--hang-pattern", default=os.environ.get(
         "NAT_HANG_RE", r"did not finish within NAT_CUDA_TIMEOUT_S"),
         help="an error matching this regex is a hang: stop at once (default: $NAT_HANG_RE)")
     args = p.parse_args()
-    global DEVICE, CHECK
-    DEVICE, CHECK = args.device, not args.profile
+    DEVICE, CHECK, HOST_THREADS = args.device, not args.profile, args.host_threads
     if DEVICE == "cuda" and not torch.cuda.is_available():
         p.error("needs a CUDA GPU; none is present")
     if args.case:
