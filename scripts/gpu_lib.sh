@@ -99,14 +99,14 @@ install_ext() {
   if [ -n "$whl" ] && [ "$(cat "$WHEEL_DIR/SOURCE_HASH" 2>/dev/null)" != "$(source_hash)" ]; then
     echo "install: $whl was built from other sources (hash $(cat "$WHEEL_DIR/SOURCE_HASH" 2>/dev/null)," \
       "these are $(source_hash)): rerun scripts/prepare_gpu_carry.sh; building from source" | tee -a "$summary"
-    whl=
+    whl=stale
   fi
-  if [ -n "$whl" ]; then
+  if [ -n "$whl" ] && [ "$whl" != stale ]; then
     stage install install.log python3 scripts/check_build.py --unpack "$whl" --cuda 1 --run
     [ "$stage_rc" = 0 ] && return 0
     echo "install: the wheel failed (see install.log); building from source" | tee -a "$summary"
     rm -f nat_ext/_C*.so
-  else
+  elif [ -z "$whl" ]; then
     echo "install: no wheel in $WHEEL_DIR; building from source" | tee -a "$summary"
   fi
   LIMIT[build]=$LIMIT_FALLBACK_BUILD

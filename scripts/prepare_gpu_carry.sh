@@ -47,4 +47,5 @@ if ((total > 64 << 20)); then
   echo "prepare_gpu_carry: over the 64 MiB a call carries" >&2
   exit 1
 fi
-echo 'carry: [".whl", ".data"]   command: bash scripts/gpu_check.sh'
+echo 'carry: [".whl"]            command: bash scripts/gpu_check.sh'
+echo 'carry: [".whl", ".data"]   command: bash scripts/gpu_extra.sh'
