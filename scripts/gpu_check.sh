@@ -32,18 +32,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 source scripts/gpu_lib.sh
 export PYTHONUNBUFFERED=1 NAT_CUDA_FALLBACK=raise
-ONLY=${*:+env install build $* summary}
+ONLY=${*:+env peers install build $* summary}
 
 # Stage limits in seconds, in the order they run; budget_begin prints them with their sum and
 # refuses to start if the sum is over the budget.
 budget_begin "${OUT:-gpu_out}" "${GPU_CHECK_BUDGET:-420}" \
-  env 10 install 20 \
+  env 5 peers 5 install 20 \
   smoke-jv 30 smoke-block-auction 20 smoke-coop-auction 30 \
   synccheck 45 racecheck 60 memcheck 45 \
   bench 60 tests 65 ncu 30 summary 5
-carried_env
-
 stage env install.log bash -c 'date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv; nvcc --version | tail -2; python3 --version'
+carried_env
 install_ext
 
 # One process a solver path: torch starts three times, and a hang costs only its path. The

@@ -10,13 +10,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit
 source scripts/gpu_lib.sh
 export PYTHONUNBUFFERED=1 NAT_CUDA_FALLBACK=raise NAT_CUDA_TIMEOUT_S=30
-ONLY=${*:+env install build $*}
+ONLY=${*:+env peers install build $*}
 
 budget_begin "${OUT:-gpu_out_extra}" "${GPU_EXTRA_BUDGET:-220}" \
-  env 10 install 20 threads_sweep 60 train_bench 90 nat_tests 40
-carried_env
-
+  env 5 peers 5 install 20 threads_sweep 60 train_bench 90 nat_tests 40
 stage env install.log bash -c 'date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; python3 --version'
+carried_env
 install_ext
 stage threads_sweep extra.log python3 benchmarks/jv_threads_sweep.py --cols 4 8 16 --repeats 5 --json "$out/sweep.json"
 stage train_bench extra.log python3 benchmarks/train_bench.py --device cuda --limit 15360 --epochs 4 --json "$out/train.json"

@@ -117,11 +117,13 @@ install_ext() {
   return 0
 }
 
-# The peers' wheels (lapx, torch-linear-assignment) where the machine lacks them, and the data.
+# The peers' wheels (lapx, torch-linear-assignment) where the machine lacks them (the stage
+# "peers"), the tree and scripts/ on the path, and the data.
 carried_env() {
   if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl >> "$out/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    stage peers install.log python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl
+    [ "$stage_rc" = 0 ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONPATH=$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
   [ -d .data/fashion-mnist ] && export NAT_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist
