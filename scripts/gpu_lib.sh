@@ -59,9 +59,9 @@ wanted() {
 }
 
 # stage NAME LOG CMD...: runs CMD under its limit (LIMIT[NAME], at most the time left), appends
-# its output to $out/LOG and a line to the summary; sets stage_rc. The limit includes a 5 s grace
-# after the signal (STAGE_SIGNAL, TERM unless set; INT lets pytest write its report), so a stage
-# never takes longer than its limit. NAT_STAGE_T0 tells the command when the stage began.
+# its output to $out/LOG and a line to the summary; sets stage_rc. The limit includes a grace
+# after the signal (5 s, 1 s for limits under 15 s; the signal is STAGE_SIGNAL, TERM unless set:
+# INT lets pytest write its report), so a stage never takes longer than its limit. NAT_STAGE_T0 tells the command when the stage began.
 stage() {
   local name=$1 log=$2
   shift 2
@@ -73,15 +73,16 @@ stage() {
     return 0
   fi
   local limit=${LIMIT[$name]} left=$((budget - (SECONDS - start)))
-  if ((left < 15)); then
+  if ((left < (limit < 15 ? limit : 15))); then
     echo "stage $name: skipped (budget spent)" | tee -a "$summary"
     stage_rc=skipped
     return 0
   fi
   ((limit > left)) && limit=$left
+  local grace=$((limit >= 15 ? 5 : 1))  # (timeout 0 would mean no limit at all)
   echo "=== $name (limit ${limit} s) $(date -u +%T)" >> "$out/$log"
   local t0=$SECONDS
-  NAT_STAGE_T0=$(date +%s.%N) timeout -s "${STAGE_SIGNAL:-TERM}" -k 5 $((limit - 5)) "$@" >> "$out/$log" 2>&1
+  NAT_STAGE_T0=$(date +%s.%N) timeout -s "${STAGE_SIGNAL:-TERM}" -k "$grace" $((limit - grace)) "$@" >> "$out/$log" 2>&1
   stage_rc=$?
   local note=""
   ((stage_rc == 124 || stage_rc == 137)) && note=" (TIMED OUT)"
