@@ -271,6 +271,12 @@ def main() -> int:
             failed += 1
             print(f"FAIL {name:<24} {type(e).__name__}: {e}", flush=True)
             traceback.print_exc(limit=3)
+    if hasattr(nat_ext, "cuda_fallback_count"):  # GPU answers re-solved on the CPU (cpu fallback mode)
+        fallbacks = nat_ext.cuda_fallback_count()
+        print(f"cuda fallbacks: {fallbacks}")
+        if fallbacks:
+            failed += 1
+            print(f"FAIL {'cuda_fallbacks':<24} {fallbacks} GPU answers were re-solved on the CPU", flush=True)
     print(f"smoke: {len(names) - failed}/{len(names)} passed, {time.time() - T_PYTHON:.1f} s in python")
     return 1 if failed else 0
 
