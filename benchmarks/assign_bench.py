@@ -3,6 +3,11 @@
     python benchmarks/assign_bench.py                  # CPU: ours vs scipy and lapx
     python benchmarks/assign_bench.py --device cuda    # adds our CUDA op and torch-linear-assignment
     python benchmarks/assign_bench.py --quick --json out.json
+    python benchmarks/assign_bench.py --max-n 256 --json out.json   # only the small cases
+
+With --device cuda every GPU solver of every case is timed first, then our CPU op, then scipy,
+the CPU ones called once each: a run cut short keeps the GPU figures. On the CPU, peers on problems of
+4096x4096 and up are timed once too. The JSON is rewritten after each solver.
 
 Every solver's total is checked against ours (which carries a dual certificate); a peer that
 returns a worse total is flagged in the "gap" column rather than silently timed. Ratios are
@@ -10,7 +15,9 @@ peer time / our time: above 1 means we are faster. Missing peers are skipped wit
 """
 
 import argparse
+import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +44,12 @@ except ImportError:
 
 def median_seconds(fn: Callable[[], object], repeats: int, sync: bool) -> tuple[float, object]:
     """Median time of fn() after one warm-up call; with sync (GPU work), timed by CUDA events on
-    the current stream, which also count host work in between (a .cpu() copy, a CPU solver)."""
+    the current stream, which also count host work in between (a .cpu() copy, a CPU solver).
+    repeats=0: one call, timed, and no warm-up (the one-shot rule for slow CPU peers)."""
+    if repeats == 0:
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
     out = fn()  # warm-up (and the result checked for optimality)
     times = []
     for _ in range(repeats):
@@ -80,10 +92,10 @@ def rows_cols_from_col4row(col4row: torch.Tensor):
     return np.broadcast_to(np.arange(col4row.shape[-1]), col4row.shape), col4row
 
 
-def cpu_cases(quick: bool, threads: int) -> list[Case]:
+def cpu_cases(quick: bool, threads: int, max_n: int) -> list[Case]:
     rng = np.random.default_rng(0)
     cases = []
-    for n in (64, 256, 1024, 4096):
+    for n in [n for n in (64, 256, 1024, 4096) if n <= max_n]:
         for dtype in (np.float32, np.float64):
             cost = rng.random((n, n)).astype(dtype)
             case = Case(f"{n}x{n} {np.dtype(dtype).name}", cost)
@@ -98,7 +110,7 @@ def cpu_cases(quick: bool, threads: int) -> list[Case]:
                 case.add("lapx lapjv", lambda c=cost: lap.lapjv(c, return_cost=False),
                          lambda out, c=cost: totals(c, np.arange(len(out[0])), out[0]))
             cases.append(case)
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float32, np.float64) if max_n >= 256 else ():
         cost = rng.random((64, 256, 256)).astype(dtype)
         case = Case(f"batch 64x256x256 {np.dtype(dtype).name}", cost)
         t = torch.from_numpy(cost)
@@ -112,14 +124,14 @@ def cpu_cases(quick: bool, threads: int) -> list[Case]:
                      lambda c=cost: lap.lapjvs_batch(c, return_cost=False, n_threads=threads),
                      lambda out, c=cost: totals(c, np.stack(out[0]), np.stack(out[1])))
         cases.append(case)
-    return cases + assign_cases("cpu", torch.Generator().manual_seed(0))
+    return cases + assign_cases("cpu", torch.Generator().manual_seed(0), max_n)
 
 
-def assign_cases(device: str, g: torch.Generator) -> list[Case]:
+def assign_cases(device: str, g: torch.Generator, max_n: int) -> list[Case]:
     """The NAT step itself: n=256 features against their batch's targets, d=2048."""
     cases = []
     sync = device == "cuda"
-    for B in (1, 64):
+    for B in (1, 64) if max_n >= 256 else ():
         feats = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device=device), dim=-1)
         targets = torch.nn.functional.normalize(torch.randn(B, 256, 2048, generator=g, device=device), dim=-1)
         scores = (feats.double() @ targets.double().transpose(1, 2)).cpu().numpy()
@@ -142,11 +154,13 @@ def assign_cases(device: str, g: torch.Generator) -> list[Case]:
     return cases
 
 
-def cuda_cases(quick: bool) -> list[Case]:
+def cuda_cases(quick: bool, max_n: int) -> list[Case]:
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = []
     for name, shape in [("batch 256x256x256", (256, 256, 256)), ("batch 64x1024x1024", (64, 1024, 1024)),
                         ("4096x4096", (4096, 4096))]:
+        if shape[-1] > max_n:
+            continue
         t = torch.rand(shape, generator=g, device="cuda")
         cost = t.cpu().numpy()
         case = Case(name + " float32", cost)
@@ -169,40 +183,60 @@ def cuda_cases(quick: bool) -> list[Case]:
             case.add("torch-linear-assignment", lambda tb=tb: tla.batch_linear_assignment(tb),
                      lambda out, c=cost: totals(c, *rows_cols_from_col4row(out)), sync=True)
         cases.append(case)
-    return assign_cases("cuda", g) + cases  # the NAT step first: the headline target
+    return assign_cases("cuda", g, max_n) + cases  # the NAT step first: the headline target
 
 
-def run(cases: list[Case], repeats: int, save: Callable[[list[dict]], None]) -> list[dict]:
-    """Times every solver of every case; `save` gets the rows after each case, so a run cut
-    short keeps what it measured. A solver that raises is reported and skipped."""
+def run(cases: list[Case], repeats: int, save: Callable[[list[dict]], None], gpu_first: bool = False,
+        skip: str | None = None, hang: str | None = None) -> tuple[list[dict], bool]:
+    """Times every solver of every case; `save` gets the rows after each solver, so a run cut
+    short keeps what it measured. A solver that raises is reported and skipped. gpu_first: every
+    GPU solver of every case first, then our CPU op on every case, then the CPU peers; the CPU
+    ones timed once. skip: a regex; solvers
+    whose "case: solver" matches are left out. hang: a regex; an error matching it (the op's
+    NAT_CUDA_TIMEOUT_S deadline) ends the run, since every later launch would queue behind the
+    hung kernel. Returns the rows and whether it ended at a hang."""
     results = []
     header = f"{'case':<28} {'solver':<32} {'median ms':>11} {'ratio':>8} {'gap':>10}"
     print(header)
     print("-" * len(header))
-    for case in cases:
-        ours_time, ours_total = None, None
-        for label, fn, to_totals, sync in case.solvers:
-            reps = 1 if case.cost.size > 4096 * 4096 and "nat" not in label else repeats
-            try:
-                seconds, out = median_seconds(fn, reps, sync)
-                total = to_totals(out)
-            except Exception as e:  # noqa: BLE001 -- one failing solver must not end the run
-                print(f"{case.name:<28} {label:<32} FAILED: {type(e).__name__}: {e}")
-                results.append({"case": case.name, "solver": label, "error": f"{type(e).__name__}: {e}"})
-                continue
-            if ours_time is None:  # our solver is listed first in every case
-                ours_time, ours_total = seconds, total
-            # Relative gap of this solver's totals to ours: > 0 means a worse assignment.
-            sign = -1.0 if case.maximize else 1.0
-            gap = float(np.max(sign * (total - ours_total) / (1.0 + np.abs(ours_total))))
-            ratio = seconds / ours_time
-            flag = "  WORSE THAN OURS" if gap > 1e-9 else ""
-            print(f"{case.name:<28} {label:<32} {seconds * 1e3:>11.3f} {ratio:>7.2f}x {gap:>10.1e}{flag}")
-            results.append({"case": case.name, "solver": label, "median_ms": seconds * 1e3,
-                            "ratio_vs_ours": ratio, "relative_gap_vs_ours": gap, "repeats": reps})
-        print(flush=True)
+    order = [(case, s) for case in cases for s in case.solvers]
+    if gpu_first:  # GPU rows, then our CPU op's, then the CPU peers' (stable within each)
+        order.sort(key=lambda o: (not o[1][3], not o[1][0].startswith("nat")))
+    ours: dict[str, tuple[float, np.ndarray]] = {}  # case -> our time and totals: its first row
+    for i, (case, (label, fn, to_totals, sync)) in enumerate(order):
+        if skip and re.search(skip, f"{case.name}: {label}"):
+            print(f"{case.name:<28} {label:<32} skipped (--skip)")
+            continue
+        if gpu_first and not sync:
+            reps = 0  # one call, timed: the CPU peers beside GPU solvers
+        elif case.cost.size >= 4096 * 4096 and not label.startswith("nat"):
+            reps = 0  # one-shot rule: peers on 4096x4096 and up
+        else:
+            reps = repeats
+        try:
+            seconds, out = median_seconds(fn, reps, sync)
+            total = to_totals(out)
+        except Exception as e:  # noqa: BLE001 -- one failing solver must not end the run
+            print(f"{case.name:<28} {label:<32} FAILED: {type(e).__name__}: {e}", flush=True)
+            results.append({"case": case.name, "solver": label, "error": f"{type(e).__name__}: {e}"})
+            save(results)
+            if hang and re.search(hang, str(e)):
+                print(f"HANG {case.name}: {label}; not run: {len(order) - i - 1} solver rows", flush=True)
+                return results, True
+            continue
+        ours_time, ours_total = ours.setdefault(case.name, (seconds, total))  # ours come first
+        # Relative gap of this solver's totals to ours: > 0 means a worse assignment.
+        sign = -1.0 if case.maximize else 1.0
+        gap = float(np.max(sign * (total - ours_total) / (1.0 + np.abs(ours_total))))
+        ratio = seconds / ours_time
+        flag = "  WORSE THAN OURS" if gap > 1e-9 else ""
+        print(f"{case.name:<28} {label:<32} {seconds * 1e3:>11.3f} {ratio:>7.2f}x {gap:>10.1e}{flag}",
+              flush=True)
+        results.append({"case": case.name, "solver": label, "median_ms": seconds * 1e3,
+                        "ratio_vs_ours": ratio, "relative_gap_vs_ours": gap, "repeats": max(reps, 1),
+                        "warmup": reps > 0})
         save(results)
-    return results
+    return results, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (median)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for batched CPU solvers (ours and lapx)")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (after each solver)")
+    parser.add_argument("--max-n", type=int, default=4096, help="leave out cases with more columns")
+    parser.add_argument("--skip", metavar="REGEX", help='leave out solvers whose "case: solver" matches')
+    parser.add_argument("--hang-pattern", default=os.environ.get("NAT_HANG_RE"), metavar="REGEX",
+                        help="an error matching this ends the run, exit 3 (default: $NAT_HANG_RE)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
     torch.set_num_threads(args.threads)
@@ -223,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda needs a CUDA GPU; none is present")
-        cases = cuda_cases(args.quick)
+        cases = cuda_cases(args.quick, args.max_n)
     else:
-        cases = cpu_cases(args.quick, args.threads)
+        cases = cpu_cases(args.quick, args.threads, args.max_n)
+    once = "CPU solvers" if args.device == "cuda" else "peers at 4096x4096 and up"
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, median of {repeats} (1 for peers above 4096x4096); uniform random costs\n")
+          f"{args.threads} threads, median of {repeats} after a warm-up ({once}: one call, no "
+          f"warm-up); uniform random costs\n")
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
             "repeats": repeats, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
 
@@ -235,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_results(args.json, meta, rows)
 
-    run(cases, repeats, save)
+    _, hung = run(cases, repeats, save, gpu_first=args.device == "cuda", skip=args.skip,
+                  hang=args.hang_pattern)
     if args.json:
         print(f"wrote {args.json}")
+    if hung:
+        os._exit(3)  # exiting normally would wait on the hung kernel
     return 0
 
 
