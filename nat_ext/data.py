@@ -4,6 +4,9 @@
   Debian package ``dataset-fashion-mnist`` (no download is ever attempted).
   Images are kept in memory as uint8; augmentation (random resized crop and
   flip) runs batched on the training device, see :func:`batch_augment`.
+* ``synthetic:N``: ImageNet-shaped images made on the fly, no files (see
+  :class:`SyntheticImages`): N training images, ``min(50,000, max(1, N // 25))``
+  validation images, 1000 classes, 3 channels, at any ``image_size``.
 * any other ``--data`` value: a folder in ImageNet layout
   (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or just
   ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder.
@@ -24,12 +27,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 
-__all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder",
-           "get_dataset", "collate", "batch_augment", "read_idx"]
+__all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
+           "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -40,6 +44,7 @@ class DataInfo:
     image_size: int
     small_input: bool
     batch_augment: bool  # augment with batch_augment on the device (the dataset does not)
+    uint8: bool = False  # items are uint8 Tensor[(views,) 3, H, W]: finish them on the device (presets.DeviceTransform)
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -146,6 +151,102 @@ class _Views:
         return torch.stack([self.transform(img) for _ in range(self.views)])
 
 
+def mix64(*parts: int) -> int:
+    """A 63-bit hash of integers (splitmix64 rounds): the counter-based seed of one item's randomness.
+
+    The same parts give the same value in every process, whatever else ran before, so anything
+    drawn from it is a pure function of the parts (worker count and resume do not matter).
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (h ^ (int(p) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def synthetic_size(n: int, split: str) -> int:
+    """Images in a split of ``synthetic:n``: n for ``train``, ``min(50,000, max(1, n // 25))`` for
+    ``test`` (ImageNet's 1,281,167 / 50,000 ratio is 25.6; at least one image so evaluation runs)."""
+    if split == "train":
+        return n
+    return min(50_000, max(1, n // 25))
+
+
+class SyntheticImages(Dataset):
+    """ImageNet-shaped images computed on the fly from (seed, split, index); nothing per image is stored.
+
+    Each image is a smooth colour field (its class's 4x4 pattern, shared by the class's images
+    in both splits, blended with the image's own 8x8 pattern, bilinearly upsampled) plus
+    per-pixel noise, so a probe can tell the classes apart (above chance) and the pixels are not
+    constant. Labels are ``mix64(seed, split, index) % num_classes``. ``len`` and an item cost
+    O(1) in ``n`` (about 1 ms at 224 px, one thread), and items are the same in every process.
+
+    Items are ``(image, label, index)``:
+
+    * ``uint8=True``: image uint8 Tensor[3, S, S] (Tensor[views, 3, S, S] when ``views > 1``;
+      the views are the same pixels: flips are drawn on the device by presets.DeviceTransform).
+    * ``uint8=False`` (what torchvision's pipeline gives): float32 normalised with the ImageNet
+      mean and std; with ``augment`` a horizontal flip drawn from torch's global generator
+      per view, as ``T.RandomHorizontalFlip`` does.
+
+    Args:
+        n: images in the split.
+        split: ``train`` or ``test``.
+        image_size: S.
+        seed: the data seed (``--seed``).
+        num_classes: label range.
+        augment, views, uint8: see above.
+    """
+
+    SPLITS = {"train": 0, "test": 1}
+
+    def __init__(self, n: int, split: str, image_size: int = 224, seed: int = 0, num_classes: int = 1000,
+                 augment: bool = False, views: int = 1, uint8: bool = False) -> None:
+        if n < 1:
+            raise ValueError(f"n should be at least 1, got {n}")
+        if split not in self.SPLITS:
+            raise ValueError(f"split should be 'train' or 'test', got {split!r}")
+        if image_size < 1:
+            raise ValueError(f"image_size should be at least 1, got {image_size}")
+        self.n, self.split, self.image_size, self.seed = n, split, image_size, seed
+        self.num_classes, self.augment, self.views, self.uint8 = num_classes, augment, views, uint8
+        self._split_id = self.SPLITS[split]
+        self.mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def label(self, i: int) -> int:
+        """The label of image ``i`` (no pixels computed)."""
+        return mix64(self.seed, self._split_id, i, 0x1ABE1) % self.num_classes
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 Tensor[3, S, S]."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} is out of range for {self.n} images")
+        s = self.image_size
+        cls = torch.Generator().manual_seed(mix64(self.seed, self.label(i), 0xC1A55))
+        own = torch.Generator().manual_seed(mix64(self.seed, self._split_id, i, 0x1A6E))
+        field = 0.6 * F.interpolate(torch.rand(1, 3, 4, 4, generator=cls), size=(8, 8), mode="bilinear",
+                                    align_corners=False) + 0.4 * torch.rand(1, 3, 8, 8, generator=own)
+        img = F.interpolate(field, size=(s, s), mode="bilinear", align_corners=False)[0] * 224.0
+        img += torch.randint(0, 32, (3, s, s), generator=own, dtype=torch.uint8)
+        return img.clamp_(0, 255).to(torch.uint8)
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        x = self.pixels(i)
+        if self.uint8:
+            out = x.unsqueeze(0).expand(self.views, -1, -1, -1).contiguous() if self.views > 1 else x
+            return out, self.label(i), i
+        x = (x.float() / 255.0 - self.mean) / self.std
+        outs = [x.flip(-1) if self.augment and torch.rand(1).item() < 0.5 else x for _ in range(self.views)]
+        return (torch.stack(outs) if self.views > 1 else outs[0]), self.label(i), i
+
+
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Collate ``(image, label, index)`` items, dropping ``None`` (skipped) items.
 
@@ -166,11 +267,12 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
-                seed: int = 0, views: int = 1) -> tuple[Dataset, DataInfo]:
+                seed: int = 0, views: int = 1, uint8: bool = False) -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
-        data: ``fashion-mnist`` or a path to an image folder.
+        data: ``fashion-mnist``, ``synthetic:N`` (N training images, see :class:`SyntheticImages`)
+            or a path to an image folder.
         split: ``train`` or ``test`` (``val`` folder for image folders).
         augment: for image folders, random resized crop + flip (Fashion-MNIST is
             augmented batched on the device by :func:`batch_augment` instead).
@@ -180,6 +282,8 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         seed: seed of the ``limit`` subset.
         views: for augmented image folders, independent augmentations of each image, stacked
             as Tensor[views, C, H, W] when more than 1 (Fashion-MNIST: augment each view on the device).
+        uint8: synthetic data: items are uint8 and ``DataInfo.uint8`` is set (normalise and flip
+            on the device); False: normalised float32 as torchvision's pipeline gives.
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -192,8 +296,20 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
             images, labels = images[keep], labels[keep]
         return TensorImages(images, labels), DataInfo(1, 10, 28, True, True)
+    if data.startswith("synthetic:"):
+        try:
+            n = int(data.split(":", 1)[1].replace(",", "").replace("_", ""))
+        except ValueError:
+            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}") from None
+        if n < 1:
+            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}")
+        size = synthetic_size(n, split)
+        if limit is not None:  # the images are i.i.d.: the first `limit` are as good a subset as any
+            size = min(size, limit)
+        ds = SyntheticImages(size, split, image_size, seed, 1000, augment=augment, views=views, uint8=uint8)
+        return ds, DataInfo(3, 1000, image_size, image_size <= 64, False, uint8)
     if not os.path.isdir(data):
-        raise ValueError(f"data should be 'fashion-mnist' or an existing image folder, got {data!r}")
+        raise ValueError(f"data should be 'fashion-mnist', 'synthetic:N' or an existing image folder, got {data!r}")
     sub = os.path.join(data, "train" if split == "train" else "val")
     root = sub if os.path.isdir(sub) else data
     norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
