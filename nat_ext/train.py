@@ -120,8 +120,9 @@ def train(cfg: Config) -> dict:
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
 
     forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s weights
-    net = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else forward
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (one model's size per rank)
+    net = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True) if world > 1 else forward
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     no_sync = cfg.sync_debug and device.type == "cuda"
