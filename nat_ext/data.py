@@ -305,7 +305,8 @@ def collate(batch) -> tuple[torch.Tensor | CropBatch, torch.Tensor, torch.Tensor
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
-                seed: int = 0, views: int = 1, uint8: bool = False) -> tuple[Dataset, DataInfo]:
+                seed: int = 0, views: int = 1, uint8: bool = False,
+                worker_resize: bool = False) -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
@@ -327,6 +328,9 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             collated into a :class:`nat_ext.presets.CropBatch`; synthetic data: uint8 Tensor[3, S, S].
             False: torchvision's pipeline (PIL crop, resize, flip, ToTensor, Normalize in the
             worker; float32 items), kept as the reference.
+        worker_resize: image folders with ``uint8``: resize the crops to S x S in the worker (PIL)
+            instead of on the device; for training on the CPU, where PIL's uint8 resize is the
+            cheaper one (see docs/input_pipeline.md). The pixels are the same up to rounding.
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -362,7 +366,7 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             tf = _Views(tf, views)
     else:
         tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm])
-    crop = FolderCrop(image_size, augment, seed=seed, views=views) if uint8 else None
+    crop = FolderCrop(image_size, augment, seed=seed, views=views, resize=worker_resize) if uint8 else None
     ds = IndexedImageFolder(root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
     if limit is not None:
         keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]

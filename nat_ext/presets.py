@@ -6,7 +6,9 @@ Split as in FFCV's and DALI's ImageNet examples (see docs/input_pipeline.md for 
   (``RandomResizedCrop``'s algorithm, or the evaluation centre crop), decode at the smallest
   libjpeg-turbo DCT scale (1, 1/2, 1/4, 1/8) at which the box is still at least ``image_size`` on
   its shorter side (``PIL.Image.draft``), and cut the box out. The item is the crop as uint8
-  Tensor[h, w, 3] (HWC, variable size): no resampling, no float conversion on the CPU.
+  Tensor[h, w, 3] (HWC, variable size): no resampling, no float conversion on the CPU. (When
+  the decode was reduced, the small region is resized to S x S here, where it is cheap and keeps
+  the box's fractional edges; ``resize=True`` does it always, for runs on the CPU.)
 * **collation** (:class:`CropBatch`): a batch's crops packed into one flat uint8 buffer plus their
   sizes, so one shared-memory tensor crosses from a worker and one copy goes to the device.
 * **device side** (:class:`DeviceTransform`): each crop resized to ``image_size`` (bilinear with
@@ -126,18 +128,23 @@ def draft_scale(box_h: int, box_w: int, image_size: int) -> int:
 
 
 def load_crop(path: str, image_size: int, box: Callable[[int, int], tuple[int, int, int, int]],
-              draft: bool = True) -> torch.Tensor:
+              draft: bool = True, resize: bool = False) -> torch.Tensor:
     """Decode the region ``box`` of a JPEG (or any PIL image) as uint8 Tensor[h, w, 3].
 
     Args:
         path: the image file.
-        image_size: the size the device will resize the crop to (sets the DCT scale).
+        image_size: S, the size the crop is resized to (on the device, or here).
         box: ``(width, height) -> (top, left, h, w)``, called with the full size read from the header.
-        draft: decode JPEGs at the reduced scale of :func:`draft_scale`; the box edges then snap to
-            whole pixels of the reduced image (multiples of s full-size pixels). False: full decode.
+        draft: decode JPEGs at the reduced scale of :func:`draft_scale` (PIL's ``draft``: libjpeg-turbo's
+            DCT scaling, which also skips most of the inverse DCT work). The box is then resized to
+            S x S here, by PIL on the reduced image (cheap: its shorter side is between S and 2S), with
+            its exact fractional edges. False: always the full decode.
+        resize: resize the box to S x S here in every case (PIL, bilinear with antialias, as
+            torchvision's pipeline does): for a run whose "device" is the CPU, where PIL's uint8 resize
+            is faster than ``F.interpolate``'s float one.
 
     Returns:
-        uint8 Tensor[h', w', 3], the box at the decoded scale (h' = h / s rounded).
+        uint8 Tensor[S, S, 3] when resized here, else the box cut out at full size, Tensor[h, w, 3].
     """
     with Image.open(path) as im:
         width, height = im.size
@@ -145,17 +152,15 @@ def load_crop(path: str, image_size: int, box: Callable[[int, int], tuple[int, i
         s = draft_scale(h, w, image_size) if draft and im.format == "JPEG" else 1
         if s > 1:
             im.draft("RGB", (width // s, height // s))
-            s = width / im.size[0]  # what libjpeg gave: (width + s - 1) // s pixels
         if im.mode != "RGB":
             im = im.convert("RGB")
-        if s > 1:
-            x0, y0 = int(round(j / s)), int(round(i / s))
-            x1 = max(x0 + 1, min(im.size[0], int(round((j + w) / s))))
-            y1 = max(y0 + 1, min(im.size[1], int(round((i + h) / s))))
+        if s > 1 or resize:
+            sx, sy = width / im.size[0], height / im.size[1]  # what libjpeg gave: ceil(width / s) pixels
+            out = im.resize((image_size, image_size), Image.BILINEAR,
+                            box=(j / sx, i / sy, (j + w) / sx, (i + h) / sy))
         else:
-            x0, y0, x1, y1 = j, i, j + w, i + h
-        crop = im.crop((x0, y0, x1, y1))
-        return torch.from_numpy(np.asarray(crop).copy())  # np.asarray of PIL is read-only
+            out = im.crop((j, i, j + w, i + h))
+        return torch.from_numpy(np.array(out))  # np.array copies: np.asarray of PIL is read-only
 
 
 class FolderCrop:
@@ -168,25 +173,26 @@ class FolderCrop:
         seed: the run's ``--seed``.
         views: crops per item when augmenting.
         scale, ratio: ``RandomResizedCrop``'s ranges.
-        draft: see :func:`load_crop`.
+        draft, resize: see :func:`load_crop`.
     """
 
     def __init__(self, image_size: int, augment: bool, seed: int = 0, views: int = 1,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 draft: bool = True) -> None:
+                 draft: bool = True, resize: bool = False) -> None:
         self.image_size, self.augment, self.seed, self.views = image_size, augment, seed, views
-        self.scale, self.ratio, self.draft = scale, ratio, draft
+        self.scale, self.ratio, self.draft, self.resize = scale, ratio, draft, resize
 
     def __call__(self, path: str, index: int, epoch: int) -> tuple[torch.Tensor, ...]:
         """The crops of image ``index`` in ``epoch``: a tuple of ``views`` uint8 Tensor[h, w, 3] (one
         without augmentation); the tuple tells :func:`nat_ext.data.collate` to make a :class:`CropBatch`."""
         if not self.augment:
-            return (load_crop(path, self.image_size, lambda w, h: center_box(w, h, self.image_size), self.draft),)
+            return (load_crop(path, self.image_size, lambda w, h: center_box(w, h, self.image_size),
+                              self.draft, self.resize),)
         out = []
         for v in range(self.views):
             rng = random.Random(mix64(self.seed, _SALT, epoch, index, v))
             out.append(load_crop(path, self.image_size,
-                                 lambda w, h: rrc_box(w, h, rng, self.scale, self.ratio), self.draft))
+                                 lambda w, h: rrc_box(w, h, rng, self.scale, self.ratio), self.draft, self.resize))
         return tuple(out)
 
 
