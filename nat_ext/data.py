@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -161,6 +162,19 @@ class IndexedImageFolder(ImageFolder):
                  crop: FolderCrop | None = None) -> None:
         super().__init__(root, transform=transform)
         self.skip_corrupt, self.crop, self.epoch = skip_corrupt, crop, 0
+        self._paths = self._labels = None
+
+    def freeze(self) -> None:
+        """Copy ``samples`` into two flat numpy arrays that ``__getitem__`` reads from then on.
+
+        At 1.28M images the list of (path, class) tuples takes ~270 MB of Python objects; a worker
+        that indexed it would write their reference counts and so copy the pages it touched (the
+        list is shared copy-on-write after the fork), up to that much again per worker. The arrays
+        (~70 MB of fixed-width bytes at ImageNet's path lengths, one int64 per label) have no
+        per-item objects, so the workers share them. Call again after changing ``samples``.
+        """
+        self._paths = np.array([os.fsencode(p) for p, _ in self.samples])
+        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes, class_to_idx, _ = scan_folder(directory)
@@ -176,7 +190,10 @@ class IndexedImageFolder(ImageFolder):
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
-        path, label = self.samples[i]
+        if self._paths is not None:
+            path, label = os.fsdecode(self._paths[i]), int(self._labels[i])
+        else:
+            path, label = self.samples[i]
         try:
             img = self.crop(path, i, epoch) if self.crop is not None else self.transform(default_loader(path))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
@@ -373,6 +390,7 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
         ds.targets = [s[1] for s in ds.samples]
         ds.imgs = ds.samples
+    ds.freeze()
     return ds, DataInfo(3, len(ds.classes), image_size, image_size <= 64, False, uint8)
 
 

@@ -157,6 +157,9 @@ def test_folder_walked_once_per_process(tmp_path, monkeypatch):
     assert a.samples == b.samples and len(c) == 3 and len(a.samples) == 8
     get_dataset(root, "test", augment=False, image_size=16)  # the val folder: its own walk
     assert nat_data.SCAN_COUNT == before + 2
+    # items read the frozen flat arrays (no per-item Python objects for workers to touch)
+    assert c._paths is not None and [os.fsdecode(p) for p in c._paths] == [p for p, _ in c.samples]
+    assert [c[k][1] for k in range(3)] == [lab for _, lab in c.samples]
 
 
 def test_corrupt_image_skipped_in_the_uint8_path(tmp_path):
