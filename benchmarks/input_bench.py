@@ -106,6 +106,43 @@ def one_round(ds, step, batch: int) -> float:
     return (time.perf_counter() - t0) / len(ds)
 
 
+def decode_jpeg_round(root: str, split: str, size: int, device: str, batch: int, augment: bool = True) -> float:
+    """Seconds per image of the other design: the worker only reads the file bytes, and
+    ``torchvision.io.decode_jpeg(device=device)`` decodes the batch (nvJPEG on CUDA), the crop and
+    the DeviceTransform resize, flip and normalise follow on the same device."""
+    from torchvision.io import decode_jpeg, read_file
+
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, split)) for f in fs)
+    dt = presets.DeviceTransform(size)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    for a in range(0, len(files), batch):
+        datas = [read_file(f) for f in files[a:a + batch]]  # the worker's whole job
+        imgs = decode_jpeg(datas, device=device)
+        crops = []
+        for img in imgs:
+            h, w = img.shape[1:]
+            i, j, ch, cw = presets.rrc_box(w, h, rng) if augment else presets.center_box(w, h, size)
+            crops.append(img[:, i:i + ch, j:j + cw].permute(1, 2, 0).contiguous())
+        x = presets.CropBatch(torch.cat([c.reshape(-1) for c in crops]),
+                              torch.tensor([c.shape[:2] for c in crops]))
+        dt(x, gen if augment else None)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(files)
+
+
+def read_round(root: str, split: str) -> float:
+    """Seconds per image of reading the files (the CPU's whole share with GPU decoding)."""
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, split)) for f in fs)
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8)
+    return (time.perf_counter() - t0) / len(files)
+
+
 def pixel_check(root: str, size: int, count: int = 40, seed: int = 0) -> dict:
     """|ours - torchvision| in 0-255 levels for the same RandomResizedCrop boxes (no flip)."""
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, "train")) for f in fs)[:count]
@@ -116,7 +153,7 @@ def pixel_check(root: str, size: int, count: int = 40, seed: int = 0) -> dict:
         with Image.open(path) as im:
             im = im.convert("RGB")
         box = presets.rrc_box(*im.size, rng)
-        ref = torch.from_numpy(np.asarray(TF.resized_crop(im, *box, [size, size]))).permute(2, 0, 1).float()
+        ref = torch.from_numpy(np.array(TF.resized_crop(im, *box, [size, size]))).permute(2, 0, 1).float()
         for draft in (True, False):
             crop = presets.load_crop(path, size, lambda w, h: box, draft=draft)
             ours = dt(presets.CropBatch.pack([crop]))[0]
@@ -134,6 +171,8 @@ def main() -> None:
     p.add_argument("--sizes", default="224,64", help="comma list of --image-size values")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-device", default="", help="also time torchvision.io.decode_jpeg on this device "
+                                                        "(default: cuda when present)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -146,18 +185,26 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         pipes = pipelines(args.root, size, device)
         best = {name: float("inf") for name in pipes}
+        decode_device = args.decode_device or ("cuda" if device == "cuda" else "")
         for _ in range(args.rounds):
             for name, (ds, step) in pipes.items():
                 best[name] = min(best[name], one_round(ds, step, args.batch))
+            if decode_device:
+                for tag, split, augment in (("train", "train", True), ("eval", "val", False)):
+                    name = f"{tag}: decode_jpeg on {decode_device} (whole pipeline)"
+                    sec = decode_jpeg_round(args.root, split, size, decode_device, args.batch, augment)
+                    best[name] = min(best.get(name, float("inf")), sec)
+                    name = f"{tag}: file read only (cpu share of it)"
+                    best[name] = min(best.get(name, float("inf")), read_round(args.root, split))
         print(f"\nimage size {size}: images/s per core (best of {args.rounds} rounds, "
               f"{len(pipes['train: ours'][0])} train / {len(pipes['eval: ours'][0])} eval images)")
-        print(f"{'pipeline':40s} {'ms/image':>9s} {'img/s':>8s} {'x torchvision':>14s}")
+        print(f"{"pipeline":46s} {'ms/image':>9s} {'img/s':>8s} {'x torchvision':>14s}")
         for name, sec in best.items():
             ref = best[name.split(":")[0] + ": torchvision"]
             row = {"image_size": size, "pipeline": name, "ms_per_image": sec * 1e3, "images_per_s": 1 / sec,
                    "speedup": ref / sec}
             rows.append(row)
-            print(f"{name:40s} {sec * 1e3:9.3f} {1 / sec:8.0f} {ref / sec:13.2f}x")
+            print(f"{name:46s} {sec * 1e3:9.3f} {1 / sec:8.0f} {ref / sec:13.2f}x")
         check = pixel_check(args.root, size)
         print("pixels vs torchvision, same boxes, 0-255 levels: " +
               ", ".join(f"{k}: mean {v['mean']:.2f}, p99.9 {v['p99.9']:.1f}" for k, v in check.items()))
