@@ -198,7 +198,7 @@ def main() -> None:
                     best[name] = min(best.get(name, float("inf")), read_round(args.root, split))
         print(f"\nimage size {size}: images/s per core (best of {args.rounds} rounds, "
               f"{len(pipes['train: ours'][0])} train / {len(pipes['eval: ours'][0])} eval images)")
-        print(f"{"pipeline":46s} {'ms/image':>9s} {'img/s':>8s} {'x torchvision':>14s}")
+        print(f"{'pipeline':46s} {'ms/image':>9s} {'img/s':>8s} {'x torchvision':>14s}")
         for name, sec in best.items():
             ref = best[name.split(":")[0] + ": torchvision"]
             row = {"image_size": size, "pipeline": name, "ms_per_image": sec * 1e3, "images_per_s": 1 / sec,
