@@ -9,7 +9,22 @@
   validation images, 1000 classes, 3 channels, at any ``image_size``.
 * any other ``--data`` value: a folder in ImageNet layout
   (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or just
-  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder.
+  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder, its file list walked
+  once per process (:func:`scan_folder`).
+
+With ``uint8=True`` (:func:`get_dataset`) items are uint8 and the batch is finished on the
+training device by :class:`nat_ext.presets.DeviceTransform` (the pipeline that feeds GPUs, see
+docs/input_pipeline.md). The run's one loader: :func:`make_loader` over an :class:`EpochBatches`
+(persistent workers, prefetching, pinned memory, :func:`default_workers`). In the training loop::
+
+    dataset, info = get_dataset(cfg.data, "train", augment=True, ..., uint8=True)
+    sampler = EpochBatches(lambda e: epoch_batches(n, batch_size, seed, e, rank, world))
+    loader = make_loader(dataset, sampler, device, workers=cfg.workers)   # once per run
+    finish = DeviceTransform(cfg.image_size)
+    for epoch in ...:
+        sampler.set_epoch(epoch, start_step)
+        for x, y, idx, skipped in loader:
+            x = finish(x.to(device, non_blocking=True), aug_gen)   # Tensor[views * b, 3, S, S]
 """
 from __future__ import annotations
 
