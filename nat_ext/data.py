@@ -9,7 +9,22 @@
   validation images, 1000 classes, 3 channels, at any ``image_size``.
 * any other ``--data`` value: a folder in ImageNet layout
   (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or just
-  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder.
+  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder, its file list walked
+  once per process (:func:`scan_folder`).
+
+With ``uint8=True`` (:func:`get_dataset`) items are uint8 and the batch is finished on the
+training device by :class:`nat_ext.presets.DeviceTransform` (the pipeline that feeds GPUs, see
+docs/input_pipeline.md). The run's one loader: :func:`make_loader` over an :class:`EpochBatches`
+(persistent workers, prefetching, pinned memory, :func:`default_workers`). In the training loop::
+
+    dataset, info = get_dataset(cfg.data, "train", augment=True, ..., uint8=True)
+    sampler = EpochBatches(lambda e: epoch_batches(n, batch_size, seed, e, rank, world))
+    loader = make_loader(dataset, sampler, device, workers=cfg.workers)   # once per run
+    finish = DeviceTransform(cfg.image_size)
+    for epoch in ...:
+        sampler.set_epoch(epoch, start_step)
+        for x, y, idx, skipped in loader:
+            x = finish(x.to(device, non_blocking=True), aug_gen)   # Tensor[views * b, 3, S, S]
 """
 from __future__ import annotations
 
@@ -18,22 +33,25 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+
+from .presets import CropBatch, FolderCrop, mix64
 
 __all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
-           "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx"]
+           "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
+           "default_workers", "EpochBatches", "make_loader"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -106,39 +124,99 @@ class TensorImages(Dataset):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        i = i[1] if isinstance(i, tuple) else i  # an (epoch, index) key of EpochBatches
         return self._norm(self.images[i]).unsqueeze(0), int(self.labels[i]), i
 
-    def __getitems__(self, idx: list[int]):
+    def __getitems__(self, idx: list):
         # Batched fetch (used by DataLoader): one gather instead of b calls.
-        t = torch.as_tensor(idx)
+        t = torch.as_tensor([k[1] if isinstance(k, tuple) else k for k in idx])
         return self._norm(self.images[t]).unsqueeze(1), self.labels[t], t
 
 
+_SCANS: dict[str, tuple[list[str], dict[str, int], list[tuple[str, int]]]] = {}
+SCAN_COUNT = 0  # folders walked by this process (tests check that a run walks each once)
+
+
+def scan_folder(root: str) -> tuple[list[str], dict[str, int], list[tuple[str, int]]]:
+    """The classes and ``(path, class)`` samples of a class-per-folder tree, walked once per process.
+
+    The first call walks ``root`` as torchvision's ImageFolder does (``find_classes`` and
+    ``make_dataset`` with its image extensions); later calls with the same folder (the training set,
+    its unaugmented copy for the dataset-wide pass, the probe's) return the same lists copied, so
+    1.28M files are listed once per run, not once per dataset built.
+
+    Returns:
+        (classes, class_to_idx, samples).
+    """
+    global SCAN_COUNT
+    key = os.path.realpath(root)
+    if key not in _SCANS:
+        classes, class_to_idx = find_classes(key)
+        samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
+        _SCANS[key] = (classes, class_to_idx, samples)
+        SCAN_COUNT += 1
+    classes, class_to_idx, samples = _SCANS[key]
+    return list(classes), dict(class_to_idx), list(samples)
+
+
 class IndexedImageFolder(ImageFolder):
-    """ImageFolder returning ``(image, label, index)``.
+    """ImageFolder returning ``(image, label, index)``, its file list from :func:`scan_folder`.
 
     Args:
         root: class-per-folder tree.
-        transform: torchvision transform of the PIL image.
+        transform: torchvision transform of the PIL image (the torchvision pipeline).
         skip_corrupt: return ``None`` for unreadable images (dropped and
             counted by :func:`collate`) instead of raising.
+        crop: a :class:`nat_ext.presets.FolderCrop`: items are its uint8 crops instead (``transform``
+            unused); an item key may then be ``(epoch, index)`` (what :class:`EpochBatches`
+            yields) to key the random crop by epoch, a plain index means epoch :attr:`epoch`.
     """
 
-    def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False) -> None:
+    def __init__(self, root: str, transform: Callable | None, skip_corrupt: bool = False,
+                 crop: FolderCrop | None = None) -> None:
         super().__init__(root, transform=transform)
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.crop, self.epoch = skip_corrupt, crop, 0
+        self._paths = self._labels = None
 
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
+    def freeze(self) -> None:
+        """Copy ``samples`` into two flat numpy arrays that ``__getitem__`` reads from then on.
+
+        At 1.28M images the list of (path, class) tuples takes ~270 MB of Python objects; a worker
+        that indexed it would write their reference counts and so copy the pages it touched (the
+        list is shared copy-on-write after the fork), up to that much again per worker. The arrays
+        (~70 MB of fixed-width bytes at ImageNet's path lengths, one int64 per label) have no
+        per-item objects, so the workers share them. Call again after changing ``samples``.
+        """
+        self._paths = np.array([os.fsencode(p) for p, _ in self.samples])
+        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx, _ = scan_folder(directory)
+        return classes, class_to_idx
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        return scan_folder(directory)[2]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index keys (with ``workers=0`` or loaders rebuilt each epoch)."""
+        self.epoch = epoch
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        if self._paths is not None:
+            path, label = os.fsdecode(self._paths[i]), int(self._labels[i])
+        else:
+            path, label = self.samples[i]
         try:
-            img = default_loader(path)
+            img = self.crop(path, i, epoch) if self.crop is not None else self.transform(default_loader(path))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
             if self.skip_corrupt:
                 return None
             raise RuntimeError(f"cannot read image {path}: {e} "
                                "(pass --skip-corrupt to skip unreadable images)") from e
-        return self.transform(img), label, i
+        return img, label, i
 
 
 class _Views:
@@ -149,21 +227,6 @@ class _Views:
 
     def __call__(self, img) -> torch.Tensor:
         return torch.stack([self.transform(img) for _ in range(self.views)])
-
-
-def mix64(*parts: int) -> int:
-    """A 63-bit hash of integers (splitmix64 rounds): the counter-based seed of one item's randomness.
-
-    The same parts give the same value in every process, whatever else ran before, so anything
-    drawn from it is a pure function of the parts (worker count and resume do not matter).
-    """
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        z = (h ^ (int(p) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
-        h = z ^ (z >> 31)
-    return h >> 1
 
 
 def synthetic_size(n: int, split: str) -> int:
@@ -236,8 +299,8 @@ class SyntheticImages(Dataset):
         img += torch.randint(0, 32, (3, s, s), generator=own, dtype=torch.uint8)
         return img.clamp_(0, 255).to(torch.uint8)
 
-    def __getitem__(self, i: int):
-        i = int(i)
+    def __getitem__(self, i):
+        i = int(i[1] if isinstance(i, tuple) else i)  # an (epoch, index) key of EpochBatches: same pixels
         x = self.pixels(i)
         if self.uint8:
             out = x.unsqueeze(0).expand(self.views, -1, -1, -1).contiguous() if self.views > 1 else x
@@ -247,11 +310,13 @@ class SyntheticImages(Dataset):
         return (torch.stack(outs) if self.views > 1 else outs[0]), self.label(i), i
 
 
-def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def collate(batch) -> tuple[torch.Tensor | CropBatch, torch.Tensor, torch.Tensor, int]:
     """Collate ``(image, label, index)`` items, dropping ``None`` (skipped) items.
 
     Returns:
-        images Tensor[b, C, H, W], labels Tensor[b], indices Tensor[b], number skipped.
+        images Tensor[b, C, H, W] (Tensor[b, views, C, H, W] for stacked views), or a
+        :class:`nat_ext.presets.CropBatch` when the items are tuples of uint8 HWC crops (one per
+        view, :class:`nat_ext.presets.FolderCrop`), labels Tensor[b], indices Tensor[b], number skipped.
     """
     if isinstance(batch, tuple):  # already batched by TensorImages.__getitems__
         return batch[0], batch[1], batch[2], 0
@@ -259,7 +324,12 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
-    x = torch.stack([b[0] for b in kept])
+    first = kept[0][0]
+    if isinstance(first, tuple):  # FolderCrop's items: a tuple of uint8 HWC crops, one per view
+        crops = [b[0][v] for v in range(len(first)) for b in kept]  # view-major
+        x = CropBatch.pack(crops, len(first))
+    else:
+        x = torch.stack([b[0] for b in kept])
     y = torch.as_tensor([b[1] for b in kept])
     idx = torch.as_tensor([b[2] for b in kept])
     return x, y, idx, skipped
@@ -267,7 +337,8 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
-                seed: int = 0, views: int = 1, uint8: bool = False) -> tuple[Dataset, DataInfo]:
+                seed: int = 0, views: int = 1, uint8: bool = False,
+                worker_resize: bool = False) -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
@@ -282,8 +353,16 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         seed: seed of the ``limit`` subset.
         views: for augmented image folders, independent augmentations of each image, stacked
             as Tensor[views, C, H, W] when more than 1 (Fashion-MNIST: augment each view on the device).
-        uint8: synthetic data: items are uint8 and ``DataInfo.uint8`` is set (normalise and flip
-            on the device); False: normalised float32 as torchvision's pipeline gives.
+        uint8: the pipeline that feeds GPUs (``DataInfo.uint8`` is then set): items are uint8 and
+            :class:`nat_ext.presets.DeviceTransform` finishes the batch on the device. Image
+            folders: tuples of uint8 HWC crops (:class:`nat_ext.presets.FolderCrop`: random resized
+            crops keyed by (seed, epoch, index, view) when ``augment``, else the centre crop),
+            collated into a :class:`nat_ext.presets.CropBatch`; synthetic data: uint8 Tensor[3, S, S].
+            False: torchvision's pipeline (PIL crop, resize, flip, ToTensor, Normalize in the
+            worker; float32 items), kept as the reference.
+        worker_resize: image folders with ``uint8``: resize the crops to S x S in the worker (PIL)
+            instead of on the device; for training on the CPU, where PIL's uint8 resize is the
+            cheaper one (see docs/input_pipeline.md). The pixels are the same up to rounding.
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -319,13 +398,15 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             tf = _Views(tf, views)
     else:
         tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm])
-    ds = IndexedImageFolder(root, tf, skip_corrupt=skip_corrupt)
+    crop = FolderCrop(image_size, augment, seed=seed, views=views, resize=worker_resize) if uint8 else None
+    ds = IndexedImageFolder(root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
     if limit is not None:
         keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
         ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
         ds.targets = [s[1] for s in ds.samples]
         ds.imgs = ds.samples
-    return ds, DataInfo(3, len(ds.classes), image_size, image_size <= 64, False)
+    ds.freeze()
+    return ds, DataInfo(3, len(ds.classes), image_size, image_size <= 64, False, uint8)
 
 
 def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
@@ -361,3 +442,89 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Crops lie inside the image; 'border' only guards sub-pixel overshoot at the edges.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_workers(local_world_size: int = 1, cpu_count: int | None = None) -> int:
+    """Worker processes per rank by default: ``min(16, cpus // local_world_size - 1)``, 0 below 2 cpus a rank.
+
+    The cpus are those this process may run on (``os.sched_getaffinity``), shared by the
+    ``local_world_size`` ranks of the node. One core per rank is left to the training loop itself
+    (the device step's launches, the optimizer, the logging); the rest decode, since decoding is
+    the pipeline's whole CPU cost. The cap of 16: at ~600 images/s per core (docs/input_pipeline.md)
+    16 workers give ~10k images/s per rank, beyond what one GPU trains at 224 px, while each
+    worker holds ``prefetch_factor`` batches and its own copy of the file list. With a single cpu a
+    rank, the loop decodes in the main process (0): a worker would only add the hand-over.
+
+    Args:
+        local_world_size: ranks on this node (``LOCAL_WORLD_SIZE`` under torchrun).
+        cpu_count: override the cpus found (tests).
+    """
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpu_count // max(1, local_world_size)
+    return 0 if per_rank < 2 else min(16, per_rank - 1)
+
+
+class EpochBatches:
+    """A batch sampler built once per run whose batches follow the epoch set on it.
+
+    Give it to the one DataLoader of the run (``persistent_workers`` keeps the workers across
+    epochs); before each epoch's ``for ... in loader`` call ``set_epoch(epoch, start_step)``. It is
+    iterated in the main process, so the setting reaches the loader even with persistent workers.
+    It yields batches of ``(epoch, index)`` keys, which :class:`IndexedImageFolder` uses to key its
+    random crops by epoch (:class:`TensorImages` and :class:`SyntheticImages` take the index from
+    the key; ``keys=False`` yields plain indices, e.g. for a ``Subset``).
+
+    Args:
+        batches_of: ``epoch -> this rank's batches`` (lists of indices), e.g.
+            ``lambda e: epoch_batches(n, batch_size, seed, e, rank, world)`` from train.py.
+        keys: yield ``(epoch, index)`` keys (True) or plain indices (False).
+    """
+
+    def __init__(self, batches_of: Callable[[int], list[list[int]]], keys: bool = True) -> None:
+        self.batches_of, self.keys = batches_of, keys
+        self.epoch, self.start_step, self._batches = 0, 0, None
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Yield ``epoch``'s batches from ``start_step`` on (a resumed epoch skips the steps done)."""
+        self.epoch, self.start_step, self._batches = epoch, start_step, None
+
+    def batches(self) -> list[list[int]]:
+        """The whole epoch's batches (index lists), computed once per epoch."""
+        if self._batches is None:
+            self._batches = self.batches_of(self.epoch)
+        return self._batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches()) - self.start_step)
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.batches()[self.start_step:]:
+            yield [(self.epoch, i) for i in batch] if self.keys else list(batch)
+
+
+def make_loader(dataset: Dataset, batch_sampler, device: torch.device | str, workers: int | None = None,
+                prefetch_factor: int = 4, local_world_size: int | None = None) -> DataLoader:
+    """The run's DataLoader, built once: persistent workers, prefetching, pinned memory on CUDA.
+
+    Args:
+        dataset: what :func:`get_dataset` returned.
+        batch_sampler: an :class:`EpochBatches` (or any iterable of index batches).
+        device: the training device (pinned memory when CUDA).
+        workers: worker processes; None or negative: :func:`default_workers` of the node's ranks.
+        prefetch_factor: batches each worker prepares ahead.
+        local_world_size: ranks on this node; default ``LOCAL_WORLD_SIZE`` from the environment (1).
+
+    Returns:
+        A DataLoader yielding ``(images, labels, indices, skipped)`` (see :func:`collate`).
+    """
+    if workers is None or workers < 0:
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = default_workers(local_world_size)
+    extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", **extra)
