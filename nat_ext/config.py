@@ -68,7 +68,8 @@ class ProbeConfig:
 @dataclass
 class Config:
     """Settings of a training run (plain values only: they go into the checkpoint)."""
-    data: str = setting("fashion-mnist", "'fashion-mnist' or an ImageFolder path (DIR/train, DIR/val)")
+    data: str = setting("fashion-mnist", "'fashion-mnist', 'synthetic:N' (N ImageNet-shaped images made on the "
+                                         "fly) or an ImageFolder path (DIR/train, DIR/val)")
     arch: str = setting("convnet", "encoder architecture", choices=ARCHS)
     dim: int = setting(64, "target dimension d")
     epochs: int = setting(10, "training epochs")
@@ -111,7 +112,9 @@ class Config:
                                            "a pass over every image: off by default since issue 17)")
     objective: str = setting("nat", "nat, or supervised: the baseline encoder, cross-entropy on the labels",
                              choices=("nat", "supervised"))
-    workers: int = setting(0, "DataLoader worker processes")
+    workers: int = setting(-1, "DataLoader worker processes of the run's one loader (persistent); -1: "
+                               "min(16, cpus per rank - 1), 0 below 2 cpus a rank, and 0 for in-memory data "
+                               "(Fashion-MNIST), which the device augments")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
     amp: bool = setting(False, "mixed precision: autocast in --amp-dtype")
     amp_dtype: str = setting("bf16", "autocast dtype of --amp: bf16 (no loss scaler, no host sync per step; CPU "

@@ -11,6 +11,7 @@ gathers the features to rank 0 only, where ``assign_full`` needs them with the d
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -169,7 +170,7 @@ def _shard(n: int, rank: int, world: int) -> tuple[int, int, int]:
 
 
 def _embed(model: torch.nn.Module, dataset, lo: int, hi: int, batch_size: int, device: torch.device,
-           workers: int = 0):
+           workers: int = 0, prepare: Callable | None = None):
     # (Tensor[b] row indices into the dataset, Tensor[b, d] embeddings) for rows lo..hi, eval mode
     model.eval()
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, collate_fn=collate,
@@ -177,13 +178,14 @@ def _embed(model: torch.nn.Module, dataset, lo: int, hi: int, batch_size: int, d
     for x, _, idx, _ in loader:
         if idx.numel():
             idx = idx.to(device, non_blocking=True)
-            yield idx, model(x.to(device, non_blocking=True))
+            x = x.to(device, non_blocking=True)
+            yield idx, model(prepare(x) if prepare is not None else x)
 
 
 @torch.no_grad()
 def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int, device: torch.device,
                      rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
-                     workers: int = 0) -> torch.Tensor | None:
+                     workers: int = 0, prepare: Callable | None = None) -> torch.Tensor | None:
     """The embeddings of the whole training set, on rank 0: what the dataset-wide solve is given.
 
     Eval mode (batch norm on its running statistics) and no augmentation: the features are a
@@ -204,6 +206,8 @@ def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int,
         rank, world: process index and count.
         dtype: of the gathered features (float32, or bfloat16).
         workers: DataLoader worker processes of the pass.
+        prepare: applied to each batch on the device before the model (uint8 data:
+            ``nat_ext.presets.DeviceTransform`` without a generator, i.e. no flip).
 
     Returns:
         on rank 0, Tensor[n, d] of ``dtype`` on ``device``, row i the embedding of image i;
@@ -213,7 +217,7 @@ def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int,
     lo, hi, shard = _shard(n, rank, world)
     every = torch.zeros(world * shard if rank == 0 else shard, dim, dtype=dtype, device=device)
     mine = every[:shard]  # skipped (unreadable) images keep a zero row
-    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers):
+    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
         mine[idx - lo] = f.to(dtype)
     if world > 1:
         if rank == 0:  # rank 0's rows are in place; the others arrive into views of the same buffer
@@ -225,7 +229,8 @@ def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int,
 
 @torch.no_grad()
 def dataset_objective(model: torch.nn.Module, dataset, targets: Targets, perm: torch.Tensor, batch_size: int,
-                      device: torch.device, rank: int = 0, world: int = 1, workers: int = 0) -> float:
+                      device: torch.device, rank: int = 0, world: int = 1, workers: int = 0,
+                      prepare: Callable | None = None) -> float:
     """NAT's objective over the whole training set, ``sum_i f_i . t_P(i)``, batch by batch.
 
     Each rank embeds its shard of rows (as :func:`dataset_features`: eval mode, unaugmented, no
@@ -238,14 +243,14 @@ def dataset_objective(model: torch.nn.Module, dataset, targets: Targets, perm: t
         dataset: the unaugmented training set.
         targets: the run's targets.
         perm: Tensor[n] int64, the target of each image (on ``device``).
-        batch_size, device, rank, world, workers: as :func:`dataset_features`.
+        batch_size, device, rank, world, workers, prepare: as :func:`dataset_features`.
 
     Returns:
         the total, the same on every rank.
     """
     lo, hi, _ = _shard(len(dataset), rank, world)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers):
+    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
         t = targets.rows(perm.index_select(0, idx)).to(f.dtype)
         total += (f.double() * t.double()).sum()
     if world > 1:

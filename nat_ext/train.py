@@ -29,13 +29,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from .checkpoint import save_checkpoint
 from .config import Config, EvalConfig, check_choices, parse_config, progress
-from .data import batch_augment, collate, get_dataset
+from .data import EpochBatches, batch_augment, get_dataset, make_loader
 from .eval import evaluate
 from .models import build_model
+from .presets import DeviceTransform
 from .reassign import (align_batch, assignment_objective, centre_features, check_settings, dataset_features,
                        dataset_objective, reassign, reassign_dataset, reassigns_on, target_generator, target_set)
 from .run import (EpochStats, StopFlag, agreed_signal, amp_settings, build_scheduler, continue_schedule,
@@ -73,9 +73,10 @@ def train(cfg: Config) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     torch.manual_seed(cfg.seed)  # same model init on every rank
+    # uint8 from the workers, finished (resize, flip, normalise) on the device; Fashion-MNIST as before
     dataset, info = get_dataset(cfg.data, "train", augment=True, limit=cfg.limit or None,
                                 image_size=cfg.image_size, skip_corrupt=cfg.skip_corrupt, seed=cfg.seed,
-                                views=cfg.views)
+                                views=cfg.views, uint8=True, worker_resize=device.type == "cpu")
     n = len(dataset)
     check_settings(cfg, n)
     nat = cfg.objective == "nat"
@@ -96,7 +97,10 @@ def train(cfg: Config) -> dict:
     whole = nat and cfg.reassign_every > 0 and (cfg.reassign_scope == "dataset" or cfg.track_objective)
     plain = dataset if info.batch_augment or not whole else \
         get_dataset(cfg.data, "train", augment=False, limit=cfg.limit or None, image_size=cfg.image_size,
-                    skip_corrupt=cfg.skip_corrupt, seed=cfg.seed)[0]
+                    skip_corrupt=cfg.skip_corrupt, seed=cfg.seed, uint8=True,
+                    worker_resize=device.type == "cpu")[0]
+    # uint8 -> the model's input; called without a generator (the unaugmented passes) it does not flip
+    finish = DeviceTransform(cfg.image_size) if info.uint8 else None
     opt = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
@@ -118,6 +122,10 @@ def train(cfg: Config) -> dict:
                   + (f"; cosine schedule now over {cfg.epochs} epochs" if stretched else ""), flush=True)
     start_step, global_step, train_seconds = at["step"], at["global_step"], at["train_seconds"]
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
+    # the run's one loader (persistent workers) over a sampler that follows the epoch
+    sampler = EpochBatches(lambda e: epoch_batches(n, cfg.batch_size, cfg.seed, e, rank, world))
+    loader = make_loader(dataset, sampler, device, workers=0 if info.batch_augment and cfg.workers < 0
+                         else cfg.workers)
 
     forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s weights
     # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (one model's size per rank)
@@ -145,16 +153,15 @@ def train(cfg: Config) -> dict:
             return stopped(f"--max-steps {cfg.max_steps} reached before this run", 0, ckpt_path, at["epoch"],
                            start_step, assignment, train_seconds, master)
         for epoch in range(at["epoch"], cfg.epochs):
-            batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch, rank, world)
-            loader = DataLoader(dataset, batch_sampler=batches[start_step:], num_workers=cfg.workers,
-                                collate_fn=collate, pin_memory=device.type == "cuda")
+            sampler.set_epoch(epoch, start_step)
+            batches = sampler.batches()
             reassigning = reassigns_on(cfg, epoch)
             stats = EpochStats(device, at["epoch_stats"] if epoch == at["epoch"] else None)
             # reassign over the whole dataset, once, at the epoch start (done already when resuming mid-epoch)
             if reassigning and cfg.reassign_scope == "dataset" and start_step == 0:
                 t0 = time.perf_counter()
                 feats = dataset_features(model, plain, cfg.dim, cfg.probe.batch_size, device, rank, world,
-                                         dtype=getattr(torch, cfg.gather_dtype))
+                                         dtype=getattr(torch, cfg.gather_dtype), prepare=finish)
                 t_extract = time.perf_counter() - t0
                 changed, stats.reassign_info = reassign_dataset(assignment, targets, feats, rank, world)
                 stats.changed += changed
@@ -173,6 +180,8 @@ def train(cfg: Config) -> dict:
                     # forward: every view of the batch in one pass
                     if info.batch_augment:  # in-memory data: augment on the device, batched
                         x = torch.cat([batch_augment(x, aug_gen) for _ in range(cfg.views)])
+                    elif info.uint8:  # uint8 crops: resize, flip, normalise on the device (views view-major)
+                        x = finish(x, aug_gen)
                     elif cfg.views > 1:  # the dataset stacked the views: Tensor[b, views, C, H, W]
                         x = x.transpose(0, 1).flatten(0, 1)
                     x = x.contiguous(memory_format=memory_format)
@@ -233,7 +242,8 @@ def train(cfg: Config) -> dict:
             if reassigning and cfg.track_objective:  # measurement only: not in the epoch's time
                 t0 = time.perf_counter()
                 row["objective_end"] = dataset_objective(model, plain, targets, assignment.perm,
-                                                         cfg.probe.batch_size, device, rank, world)
+                                                         cfg.probe.batch_size, device, rank, world,
+                                                         prepare=finish)
                 row["objective_seconds"] = time.perf_counter() - t0
             train_seconds += stats.seconds
             start_step = 0
