@@ -268,7 +268,7 @@ def train(cfg: Config) -> dict:
     result = None
     if cfg.eval and master:
         result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
-                                     workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
+                                     workers=max(cfg.workers, 0), out=os.path.join(cfg.out, "eval.json")))
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
 
