@@ -2,8 +2,7 @@
 
 Each setting is written once, as a dataclass field whose metadata holds its help
 text (and choices): :func:`build_parser` turns the fields into argparse options
-(``batch_size`` -> ``--batch-size``; a bool that defaults to False -> a flag, one
-that defaults to True -> ``--no-NAME``; a nested dataclass -> its fields under a
+(``batch_size`` -> ``--batch-size``; a bool -> ``--NAME`` and ``--no-NAME``; a nested dataclass -> its fields under a
 prefix), :func:`parse_config` turns the parsed options back into the dataclass,
 and :func:`to_argv` writes a config as the command line that parses back to it.
 
@@ -29,11 +28,14 @@ from .targets import KINDS as TARGET_KINDS
 
 __all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
            "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS",
-           "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS"]
+           "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS", "AMP_DTYPES", "LR_SCALES", "GATHER_DTYPES"]
 
 TARGET_GENERATORS = ("auto", "philox", "pcg64")
 REASSIGN_SCOPES = ("batch", "dataset")
 ALIGNS = ("exact", "sinkhorn")
+AMP_DTYPES = ("bf16", "fp16")
+LR_SCALES = ("none", "linear")
+GATHER_DTYPES = ("float32", "bfloat16")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -66,7 +68,8 @@ class ProbeConfig:
 @dataclass
 class Config:
     """Settings of a training run (plain values only: they go into the checkpoint)."""
-    data: str = setting("fashion-mnist", "'fashion-mnist' or an ImageFolder path (DIR/train, DIR/val)")
+    data: str = setting("fashion-mnist", "'fashion-mnist', 'synthetic:N' (N ImageNet-shaped images made on the "
+                                         "fly) or an ImageFolder path (DIR/train, DIR/val)")
     arch: str = setting("convnet", "encoder architecture", choices=ARCHS)
     dim: int = setting(64, "target dimension d")
     epochs: int = setting(10, "training epochs")
@@ -103,14 +106,34 @@ class Config:
                             "solved on each view's features and the loss taken on the other view (both ways, "
                             "averaged), and the held permutation follows the solve on both views' summed scores",
                          choices=(1, 2))
-    track_objective: bool = setting(True, "after each reassigning epoch, extract the whole training set "
-                                          "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
-                                          "metrics.jsonl as objective_end (not counted in the epoch's time)")
+    track_objective: bool = setting(False, "after each reassigning epoch, extract the whole training set "
+                                           "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
+                                           "metrics.jsonl as objective_end (not counted in the epoch's time; "
+                                           "a pass over every image: off by default since issue 17)")
     objective: str = setting("nat", "nat, or supervised: the baseline encoder, cross-entropy on the labels",
                              choices=("nat", "supervised"))
-    workers: int = setting(0, "DataLoader worker processes")
+    workers: int = setting(-1, "DataLoader worker processes of the run's one loader (persistent); -1: "
+                               "min(16, cpus per rank - 1), 0 below 2 cpus a rank, and 0 for in-memory data "
+                               "(Fashion-MNIST), which the device augments")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
-    amp: bool = setting(False, "mixed precision (bf16 on CPU, fp16 on CUDA)")
+    amp: bool = setting(False, "mixed precision: autocast in --amp-dtype")
+    amp_dtype: str = setting("bf16", "autocast dtype of --amp: bf16 (no loss scaler, no host sync per step; CPU "
+                                     "and CUDA) or fp16 (with a GradScaler)", choices=AMP_DTYPES)
+    channels_last: bool = setting(False, "channels_last memory format for the encoder and its inputs (faster "
+                                         "convolutions on GPUs with tensor cores)")
+    compile: bool = setting(False, "torch.compile the encoder's forward (the checkpoint keeps the plain "
+                                   "module's weights)")
+    cudnn_benchmark: bool = setting(False, "CUDA: torch.backends.cudnn.benchmark (fastest convolution "
+                                           "algorithms for fixed shapes; not bit-reproducible across runs)")
+    max_steps: int = setting(0, "stop after this many optimizer steps in all, counted across resumes, with a "
+                                "checkpoint (0: run every epoch); --resume --max-steps K+2 then runs two more")
+    lr_scale: str = setting("none", "none, or linear: lr x batch_size x processes / 256 (the global batch)",
+                            choices=LR_SCALES)
+    dist_timeout: int = setting(120, "process-group timeout in minutes: each collective waits at most this "
+                                     "long; must cover rank 0's dataset-wide solve, which the others wait for")
+    gather_dtype: str = setting("float32", "--reassign-scope dataset: dtype of the features gathered to rank 0 "
+                                           "(bfloat16 halves the transfer and the buffer; the solve widens "
+                                           "them to float32)", choices=GATHER_DTYPES)
     out: str = setting("runs/nat", "output folder")
     resume: bool = setting(False, "continue from OUT/checkpoint.pt if present")
     seed: int = setting(0, "seed of the model init, targets, initial assignment, data order, augmentation")
@@ -175,11 +198,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     for opt, dest, f, typ in _fields(cls):
         default = _get(defaults, dest)
         helptext = f.metadata.get("help", "")
-        if typ is bool:
-            if default:
-                p.add_argument(f"--no-{opt}", dest=dest, action="store_false", help=f"turn off: {helptext}")
-            else:
-                p.add_argument(f"--{opt}", dest=dest, action="store_true", help=helptext)
+        if typ is bool:  # --NAME and --no-NAME both, so a flag stays valid when its default changes
+            p.add_argument(f"--{opt}", dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                           help=helptext)
         else:
             p.add_argument(f"--{opt}", dest=dest, type=typ, default=default, help=helptext,
                            choices=f.metadata.get("choices"), metavar=opt.upper().replace("-", "_"))

@@ -4,9 +4,27 @@
   Debian package ``dataset-fashion-mnist`` (no download is ever attempted).
   Images are kept in memory as uint8; augmentation (random resized crop and
   flip) runs batched on the training device, see :func:`batch_augment`.
+* ``synthetic:N``: ImageNet-shaped images made on the fly, no files (see
+  :class:`SyntheticImages`): N training images, ``min(50,000, max(1, N // 25))``
+  validation images, 1000 classes, 3 channels, at any ``image_size``.
 * any other ``--data`` value: a folder in ImageNet layout
   (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or just
-  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder.
+  ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder, its file list walked
+  once per process (:func:`scan_folder`).
+
+With ``uint8=True`` (:func:`get_dataset`) items are uint8 and the batch is finished on the
+training device by :class:`nat_ext.presets.DeviceTransform` (the pipeline that feeds GPUs, see
+docs/input_pipeline.md). The run's one loader: :func:`make_loader` over an :class:`EpochBatches`
+(persistent workers, prefetching, pinned memory, :func:`default_workers`). In the training loop::
+
+    dataset, info = get_dataset(cfg.data, "train", augment=True, ..., uint8=True)
+    sampler = EpochBatches(lambda e: epoch_batches(n, batch_size, seed, e, rank, world))
+    loader = make_loader(dataset, sampler, device, workers=cfg.workers)   # once per run
+    finish = DeviceTransform(cfg.image_size)
+    for epoch in ...:
+        sampler.set_epoch(epoch, start_step)
+        for x, y, idx, skipped in loader:
+            x = finish(x.to(device, non_blocking=True), aug_gen)   # Tensor[views * b, 3, S, S]
 """
 from __future__ import annotations
 
@@ -15,17 +33,21 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
-__all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder",
-           "get_dataset", "collate", "batch_augment", "read_idx"]
+from .presets import CropBatch, FolderCrop, mix64
+
+__all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
+           "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
+           "default_workers", "EpochBatches", "make_loader"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
@@ -40,6 +62,7 @@ class DataInfo:
     image_size: int
     small_input: bool
     batch_augment: bool  # augment with batch_augment on the device (the dataset does not)
+    uint8: bool = False  # items are uint8 Tensor[(views,) 3, H, W]: finish them on the device (presets.DeviceTransform)
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -101,39 +124,99 @@ class TensorImages(Dataset):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        i = i[1] if isinstance(i, tuple) else i  # an (epoch, index) key of EpochBatches
         return self._norm(self.images[i]).unsqueeze(0), int(self.labels[i]), i
 
-    def __getitems__(self, idx: list[int]):
+    def __getitems__(self, idx: list):
         # Batched fetch (used by DataLoader): one gather instead of b calls.
-        t = torch.as_tensor(idx)
+        t = torch.as_tensor([k[1] if isinstance(k, tuple) else k for k in idx])
         return self._norm(self.images[t]).unsqueeze(1), self.labels[t], t
 
 
+_SCANS: dict[str, tuple[list[str], dict[str, int], list[tuple[str, int]]]] = {}
+SCAN_COUNT = 0  # folders walked by this process (tests check that a run walks each once)
+
+
+def scan_folder(root: str) -> tuple[list[str], dict[str, int], list[tuple[str, int]]]:
+    """The classes and ``(path, class)`` samples of a class-per-folder tree, walked once per process.
+
+    The first call walks ``root`` as torchvision's ImageFolder does (``find_classes`` and
+    ``make_dataset`` with its image extensions); later calls with the same folder (the training set,
+    its unaugmented copy for the dataset-wide pass, the probe's) return the same lists copied, so
+    1.28M files are listed once per run, not once per dataset built.
+
+    Returns:
+        (classes, class_to_idx, samples).
+    """
+    global SCAN_COUNT
+    key = os.path.realpath(root)
+    if key not in _SCANS:
+        classes, class_to_idx = find_classes(key)
+        samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
+        _SCANS[key] = (classes, class_to_idx, samples)
+        SCAN_COUNT += 1
+    classes, class_to_idx, samples = _SCANS[key]
+    return list(classes), dict(class_to_idx), list(samples)
+
+
 class IndexedImageFolder(ImageFolder):
-    """ImageFolder returning ``(image, label, index)``.
+    """ImageFolder returning ``(image, label, index)``, its file list from :func:`scan_folder`.
 
     Args:
         root: class-per-folder tree.
-        transform: torchvision transform of the PIL image.
+        transform: torchvision transform of the PIL image (the torchvision pipeline).
         skip_corrupt: return ``None`` for unreadable images (dropped and
             counted by :func:`collate`) instead of raising.
+        crop: a :class:`nat_ext.presets.FolderCrop`: items are its uint8 crops instead (``transform``
+            unused); an item key may then be ``(epoch, index)`` (what :class:`EpochBatches`
+            yields) to key the random crop by epoch, a plain index means epoch :attr:`epoch`.
     """
 
-    def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False) -> None:
+    def __init__(self, root: str, transform: Callable | None, skip_corrupt: bool = False,
+                 crop: FolderCrop | None = None) -> None:
         super().__init__(root, transform=transform)
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.crop, self.epoch = skip_corrupt, crop, 0
+        self._paths = self._labels = None
 
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
+    def freeze(self) -> None:
+        """Copy ``samples`` into two flat numpy arrays that ``__getitem__`` reads from then on.
+
+        At 1.28M images the list of (path, class) tuples takes ~270 MB of Python objects; a worker
+        that indexed it would write their reference counts and so copy the pages it touched (the
+        list is shared copy-on-write after the fork), up to that much again per worker. The arrays
+        (~70 MB of fixed-width bytes at ImageNet's path lengths, one int64 per label) have no
+        per-item objects, so the workers share them. Call again after changing ``samples``.
+        """
+        self._paths = np.array([os.fsencode(p) for p, _ in self.samples])
+        self._labels = np.array([c for _, c in self.samples], dtype=np.int64)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx, _ = scan_folder(directory)
+        return classes, class_to_idx
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        return scan_folder(directory)[2]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index keys (with ``workers=0`` or loaders rebuilt each epoch)."""
+        self.epoch = epoch
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        if self._paths is not None:
+            path, label = os.fsdecode(self._paths[i]), int(self._labels[i])
+        else:
+            path, label = self.samples[i]
         try:
-            img = default_loader(path)
+            img = self.crop(path, i, epoch) if self.crop is not None else self.transform(default_loader(path))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
             if self.skip_corrupt:
                 return None
             raise RuntimeError(f"cannot read image {path}: {e} "
                                "(pass --skip-corrupt to skip unreadable images)") from e
-        return self.transform(img), label, i
+        return img, label, i
 
 
 class _Views:
@@ -146,11 +229,94 @@ class _Views:
         return torch.stack([self.transform(img) for _ in range(self.views)])
 
 
-def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def synthetic_size(n: int, split: str) -> int:
+    """Images in a split of ``synthetic:n``: n for ``train``, ``min(50,000, max(1, n // 25))`` for
+    ``test`` (ImageNet's 1,281,167 / 50,000 ratio is 25.6; at least one image so evaluation runs)."""
+    if split == "train":
+        return n
+    return min(50_000, max(1, n // 25))
+
+
+class SyntheticImages(Dataset):
+    """ImageNet-shaped images computed on the fly from (seed, split, index); nothing per image is stored.
+
+    Each image is a smooth colour field (its class's 4x4 pattern, shared by the class's images
+    in both splits, blended with the image's own 8x8 pattern, bilinearly upsampled) plus
+    per-pixel noise, so a probe can tell the classes apart (above chance) and the pixels are not
+    constant. Labels are ``mix64(seed, split, index) % num_classes``. ``len`` and an item cost
+    O(1) in ``n`` (about 1 ms at 224 px, one thread), and items are the same in every process.
+
+    Items are ``(image, label, index)``:
+
+    * ``uint8=True``: image uint8 Tensor[3, S, S] (Tensor[views, 3, S, S] when ``views > 1``;
+      the views are the same pixels: flips are drawn on the device by presets.DeviceTransform).
+    * ``uint8=False`` (what torchvision's pipeline gives): float32 normalised with the ImageNet
+      mean and std; with ``augment`` a horizontal flip drawn from torch's global generator
+      per view, as ``T.RandomHorizontalFlip`` does.
+
+    Args:
+        n: images in the split.
+        split: ``train`` or ``test``.
+        image_size: S.
+        seed: the data seed (``--seed``).
+        num_classes: label range.
+        augment, views, uint8: see above.
+    """
+
+    SPLITS = {"train": 0, "test": 1}
+
+    def __init__(self, n: int, split: str, image_size: int = 224, seed: int = 0, num_classes: int = 1000,
+                 augment: bool = False, views: int = 1, uint8: bool = False) -> None:
+        if n < 1:
+            raise ValueError(f"n should be at least 1, got {n}")
+        if split not in self.SPLITS:
+            raise ValueError(f"split should be 'train' or 'test', got {split!r}")
+        if image_size < 1:
+            raise ValueError(f"image_size should be at least 1, got {image_size}")
+        self.n, self.split, self.image_size, self.seed = n, split, image_size, seed
+        self.num_classes, self.augment, self.views, self.uint8 = num_classes, augment, views, uint8
+        self._split_id = self.SPLITS[split]
+        self.mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def label(self, i: int) -> int:
+        """The label of image ``i`` (no pixels computed)."""
+        return mix64(self.seed, self._split_id, i, 0x1ABE1) % self.num_classes
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 Tensor[3, S, S]."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} is out of range for {self.n} images")
+        s = self.image_size
+        cls = torch.Generator().manual_seed(mix64(self.seed, self.label(i), 0xC1A55))
+        own = torch.Generator().manual_seed(mix64(self.seed, self._split_id, i, 0x1A6E))
+        field = 0.6 * F.interpolate(torch.rand(1, 3, 4, 4, generator=cls), size=(8, 8), mode="bilinear",
+                                    align_corners=False) + 0.4 * torch.rand(1, 3, 8, 8, generator=own)
+        img = F.interpolate(field, size=(s, s), mode="bilinear", align_corners=False)[0] * 224.0
+        img += torch.randint(0, 32, (3, s, s), generator=own, dtype=torch.uint8)
+        return img.clamp_(0, 255).to(torch.uint8)
+
+    def __getitem__(self, i):
+        i = int(i[1] if isinstance(i, tuple) else i)  # an (epoch, index) key of EpochBatches: same pixels
+        x = self.pixels(i)
+        if self.uint8:
+            out = x.unsqueeze(0).expand(self.views, -1, -1, -1).contiguous() if self.views > 1 else x
+            return out, self.label(i), i
+        x = (x.float() / 255.0 - self.mean) / self.std
+        outs = [x.flip(-1) if self.augment and torch.rand(1).item() < 0.5 else x for _ in range(self.views)]
+        return (torch.stack(outs) if self.views > 1 else outs[0]), self.label(i), i
+
+
+def collate(batch) -> tuple[torch.Tensor | CropBatch, torch.Tensor, torch.Tensor, int]:
     """Collate ``(image, label, index)`` items, dropping ``None`` (skipped) items.
 
     Returns:
-        images Tensor[b, C, H, W], labels Tensor[b], indices Tensor[b], number skipped.
+        images Tensor[b, C, H, W] (Tensor[b, views, C, H, W] for stacked views), or a
+        :class:`nat_ext.presets.CropBatch` when the items are tuples of uint8 HWC crops (one per
+        view, :class:`nat_ext.presets.FolderCrop`), labels Tensor[b], indices Tensor[b], number skipped.
     """
     if isinstance(batch, tuple):  # already batched by TensorImages.__getitems__
         return batch[0], batch[1], batch[2], 0
@@ -158,7 +324,12 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
-    x = torch.stack([b[0] for b in kept])
+    first = kept[0][0]
+    if isinstance(first, tuple):  # FolderCrop's items: a tuple of uint8 HWC crops, one per view
+        crops = [b[0][v] for v in range(len(first)) for b in kept]  # view-major
+        x = CropBatch.pack(crops, len(first))
+    else:
+        x = torch.stack([b[0] for b in kept])
     y = torch.as_tensor([b[1] for b in kept])
     idx = torch.as_tensor([b[2] for b in kept])
     return x, y, idx, skipped
@@ -166,11 +337,13 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
-                seed: int = 0, views: int = 1) -> tuple[Dataset, DataInfo]:
+                seed: int = 0, views: int = 1, uint8: bool = False,
+                worker_resize: bool = False) -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
-        data: ``fashion-mnist`` or a path to an image folder.
+        data: ``fashion-mnist``, ``synthetic:N`` (N training images, see :class:`SyntheticImages`)
+            or a path to an image folder.
         split: ``train`` or ``test`` (``val`` folder for image folders).
         augment: for image folders, random resized crop + flip (Fashion-MNIST is
             augmented batched on the device by :func:`batch_augment` instead).
@@ -180,6 +353,16 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         seed: seed of the ``limit`` subset.
         views: for augmented image folders, independent augmentations of each image, stacked
             as Tensor[views, C, H, W] when more than 1 (Fashion-MNIST: augment each view on the device).
+        uint8: the pipeline that feeds GPUs (``DataInfo.uint8`` is then set): items are uint8 and
+            :class:`nat_ext.presets.DeviceTransform` finishes the batch on the device. Image
+            folders: tuples of uint8 HWC crops (:class:`nat_ext.presets.FolderCrop`: random resized
+            crops keyed by (seed, epoch, index, view) when ``augment``, else the centre crop),
+            collated into a :class:`nat_ext.presets.CropBatch`; synthetic data: uint8 Tensor[3, S, S].
+            False: torchvision's pipeline (PIL crop, resize, flip, ToTensor, Normalize in the
+            worker; float32 items), kept as the reference.
+        worker_resize: image folders with ``uint8``: resize the crops to S x S in the worker (PIL)
+            instead of on the device; for training on the CPU, where PIL's uint8 resize is the
+            cheaper one (see docs/input_pipeline.md). The pixels are the same up to rounding.
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -192,8 +375,20 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
             images, labels = images[keep], labels[keep]
         return TensorImages(images, labels), DataInfo(1, 10, 28, True, True)
+    if data.startswith("synthetic:"):
+        try:
+            n = int(data.split(":", 1)[1].replace(",", "").replace("_", ""))
+        except ValueError:
+            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}") from None
+        if n < 1:
+            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}")
+        size = synthetic_size(n, split)
+        if limit is not None:  # the images are i.i.d.: the first `limit` are as good a subset as any
+            size = min(size, limit)
+        ds = SyntheticImages(size, split, image_size, seed, 1000, augment=augment, views=views, uint8=uint8)
+        return ds, DataInfo(3, 1000, image_size, image_size <= 64, False, uint8)
     if not os.path.isdir(data):
-        raise ValueError(f"data should be 'fashion-mnist' or an existing image folder, got {data!r}")
+        raise ValueError(f"data should be 'fashion-mnist', 'synthetic:N' or an existing image folder, got {data!r}")
     sub = os.path.join(data, "train" if split == "train" else "val")
     root = sub if os.path.isdir(sub) else data
     norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
@@ -203,13 +398,15 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
             tf = _Views(tf, views)
     else:
         tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm])
-    ds = IndexedImageFolder(root, tf, skip_corrupt=skip_corrupt)
+    crop = FolderCrop(image_size, augment, seed=seed, views=views, resize=worker_resize) if uint8 else None
+    ds = IndexedImageFolder(root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
     if limit is not None:
         keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
         ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
         ds.targets = [s[1] for s in ds.samples]
         ds.imgs = ds.samples
-    return ds, DataInfo(3, len(ds.classes), image_size, image_size <= 64, False)
+    ds.freeze()
+    return ds, DataInfo(3, len(ds.classes), image_size, image_size <= 64, False, uint8)
 
 
 def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
@@ -245,3 +442,89 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Crops lie inside the image; 'border' only guards sub-pixel overshoot at the edges.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_workers(local_world_size: int = 1, cpu_count: int | None = None) -> int:
+    """Worker processes per rank by default: ``min(16, cpus // local_world_size - 1)``, 0 below 2 cpus a rank.
+
+    The cpus are those this process may run on (``os.sched_getaffinity``), shared by the
+    ``local_world_size`` ranks of the node. One core per rank is left to the training loop itself
+    (the device step's launches, the optimizer, the logging); the rest decode, since decoding is
+    the pipeline's whole CPU cost. The cap of 16: at ~600 images/s per core (docs/input_pipeline.md)
+    16 workers give ~10k images/s per rank, beyond what one GPU trains at 224 px, while each
+    worker holds ``prefetch_factor`` batches and its own copy of the file list. With a single cpu a
+    rank, the loop decodes in the main process (0): a worker would only add the hand-over.
+
+    Args:
+        local_world_size: ranks on this node (``LOCAL_WORLD_SIZE`` under torchrun).
+        cpu_count: override the cpus found (tests).
+    """
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpu_count // max(1, local_world_size)
+    return 0 if per_rank < 2 else min(16, per_rank - 1)
+
+
+class EpochBatches:
+    """A batch sampler built once per run whose batches follow the epoch set on it.
+
+    Give it to the one DataLoader of the run (``persistent_workers`` keeps the workers across
+    epochs); before each epoch's ``for ... in loader`` call ``set_epoch(epoch, start_step)``. It is
+    iterated in the main process, so the setting reaches the loader even with persistent workers.
+    It yields batches of ``(epoch, index)`` keys, which :class:`IndexedImageFolder` uses to key its
+    random crops by epoch (:class:`TensorImages` and :class:`SyntheticImages` take the index from
+    the key; ``keys=False`` yields plain indices, e.g. for a ``Subset``).
+
+    Args:
+        batches_of: ``epoch -> this rank's batches`` (lists of indices), e.g.
+            ``lambda e: epoch_batches(n, batch_size, seed, e, rank, world)`` from train.py.
+        keys: yield ``(epoch, index)`` keys (True) or plain indices (False).
+    """
+
+    def __init__(self, batches_of: Callable[[int], list[list[int]]], keys: bool = True) -> None:
+        self.batches_of, self.keys = batches_of, keys
+        self.epoch, self.start_step, self._batches = 0, 0, None
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Yield ``epoch``'s batches from ``start_step`` on (a resumed epoch skips the steps done)."""
+        self.epoch, self.start_step, self._batches = epoch, start_step, None
+
+    def batches(self) -> list[list[int]]:
+        """The whole epoch's batches (index lists), computed once per epoch."""
+        if self._batches is None:
+            self._batches = self.batches_of(self.epoch)
+        return self._batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches()) - self.start_step)
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.batches()[self.start_step:]:
+            yield [(self.epoch, i) for i in batch] if self.keys else list(batch)
+
+
+def make_loader(dataset: Dataset, batch_sampler, device: torch.device | str, workers: int | None = None,
+                prefetch_factor: int = 4, local_world_size: int | None = None) -> DataLoader:
+    """The run's DataLoader, built once: persistent workers, prefetching, pinned memory on CUDA.
+
+    Args:
+        dataset: what :func:`get_dataset` returned.
+        batch_sampler: an :class:`EpochBatches` (or any iterable of index batches).
+        device: the training device (pinned memory when CUDA).
+        workers: worker processes; None or negative: :func:`default_workers` of the node's ranks.
+        prefetch_factor: batches each worker prepares ahead.
+        local_world_size: ranks on this node; default ``LOCAL_WORLD_SIZE`` from the environment (1).
+
+    Returns:
+        A DataLoader yielding ``(images, labels, indices, skipped)`` (see :func:`collate`).
+    """
+    if workers is None or workers < 0:
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = default_workers(local_world_size)
+    extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", **extra)

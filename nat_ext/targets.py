@@ -34,14 +34,16 @@ row still a pure function of ``(seed, index)`` and the set's parameters:
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["GENERATORS", "KINDS", "target_rows", "philox4x32", "Targets", "check_target_set"]
+__all__ = ["GENERATORS", "KINDS", "target_rows", "philox4x32", "Targets", "check_target_set", "CHUNK_ELEMS"]
 
 GENERATORS = ("philox", "pcg64")
 KINDS = ("sphere", "onehot", "clustered")
+CHUNK_ELEMS = 1 << 22  # elements per chunk of the passes over every target (Targets.chunks)
 _CENTRE_ROW = 1 << 62  # the clustered set's centre c is the sphere row 2^62 + c
 
 _MASK32 = 0xFFFFFFFF
@@ -193,8 +195,7 @@ class Targets:
                                        d, generator).to(self.device)
         self.matrix: torch.Tensor | None = None
         if materialize:
-            chunks = torch.arange(n, device=where).split(1 << 16)  # bounds the float64 work space
-            self.matrix = torch.cat([self._generate(c).to(self.device) for c in chunks])
+            self.matrix = self.full()
 
     def _generate(self, index: torch.Tensor) -> torch.Tensor:
         if self.kind == "onehot":
@@ -223,6 +224,51 @@ class Targets:
         if self.matrix is not None:
             return self.matrix.index_select(0, index)
         return self._generate(index).to(self.device)
+
+    def chunk_rows(self, chunk_elems: int = CHUNK_ELEMS) -> int:
+        """Rows per chunk of :meth:`chunks`: ``chunk_elems // d`` (at least 1). The float64 work
+        space of one chunk's generation is about 12 x 8 x ``chunk_elems`` bytes (400 MB at the default)."""
+        return max(1, chunk_elems // self.d)
+
+    def chunks(self, index: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+               chunk_elems: int = CHUNK_ELEMS) -> Iterator[tuple[int, torch.Tensor]]:
+        """The rows of ``index`` (default: every target, ``0 .. n-1``), generated chunk by chunk.
+
+        Each row is a pure function of ``(seed, index)``, so the chunks are bit for bit the rows
+        :meth:`rows` gives and the materialised matrix holds (tested), whatever the chunk size;
+        at no time does more than one chunk (and its generation work space) exist. This is how
+        every pass over all ``n`` targets runs with ``--targets-from-seed``: no ``n x d`` table.
+
+        Args:
+            index: Tensor[k] int64 target indices, or None for all ``n`` in order.
+            dtype: the chunks' dtype (default float32, the rows' own).
+            chunk_elems: rows per chunk times ``d`` (see :meth:`chunk_rows`).
+
+        Yields:
+            (offset into ``index``, Tensor[c, d] on ``self.device``) for consecutive chunks.
+        """
+        step = self.chunk_rows(chunk_elems)
+        total = self.n if index is None else index.numel()
+        where = self.device if self.generator == "philox" else torch.device("cpu")
+        for lo in range(0, total, step):
+            hi = min(lo + step, total)
+            idx = torch.arange(lo, hi, device=where) if index is None else index[lo:hi]
+            if self.matrix is not None:
+                rows = self.matrix.index_select(0, idx.to(self.device))
+            else:
+                rows = self._generate(idx.to(where)).to(self.device)
+            yield lo, (rows if dtype is None else rows.to(dtype))
+
+    def full(self, dtype: torch.dtype = torch.float32, chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+        """Every target as one Tensor[n, d] of ``dtype`` on ``self.device``, filled chunk by chunk
+        (peak: the table plus one chunk's work space). Only the dataset-wide solve needs it
+        (``assign_full`` takes dense targets), on the solving rank only."""
+        if self.matrix is not None and dtype == self.matrix.dtype:
+            return self.matrix
+        out = torch.empty(self.n, self.d, dtype=dtype, device=self.device)
+        for lo, rows in self.chunks(dtype=dtype, chunk_elems=chunk_elems):
+            out[lo:lo + rows.shape[0]] = rows
+        return out
 
     def state_dict(self) -> dict:
         """Plain description (no matrix): the seed, generator and set regenerate everything."""

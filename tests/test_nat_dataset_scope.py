@@ -69,7 +69,7 @@ def _rows(out):
 @needs_data
 def test_dataset_scope_run_records_the_objective_and_refuses_another_scope(tmp_path):
     out = str(tmp_path / "run")
-    assert nat_train.main(TINY + ["--reassign-scope", "dataset", "--out", out]) == 0
+    assert nat_train.main(TINY + ["--reassign-scope", "dataset", "--track-objective", "--out", out]) == 0
     rows = _rows(out)
     assert len(rows) == 2
     for r in rows:
@@ -84,8 +84,8 @@ def test_dataset_scope_run_records_the_objective_and_refuses_another_scope(tmp_p
 @needs_data
 def test_tracking_the_objective_changes_nothing_in_batch_scope(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert nat_train.main(TINY + ["--out", a]) == 0
-    assert nat_train.main(TINY + ["--out", b, "--no-track-objective"]) == 0
+    assert nat_train.main(TINY + ["--out", a, "--track-objective"]) == 0
+    assert nat_train.main(TINY + ["--out", b]) == 0  # off by default since issue 17
     ca, cb = (load_checkpoint(os.path.join(p, "checkpoint.pt")) for p in (a, b))
     assert torch.equal(ca["assignment"]["perm"], cb["assignment"]["perm"])
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])

@@ -1,0 +1,357 @@
+"""NAT's reassignment steps: which epochs reassign, the per-batch swap of targets (and its
+variants), and the passes over the whole training set (the dataset-wide exact assignment and
+the objective).
+
+Memory per rank scales with ``n``, not ``n x d`` (docs/imagenet.md has the table at
+n = 1,281,167): the targets are never held as a table with ``--targets-from-seed`` (every pass
+over all of them regenerates them chunk by chunk, :meth:`nat_ext.targets.Targets.chunks`), the
+objective is summed batch by batch as the images are embedded, and the dataset-wide solve
+gathers the features to rank 0 only, where ``assign_full`` needs them with the dense targets.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from .align import check_sinkhorn, sinkhorn_plan
+from .config import Config
+from .data import collate
+from .full_assign import assign_full
+from .state import Assignment
+from .targets import CHUNK_ELEMS, Targets, check_target_set
+
+__all__ = ["reassigns_on", "target_generator", "target_set", "check_settings", "reassign", "align_batch",
+           "dataset_features", "dataset_objective", "centre_features", "assignment_objective",
+           "reassign_dataset"]
+
+
+def reassigns_on(cfg: Config, epoch: int) -> bool:
+    """The reassignment schedule: NAT reassigns on every batch of epochs 0, k, 2k, ... (k = ``reassign_every``)."""
+    return cfg.objective == "nat" and cfg.reassign_every > 0 and epoch % cfg.reassign_every == 0
+
+
+def target_generator(cfg: Config) -> str:
+    """The generator of the run's targets: ``--target-generator``, where ``auto`` means philox
+    (on the device) with ``--targets-from-seed`` and pcg64 (the generator of earlier runs) otherwise."""
+    if cfg.target_generator != "auto":
+        return cfg.target_generator
+    return "philox" if cfg.targets_from_seed else "pcg64"
+
+
+def target_set(cfg: Config) -> str:
+    """The run's target set as one string (recorded in checkpoints, compared on resume):
+    ``sphere``, ``onehot:k`` or ``clustered:k:spread``."""
+    if cfg.targets == "onehot":
+        return f"onehot:{cfg.num_prototypes}"
+    if cfg.targets == "clustered":
+        return f"clustered:{cfg.num_prototypes}:{cfg.target_spread!r}"
+    return "sphere"
+
+
+def check_settings(cfg: Config, n: int) -> None:
+    """Raise ValueError, naming the options, for values and combinations that cannot train
+    ``n`` images (called before anything is trained; the choices are checked before, by
+    ``check_choices``).
+
+    Args:
+        cfg: the run's settings.
+        n: number of training images.
+    """
+    if cfg.reassign_every < 0:
+        raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
+    if cfg.objective != "nat":
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
+                   (("targets", "sphere"), ("align", "exact"), ("views", 1)) if getattr(cfg, k) != v]
+        if changed:
+            raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
+                             "apply to NAT only")
+        return
+    check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
+    if cfg.align == "sinkhorn":
+        check_sinkhorn(cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+    if cfg.reassign_scope == "dataset":
+        if cfg.align != "exact":
+            raise ValueError("align sinkhorn works on a batch's b x b scores: use --reassign-scope batch with it "
+                             "(the dataset-wide reassignment is exact)")
+        if cfg.targets == "onehot":
+            raise ValueError("targets onehot with --reassign-scope dataset: each prototype is n/k identical "
+                             "targets, so assign_full's candidate lists grow towards n/k per row; use "
+                             "--reassign-scope batch")
+
+
+def _exchange(idx: torch.Tensor, new: torch.Tensor, batch_size: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (image, new target) pairs of this step; -1 pads short batches (skipped images)."""
+    pad = batch_size - idx.numel()
+    mine = torch.stack([F.pad(idx, (0, pad), value=-1), F.pad(new, (0, pad), value=-1)])
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    both = torch.cat(parts, dim=1)
+    return both[0], both[1]
+
+
+def reassign(assignment: Assignment, targets: Targets, idx: torch.Tensor, feats: torch.Tensor,
+             batch_size: int, world: int) -> torch.Tensor:
+    """NAT's reassignment of one batch: its images swap the targets they hold.
+
+    The exact ``b x b`` assignment maximising the summed feature-target dot products
+    (``assign_ex``, no host sync); with several processes every process applies every
+    process's swaps, so all hold the same permutation.
+
+    Args:
+        assignment: the permutation, on the training device.
+        targets: the run's targets.
+        idx: Tensor[b] image indices of this process's batch, on the device.
+        feats: Tensor[b, d] the batch's features.
+        batch_size: the configured batch size (pads short batches for the exchange).
+        world: number of processes.
+
+    Returns:
+        Tensor[] int64 on the device: images whose target changed, over all processes.
+    """
+    new = assignment.reassign(idx, feats.detach().float(), targets.rows)
+    if world > 1:
+        idx, new = _exchange(idx, new, batch_size, world)
+    return assignment.update(idx, new)
+
+
+def align_batch(cfg: Config, assignment: Assignment, targets: Targets, idx: torch.Tensor,
+                views: list[torch.Tensor], world: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A reassigning step: align the batch's images with the targets they hold, update the held
+    permutation, and give each view the targets its loss is taken against.
+
+    * ``--align exact``, one view: NAT's reassignment (:func:`reassign`); the loss targets are the new ones.
+    * ``--align sinkhorn``: the Sinkhorn plan between the features and the held targets; the loss is
+      taken against the plan-weighted targets (a soft target per image, so an image whose scores are
+      close for several targets is not forced onto one of them), and the held permutation becomes the
+      plan rounded to the nearest permutation (so later epochs and batches still hold one target each).
+    * two views: each view's alignment gives the other view's loss targets (swapped prediction); the
+      held permutation follows the alignment of both views' summed scores (exact: the solve on the
+      summed features; sinkhorn: the rounded mean plan).
+
+    Args:
+        cfg: the run's settings (``align``, ``sinkhorn_*``, ``batch_size``).
+        assignment, targets: the run's permutation and targets.
+        idx: Tensor[b] the batch's image indices, on the device.
+        views: one Tensor[b, d] of features per view.
+        world: number of processes.
+
+    Returns:
+        (one Tensor[b, d] of loss targets per view, Tensor[] images whose target changed, all processes).
+    """
+    if cfg.align == "exact" and len(views) == 1:
+        changed = reassign(assignment, targets, idx, views[0], cfg.batch_size, world)
+        return [targets.rows(assignment.targets_of(idx))], changed
+    feats = [f.detach().float() for f in views]
+    if cfg.align == "exact":
+        per_view = [assignment.reassign(idx, f, targets.rows) for f in feats]
+        loss_rows = [targets.rows(t) for t in per_view]
+        keep = assignment.reassign(idx, sum(feats), targets.rows)
+    else:
+        rows = targets.rows(assignment.targets_of(idx))
+        plans = [sinkhorn_plan(f @ rows.t(), cfg.sinkhorn_eps, cfg.sinkhorn_iters) for f in feats]
+        loss_rows = [p @ rows for p in plans]
+        keep = assignment.reassign_plan(idx, sum(plans) / len(plans))
+    if len(loss_rows) == 2:
+        loss_rows = loss_rows[::-1]  # each view is pulled towards the other view's alignment
+    if world > 1:
+        idx, keep = _exchange(idx, keep, cfg.batch_size, world)
+    return loss_rows, assignment.update(idx, keep)
+
+
+def _shard(n: int, rank: int, world: int) -> tuple[int, int, int]:
+    # (lo, hi, shard): rank's contiguous rows of the whole-dataset passes, every shard the same size
+    shard = -(-n // world)
+    return min(rank * shard, n), min((rank + 1) * shard, n), shard
+
+
+def _embed(model: torch.nn.Module, dataset, lo: int, hi: int, batch_size: int, device: torch.device,
+           workers: int = 0, prepare: Callable | None = None):
+    # (Tensor[b] row indices into the dataset, Tensor[b, d] embeddings) for rows lo..hi, eval mode
+    model.eval()
+    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, collate_fn=collate,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    for x, _, idx, _ in loader:
+        if idx.numel():
+            idx = idx.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
+            yield idx, model(prepare(x) if prepare is not None else x)
+
+
+@torch.no_grad()
+def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int, device: torch.device,
+                     rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
+                     workers: int = 0, prepare: Callable | None = None) -> torch.Tensor | None:
+    """The embeddings of the whole training set, on rank 0: what the dataset-wide solve is given.
+
+    Eval mode (batch norm on its running statistics) and no augmentation: the features are a
+    pure function of the weights, the same whatever the batch composition, and the pass changes
+    no state (no running-statistics update, no draw from any generator), so training and exact
+    resume are unaffected. With several processes each rank embeds its contiguous shard of rows
+    and the shards are gathered to rank 0 only (in ``dtype``: bfloat16 halves the transfer and
+    rank 0's buffer), into one preallocated buffer. Leaves the model in eval mode (the loop sets
+    train mode at each epoch start).
+
+    Args:
+        model: the encoder (not the DDP wrapper: no collective inside the forward).
+        dataset: the unaugmented training set, yielding (image, label, index); the rows of
+            images it skips (``--skip-corrupt``) are zero, so they score 0 with every target.
+        dim: the embedding dimension.
+        batch_size: images per forward pass.
+        device: where the forward passes run.
+        rank, world: process index and count.
+        dtype: of the gathered features (float32, or bfloat16).
+        workers: DataLoader worker processes of the pass.
+        prepare: applied to each batch on the device before the model (uint8 data:
+            ``nat_ext.presets.DeviceTransform`` without a generator, i.e. no flip).
+
+    Returns:
+        on rank 0, Tensor[n, d] of ``dtype`` on ``device``, row i the embedding of image i;
+        None on the other ranks.
+    """
+    n = len(dataset)
+    lo, hi, shard = _shard(n, rank, world)
+    every = torch.zeros(world * shard if rank == 0 else shard, dim, dtype=dtype, device=device)
+    mine = every[:shard]  # skipped (unreadable) images keep a zero row
+    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
+        mine[idx - lo] = f.to(dtype)
+    if world > 1:
+        if rank == 0:  # rank 0's rows are in place; the others arrive into views of the same buffer
+            dist.gather(mine.clone(), list(every.split(shard)), dst=0)
+        else:
+            dist.gather(mine, None, dst=0)
+    return every[:n] if rank == 0 else None
+
+
+@torch.no_grad()
+def dataset_objective(model: torch.nn.Module, dataset, targets: Targets, perm: torch.Tensor, batch_size: int,
+                      device: torch.device, rank: int = 0, world: int = 1, workers: int = 0,
+                      prepare: Callable | None = None) -> float:
+    """NAT's objective over the whole training set, ``sum_i f_i . t_P(i)``, batch by batch.
+
+    Each rank embeds its shard of rows (as :func:`dataset_features`: eval mode, unaugmented, no
+    state changed) and adds each batch's ``f_i . t_P(i)`` (the held targets regenerated in the
+    features' dtype, products summed in float64) to a float64 total as it goes; the totals are
+    summed over ranks. Nothing of size ``n x d`` exists on any rank.
+
+    Args:
+        model: the encoder (not the DDP wrapper).
+        dataset: the unaugmented training set.
+        targets: the run's targets.
+        perm: Tensor[n] int64, the target of each image (on ``device``).
+        batch_size, device, rank, world, workers, prepare: as :func:`dataset_features`.
+
+    Returns:
+        the total, the same on every rank.
+    """
+    lo, hi, _ = _shard(len(dataset), rank, world)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
+        t = targets.rows(perm.index_select(0, idx)).to(f.dtype)
+        total += (f.double() * t.double()).sum()
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total)
+
+
+def assignment_objective(feats: torch.Tensor, targets: Targets | torch.Tensor, perm: torch.Tensor,
+                         chunk_elems: int = CHUNK_ELEMS) -> float:
+    """NAT's assignment objective sum_i f_i . t_P(i), chunk by chunk, summed in float64.
+
+    The targets are taken (``Targets``: regenerated) ``chunk_elems / d`` rows at a time, in the
+    features' dtype; each chunk's products are summed in float64 and added to a float64 total,
+    so the work space is one chunk, never ``n x d`` (the unchunked sum differs by float64
+    rounding only; tested).
+
+    Args:
+        feats: Tensor[n, d] the images' embeddings.
+        targets: the run's targets, or Tensor[n, d] every target (row t).
+        perm: Tensor[n] int64, the target of each image.
+        chunk_elems: rows per chunk times d.
+    """
+    perm = perm.to(feats.device)
+    total = torch.zeros((), dtype=torch.float64, device=feats.device)
+    if isinstance(targets, Targets):
+        chunks = targets.chunks(perm, dtype=feats.dtype, chunk_elems=chunk_elems)
+    else:
+        step = max(1, chunk_elems // max(feats.shape[1], 1))
+        chunks = ((lo, targets.index_select(0, perm[lo:lo + step].to(targets.device)).to(feats.device, feats.dtype))
+                  for lo in range(0, perm.numel(), step))
+    for lo, t in chunks:
+        total += (feats[lo:lo + t.shape[0]].double() * t.to(feats.device).double()).sum()
+    return float(total)
+
+
+def centre_features(feats: torch.Tensor) -> torch.Tensor:
+    """``feats`` minus their mean row (taken in float64): what the dataset-wide solve is given.
+
+    Centring changes every one-to-one assignment's total by the same constant
+    (``-mean . sum_j t_j``: every target is held once), so the optimum is the same; it halves the
+    candidates ``assign_full`` needs on the near-parallel features of an untrained network.
+    """
+    return feats - feats.double().mean(0).to(feats.dtype)
+
+
+def _checksum(perm: torch.Tensor) -> torch.Tensor:
+    # Order-sensitive: sum_i (i + 1) perm[i] (< 2^63 for n up to 3.5M).
+    return ((torch.arange(perm.numel(), device=perm.device) + 1) * perm).sum()
+
+
+def reassign_dataset(assignment: Assignment, targets: Targets | torch.Tensor, feats: torch.Tensor | None,
+                     rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """The dataset-wide reassignment: the exact assignment of all n images to all n targets.
+
+    Solved on rank 0 by ``nat_ext.assign_full`` from the held permutation (its pairs warm the
+    solve and keep the sparse problem feasible), in float32 (bfloat16 features are widened), with
+    the dense targets regenerated chunk by chunk into one table (rank 0 only; ``assign_full``
+    takes dense targets). With several processes rank 0 logs that it solves (the others wait at
+    the broadcast: the process-group timeout, ``--dist-timeout``, must cover the solve),
+    broadcasts the permutation, and every rank compares checksums of the held and the new
+    permutation with every other rank (RuntimeError on a mismatch) before applying it.
+
+    Args:
+        assignment: the permutation, on the training device.
+        targets: the run's targets, or Tensor[n, d] every target.
+        feats: on rank 0, Tensor[n, d] every image's embedding (:func:`dataset_features`);
+            ignored elsewhere.
+        rank, world: process index and count.
+
+    Returns:
+        (Tensor[] int64 images whose target changed, dict with ``objective_held`` and
+        ``objective`` (sum_i f_i . t_P(i) before and after, rank 0's; 0.0 elsewhere), ``rounds``
+        and ``solve_seconds``).
+    """
+    t0 = time.perf_counter()
+    held = assignment.perm.clone()
+    stats: dict = {}
+    info = {"objective_held": 0.0, "objective": 0.0}
+    if rank == 0:
+        if world > 1:
+            print(f"rank 0: solving the exact assignment of {held.numel()} images; the other "
+                  f"{world - 1} ranks wait at the broadcast", flush=True)
+        feats = feats.float() if feats.dtype not in (torch.float32, torch.float64) else feats
+        table = targets.full(feats.dtype) if isinstance(targets, Targets) else targets.to(feats.dtype)
+        centred = centre_features(feats)
+        new = assign_full(centred, table, init=held, stats=stats)
+        del centred, table
+        info = {"objective_held": assignment_objective(feats, targets, held),
+                "objective": assignment_objective(feats, targets, new)}
+    else:
+        new = torch.empty_like(held)
+    if world > 1:
+        dist.broadcast(new, 0)
+        sums = torch.stack([_checksum(held), _checksum(new)])
+        lo, hi = sums.clone(), sums.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            which = "held" if lo[0] != hi[0] else "new"
+            raise RuntimeError(f"rank {rank}: the {which} permutation differs between ranks "
+                               f"(checksums {lo.tolist()} vs {hi.tolist()}) in the dataset-wide reassignment")
+    info.update(rounds=int(stats.get("rounds", 0)), solve_seconds=time.perf_counter() - t0)
+    changed = assignment.update(torch.arange(held.numel(), device=held.device), new)
+    return changed, info
