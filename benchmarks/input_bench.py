@@ -31,7 +31,6 @@ torchvision's PIL crop + resize, in 0-255 levels: mean and 99.9th percentile of 
 """
 
 import argparse
-import io
 import os
 import platform
 import random

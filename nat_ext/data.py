@@ -453,9 +453,9 @@ def default_workers(local_world_size: int = 1, cpu_count: int | None = None) -> 
     The cpus are those this process may run on (``os.sched_getaffinity``), shared by the
     ``local_world_size`` ranks of the node. One core per rank is left to the training loop itself
     (the device step's launches, the optimizer, the logging); the rest decode, since decoding is
-    the pipeline's whole CPU cost. The cap of 16: at ~600 images/s per core (docs/input_pipeline.md)
-    16 workers give ~10k images/s per rank, beyond what one GPU trains at 224 px, while each
-    worker holds ``prefetch_factor`` batches and its own copy of the file list. With a single cpu a
+    the pipeline's whole CPU cost. The cap of 16: at ~520 images/s per core (1.9 ms of CPU an
+    image at 224, docs/input_pipeline.md) 16 workers give ~8k images/s per rank, beyond what one
+    GPU trains at 224 px, while each worker holds ``prefetch_factor`` batches. With a single cpu a
     rank, the loop decodes in the main process (0): a worker would only add the hand-over.
 
     Args:
