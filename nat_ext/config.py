@@ -28,7 +28,7 @@ from .targets import KINDS as TARGET_KINDS
 
 __all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
            "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS",
-           "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS", "AMP_DTYPES", "LR_SCALES", "GATHER_DTYPES"]
+           "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS", "AMP_DTYPES", "LR_SCALES", "GATHER_DTYPES", "PROBE_METHODS"]
 
 TARGET_GENERATORS = ("auto", "philox", "pcg64")
 REASSIGN_SCOPES = ("batch", "dataset")
@@ -36,12 +36,15 @@ ALIGNS = ("exact", "sinkhorn")
 AMP_DTYPES = ("bf16", "fp16")
 LR_SCALES = ("none", "linear")
 GATHER_DTYPES = ("float32", "bfloat16")
+PROBE_METHODS = ("auto", "lbfgs", "sgd")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-            prefix: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its CLI help (and choices, or a flag prefix for a nested config)."""
-    meta = {"help": help}
+            prefix: str | None = None, default_factory: Any = dataclasses.MISSING,
+            aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its CLI help (and choices, other option names, or a flag prefix for a
+    nested config)."""
+    meta = {"help": help, "aliases": tuple(aliases)}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if prefix is not None:
@@ -54,15 +57,35 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tupl
 @dataclass
 class ProbeConfig:
     """How a frozen encoder is probed (linear probe and k-NN) and against which baselines."""
-    layer: str = setting("", "stage to probe (default: the last conv stage of the arch)")
-    grid: int = setting(2, "pool feature maps to grid x grid")
+    layer: str = setting("", "stage(s) to probe: a name, a comma list, or 'all' (every conv stage: convnet "
+                             "conv1-conv4, alexnet conv1-conv5, resnets layer1-layer4); default: the last conv "
+                             "stage", aliases=("layers",))
+    grid: int = setting(0, "pool feature maps to grid x grid; 0: 2 x 2 on inputs of at most 64 px, else the grid "
+                           "giving each layer about 9k features (the paper's protocol)")
     limit: int = setting(0, "probe on seeded subsets of this many labelled images (0: all)")
-    baselines: str = setting("random,pixels", "comma list of random,pixels,supervised ('' for none)")
-    supervised_epochs: int = setting(10, "epochs of the supervised baseline")
-    knn_k: int = setting(20, "neighbours of the k-NN classifier")
+    baselines: str = setting("random,pixels", "comma list of random,pixels,supervised ('' for none); pixels is "
+                                              "skipped on inputs larger than 64 px")
+    supervised_epochs: int = setting(10, "epochs of the supervised baseline when it is trained here")
+    supervised_checkpoint: str = setting("", "the supervised baseline's checkpoint (a nat-train --objective "
+                                             "supervised run of the same arch) instead of training one")
+    probe_method: str = setting("auto", "linear probe: lbfgs (full batch on held features, small data), sgd "
+                                        "(linear heads on every probed layer trained together on streamed "
+                                        "batches, any n, every rank sharing the work), auto (lbfgs up to "
+                                        "100,000 training images, else sgd)", choices=PROBE_METHODS)
+    probe_epochs: int = setting(10, "sgd probe: epochs over the training images")
+    probe_lr: float = setting(0.1, "sgd probe: learning rate (cosine to 0), for the global batch")
+    max_steps: int = setting(0, "sgd probe: stop after this many probe steps in all (0: every epoch)")
+    knn_k: int = setting(20, "neighbours of the k-NN classifier (0: no k-NN)")
+    knn_bank: int = setting(100_000, "k-NN bank: at most this many training images (a seeded subset; all when "
+                                     "fewer), fewer if their float16 2x2-pooled features of every probed layer "
+                                     "would pass 1 GiB; also the images of the sgd probe's standardisation")
     probe_iters: int = setting(300, "L-BFGS iterations of the linear probe")
     probe_wd: float = setting(1e-4, "L2 penalty of the linear probe")
-    batch_size: int = setting(512, "batch size of the feature extraction")
+    batch_size: int = setting(512, "images per forward pass (per process; the sgd probe's batch is this "
+                                   "times the processes)")
+    val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
+                                  "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
+                                  "or a filename,label CSV)")
 
 
 @dataclass
@@ -164,7 +187,7 @@ class EvalConfig:
     arch: str = setting("", "default: the checkpoint's")
     dim: int = setting(0, "default: the checkpoint's")
     device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
-    workers: int = setting(0, "DataLoader worker processes")
+    workers: int = setting(-1, "DataLoader worker processes; -1: as nat-train's (none for in-memory data)")
     seed: int = setting(-1, "default: the checkpoint's")
     skip_corrupt: bool = setting(False, "skip unreadable images")
     out: str = setting("", "write the results JSON here")
@@ -180,6 +203,10 @@ def _fields(cls: type, prefix: str = "", path: str = ""):
             yield from _fields(typ, prefix + f.metadata.get("prefix", f.name + "-"), path + f.name + ".")
         else:
             yield prefix + f.name.replace("_", "-"), path + f.name, f, typ
+
+
+def _aliases(f, prefix_of_opt: str) -> list[str]:
+    return [f"--{prefix_of_opt}{a}" for a in f.metadata.get("aliases", ())]
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
@@ -202,8 +229,10 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             p.add_argument(f"--{opt}", dest=dest, action=argparse.BooleanOptionalAction, default=default,
                            help=helptext)
         else:
-            p.add_argument(f"--{opt}", dest=dest, type=typ, default=default, help=helptext,
-                           choices=f.metadata.get("choices"), metavar=opt.upper().replace("-", "_"))
+            prefix = opt[:len(opt) - len(f.name)]  # "eval-" for the probe settings of nat-train
+            p.add_argument(f"--{opt}", *_aliases(f, prefix), dest=dest, type=typ, default=default,
+                           help=helptext, choices=f.metadata.get("choices"),
+                           metavar=opt.upper().replace("-", "_"))
     return p
 
 

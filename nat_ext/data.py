@@ -10,7 +10,8 @@
 * any other ``--data`` value: a folder in ImageNet layout
   (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or just
   ``DIR/<class>/*.jpg``), read with torchvision's ImageFolder, its file list walked
-  once per process (:func:`scan_folder`).
+  once per process (:func:`scan_folder`). The validation folder may also be flat, as ImageNet's
+  is distributed (``DIR/val/*.JPEG`` and a label file, :func:`read_val_labels`).
 
 With ``uint8=True`` (:func:`get_dataset`) items are uint8 and the batch is finished on the
 training device by :class:`nat_ext.presets.DeviceTransform` (the pipeline that feeds GPUs, see
@@ -47,7 +48,7 @@ from .presets import CropBatch, FolderCrop, mix64
 
 __all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
            "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
-           "default_workers", "EpochBatches", "make_loader"]
+           "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
@@ -219,6 +220,134 @@ class IndexedImageFolder(ImageFolder):
         return img, label, i
 
 
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _devkit_classes(meta_path: str) -> dict[int, str]:
+    """ILSVRC2012_ID -> WNID of the 1000 leaf synsets in the devkit's ``data/meta.mat``."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise RuntimeError(f"reading {meta_path} needs scipy (pip install scipy)") from e
+    synsets = loadmat(meta_path, squeeze_me=True)["synsets"]
+    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+
+
+def read_val_labels(path: str, files: list[str], class_to_idx: dict[str, int]) -> list[int]:
+    """The labels of a flat validation folder's images, from its label file.
+
+    Two formats:
+
+    * a CSV of ``filename,label`` lines (an optional ``filename,label`` header), the label a class
+      folder name of the training set (e.g. ``n01440764``) or a class index ``0..C-1``; every image
+      of the folder must be listed once;
+    * ImageNet's devkit ground-truth list (``ILSVRC2012_validation_ground_truth.txt``): one
+      ILSVRC2012_ID (1..1000) per line, line i for the i-th image in name order; the IDs are mapped to
+      the training set's class folders (WNIDs) through the devkit's ``meta.mat``, found next to the
+      list (the devkit's ``data/`` folder holds both).
+
+    Args:
+        path: the label file.
+        files: the folder's image file names (no directories), sorted.
+        class_to_idx: the training set's class folder names and indices.
+
+    Returns:
+        the class index of each file, in ``files``' order.
+
+    Raises:
+        ValueError: naming the file and line, for a malformed line, an unknown file, a file listed
+            twice or not at all, a label out of range, or a line count that does not match.
+    """
+    with open(path) as f:
+        lines = [(k + 1, l.strip()) for k, l in enumerate(f)]
+    lines = [(k, l) for k, l in lines if l]
+    if not lines:
+        raise ValueError(f"--val-labels {path} is empty")
+    num_classes = len(class_to_idx)
+    if "," not in lines[0][1]:
+        return _devkit_labels(path, lines, files, class_to_idx)
+    if lines[0][1].replace(" ", "").lower() == "filename,label":
+        lines = lines[1:]
+    position = {name: i for i, name in enumerate(files)}
+    labels = [-1] * len(files)
+    for k, line in lines:
+        name, sep, label = (p.strip() for p in line.rpartition(","))
+        if not sep or not name:
+            raise ValueError(f"{path} line {k}: expected 'filename,label', got {line!r}")
+        if os.path.basename(name) not in position:
+            raise ValueError(f"{path} line {k}: no image {name!r} in the validation folder")
+        i = position[os.path.basename(name)]
+        if labels[i] >= 0:
+            raise ValueError(f"{path} line {k}: {name!r} is listed twice")
+        if label in class_to_idx:
+            labels[i] = class_to_idx[label]
+        elif label.lstrip("-").isdigit():
+            if not 0 <= int(label) < num_classes:
+                raise ValueError(f"{path} line {k}: label {label} is outside 0..{num_classes - 1} "
+                                 f"(the training set has {num_classes} classes)")
+            labels[i] = int(label)
+        else:
+            raise ValueError(f"{path} line {k}: label {label!r} is neither a class folder of the training "
+                             f"set nor an index 0..{num_classes - 1}")
+    missing = [files[i] for i, c in enumerate(labels) if c < 0]
+    if missing:
+        raise ValueError(f"{path} has no label for {len(missing)} image(s) of the validation folder, "
+                         f"e.g. {missing[0]!r}")
+    return labels
+
+
+def _devkit_labels(path: str, lines: list[tuple[int, str]], files: list[str],
+                   class_to_idx: dict[str, int]) -> list[int]:
+    if len(lines) != len(files):
+        raise ValueError(f"{path} has {len(lines)} labels for the {len(files)} images of the validation "
+                         "folder (a devkit ground-truth list has one line per image, in name order)")
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.mat")
+    if not os.path.exists(meta):
+        raise ValueError(f"{path} is a list of ILSVRC2012_IDs: its meta.mat (the devkit's data/meta.mat, "
+                         f"which maps them to class folders) should be next to it, not found: {meta}")
+    wnid = _devkit_classes(meta)
+    labels = []
+    for k, line in lines:
+        if not line.isdigit():
+            raise ValueError(f"{path} line {k}: expected an ILSVRC2012_ID (an integer), got {line!r}")
+        if int(line) not in wnid:
+            raise ValueError(f"{path} line {k}: label {line} is outside the {len(wnid)} classes of {meta} "
+                             f"(1..{len(wnid)})")
+        if wnid[int(line)] not in class_to_idx:
+            raise ValueError(f"{path} line {k}: class {wnid[int(line)]} (ILSVRC2012_ID {line}) has no "
+                             "folder in the training set")
+        labels.append(class_to_idx[wnid[int(line)]])
+    return labels
+
+
+class FlatFolder(IndexedImageFolder):
+    """A validation folder of images without class folders, labelled by a label file
+    (:func:`read_val_labels`); the classes are the training set's. Items as :class:`IndexedImageFolder`'s.
+
+    Args:
+        root: the flat folder.
+        labels_path: its label file.
+        classes_root: the training set's class-per-folder tree.
+        transform, skip_corrupt, crop: as :class:`IndexedImageFolder`.
+    """
+
+    def __init__(self, root: str, labels_path: str, classes_root: str, transform: Callable | None,
+                 skip_corrupt: bool = False, crop: FolderCrop | None = None) -> None:
+        self._classes_root, self._labels_path = classes_root, labels_path
+        super().__init__(root, transform, skip_corrupt=skip_corrupt, crop=crop)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes, class_to_idx, _ = scan_folder(self._classes_root)
+        return classes, class_to_idx
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        files = sorted(f for f in os.listdir(directory) if _is_image(f))
+        labels = read_val_labels(self._labels_path, files, class_to_idx)
+        return [(os.path.join(directory, f), c) for f, c in zip(files, labels)]
+
+
 class _Views:
     """A transform applied ``views`` times to one image, the results stacked (picklable for workers)."""
 
@@ -338,7 +467,7 @@ def collate(batch) -> tuple[torch.Tensor | CropBatch, torch.Tensor, torch.Tensor
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
                 image_size: int = 224, skip_corrupt: bool = False,
                 seed: int = 0, views: int = 1, uint8: bool = False,
-                worker_resize: bool = False) -> tuple[Dataset, DataInfo]:
+                worker_resize: bool = False, val_labels: str = "") -> tuple[Dataset, DataInfo]:
     """Dataset for a ``--data`` value and split.
 
     Args:
@@ -363,6 +492,8 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         worker_resize: image folders with ``uint8``: resize the crops to S x S in the worker (PIL)
             instead of on the device; for training on the CPU, where PIL's uint8 resize is the
             cheaper one (see docs/input_pipeline.md). The pixels are the same up to rounding.
+        val_labels: image folders, split ``test``: the label file of a flat ``DIR/val`` (images
+            without class folders, as ImageNet's validation set is distributed; see :func:`read_val_labels`).
 
     Returns:
         (dataset yielding (image, label, index), DataInfo).
@@ -391,6 +522,15 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         raise ValueError(f"data should be 'fashion-mnist', 'synthetic:N' or an existing image folder, got {data!r}")
     sub = os.path.join(data, "train" if split == "train" else "val")
     root = sub if os.path.isdir(sub) else data
+    flat = split == "test" and os.path.isdir(sub) and not any(e.is_dir() for e in os.scandir(sub))
+    if flat and not val_labels:
+        raise ValueError(f"{sub} holds images without class folders: give its label file with --val-labels "
+                         "(the devkit's ILSVRC2012_validation_ground_truth.txt, or a filename,label CSV)")
+    if val_labels and not flat:
+        raise ValueError(f"--val-labels {val_labels} is for a flat validation folder, but "
+                         f"{sub if split == 'test' else data} is not one (it has class folders, or is missing)")
+    if val_labels and not os.path.isfile(val_labels):
+        raise ValueError(f"--val-labels {val_labels}: no such file")
     norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
     if augment:
         tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -399,7 +539,11 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
     else:
         tf = T.Compose([T.Resize(image_size * 8 // 7), T.CenterCrop(image_size), T.ToTensor(), norm])
     crop = FolderCrop(image_size, augment, seed=seed, views=views, resize=worker_resize) if uint8 else None
-    ds = IndexedImageFolder(root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
+    if flat:
+        train_root = os.path.join(data, "train")
+        ds = FlatFolder(root, val_labels, train_root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
+    else:
+        ds = IndexedImageFolder(root, None if uint8 else tf, skip_corrupt=skip_corrupt, crop=crop)
     if limit is not None:
         keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
         ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]

@@ -1,14 +1,22 @@
-"""Evaluation of frozen encoders: linear probe and k-NN on a chosen layer.
+"""Evaluation of frozen encoders: linear probes and k-NN on every chosen layer at once.
 
-``python -m nat_ext.eval --checkpoint runs/nat/checkpoint.pt`` (or
-``nat-eval``) reads the layer's features (average-pooled to a ``grid x grid``
-map), standardises them with the training-split statistics, fits a
-multinomial logistic regression (full-batch L-BFGS) on the labelled training
-split and reports top-1 on the test split, plus a cosine k-NN top-1.
-Baselines from the same command, same layer and classifier: a randomly
-initialised encoder of the same architecture (``random``), the raw pixels
-(``pixels``) and a supervised encoder of the same architecture trained with the
-evaluated run's settings (``supervised``, see :mod:`nat_ext.supervised`).
+``nat-eval --checkpoint runs/nat/checkpoint.pt`` (or ``python -m nat_ext.eval``) probes the
+layers named by ``--layer`` (a name, a comma list, or ``all``: every conv stage) of the trained
+encoder and of the baselines (``random`` init of the same architecture, raw ``pixels`` on inputs
+of at most 64 px, a ``supervised`` encoder trained here or given by ``--supervised-checkpoint``),
+every encoder and layer read from the same forward passes. For each (encoder, layer):
+
+* a linear classifier on the layer's pooled features (:func:`nat_ext.probes.probe_grid`), standardised:
+  ``--probe-method lbfgs`` fits it by full-batch L-BFGS on held features (small data);
+  ``--probe-method sgd`` trains one head per (encoder, layer), all together, by SGD on streamed
+  batches, every rank of ``torchrun`` taking its share of each batch (nothing per image is held);
+  ``auto`` (the default) is lbfgs up to 100,000 training images;
+* a cosine k-NN against a bank of at most ``--knn-bank`` training images' 2x2-pooled float16 features
+  (globally pooled with ``--grid 1``; :class:`nat_ext.probes.KnnBank`, at most 1 GiB), scored chunk
+  by chunk.
+
+Top-1 on the test split (top-5 too with 100 classes or more) goes to ``--out`` (``eval.json``), one
+result per (encoder, layer), and a table of encoders by layers is printed at the end.
 """
 from __future__ import annotations
 
@@ -17,147 +25,343 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
 from .config import EvalConfig, ProbeConfig, parse_config, progress
-from .data import collate, get_dataset
-from .models import Encoder, build_model
+from .data import DataInfo, collate, default_workers, get_dataset
+from .models import CONV_STAGES, Encoder, build_model
+from .presets import DeviceTransform
+from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
-__all__ = ["EvalConfig", "default_layer", "extract_features", "linear_probe", "knn_accuracy",
-           "evaluate", "main"]
+__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "main"]
 
 BASELINES = ("random", "pixels", "supervised")
+LBFGS_MAX_IMAGES = 100_000  # --probe-method auto: L-BFGS up to this many training images
+BANK_MAX_BYTES = 1 << 30  # the k-NN bank's features stay under 1 GiB
+KNN_GRID = 2
+PIXELS_MAX_SIZE = 64  # the pixel baseline only on inputs this small (data.py's small_input)
 
 
 def default_layer(arch: str) -> str:
     """The probe layer used unless one is named: the last convolutional stage."""
-    return {"convnet": "conv4", "alexnet": "conv5"}.get(arch, "layer4")
+    return CONV_STAGES[arch][-1]
 
 
-@torch.no_grad()
-def extract_features(model: Encoder, dataset, layer: str, grid: int, device: torch.device,
-                     batch_size: int = 512, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of a frozen encoder (eval mode) for a whole dataset.
+def probe_layers(spec: str, arch: str, stages: list[str]) -> list[str]:
+    """The layers a ``--layer`` value names.
 
     Args:
-        model: the encoder.
-        dataset: yields (image, label, index), unaugmented.
-        layer: stage name or ``pixels`` (see :meth:`Encoder.features`).
-        grid: pooling grid.
-        device: where the forward passes run.
-        batch_size, workers: DataLoader settings.
+        spec: '' (the last conv stage), ``all`` (every conv stage), or a comma list of stage names.
+        arch: the architecture.
+        stages: the encoder's stage names.
 
     Returns:
-        (Tensor[N, F] float32 CPU features, Tensor[N] int64 labels), in dataset order.
+        stage names, in the encoder's order.
     """
-    model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate)
-    feats, labels = [], []
-    for x, y, _, _ in progress(loader, desc=f"features {layer}"):
-        x = x.to(device)
-        if layer == "pixels" and x.shape[-1] > 32:  # keep raw-pixel probes tractable on large images
-            x = F.adaptive_avg_pool2d(x, 32)
-        feats.append(model.features(x, layer, grid).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    if not spec:
+        return [default_layer(arch)]
+    if spec == "all":
+        return list(CONV_STAGES[arch])
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in stages]
+    if unknown or not names:
+        raise ValueError(f"layer should be 'all' or a comma list of {stages}, got {spec!r}")
+    return [s for s in stages if s in names]
 
 
-def _standardize(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    return (train_x - mean) / std, (test_x - mean) / std
+@dataclass
+class Probed:
+    """One encoder under evaluation: its name in the results, the model (None: the raw pixels), its layers."""
+    name: str
+    model: Encoder | None
+    layers: list[str]
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, num_classes: int, weight_decay: float = 1e-4,
-                 iters: int = 300) -> float:
-    """Multinomial logistic regression on standardised features, top-1 on the test set.
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    # the raw-pixel baseline's features: the input, pooled to 32 px when larger (keeps its probe tractable)
+    if x.shape[-1] > 32:
+        x = F.adaptive_avg_pool2d(x, 32)
+    return x.flatten(1).float()
+
+
+class Taps:
+    """Every probed (encoder, layer) of a batch from one forward pass per encoder.
 
     Args:
-        train_x: Tensor[N, F] features; train_y: Tensor[N] labels.
-        test_x: Tensor[M, F]; test_y: Tensor[M].
-        num_classes: number of classes.
-        weight_decay: L2 penalty on the weights (added to the mean cross-entropy).
-        iters: L-BFGS iterations (full batch, strong-Wolfe line search: no learning rate to tune).
+        encoders: the encoders and their layers.
+        input_shape: (C, H, W) of the model input (sizes the pooling grids from one dry forward).
+        small_input, grid: see :func:`nat_ext.probes.probe_grid`.
+        device: where the models run.
 
-    Returns:
-        top-1 accuracy in [0, 1].
+    Attributes:
+        heads: (encoder name, layer, probe grid) per tap; grid 0 for the pixels.
+        dims, knn_dims: feature width of each tap's linear probe and of its k-NN features.
     """
-    train_x, test_x = _standardize(train_x.double(), test_x.double())
-    w = torch.zeros(train_x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(train_x @ w + b, train_y) + 0.5 * weight_decay * w.pow(2).sum()
-        loss.backward()
-        return loss
+    def __init__(self, encoders: list[Probed], input_shape: tuple[int, int, int], small_input: bool,
+                 grid: int, device: torch.device) -> None:
+        self.encoders = encoders
+        self.heads, self.dims, self.knn_dims, self._grids = [], [], [], []
+        dummy = torch.zeros(1, *input_shape, device=device)
+        for e in encoders:
+            if e.model is None:
+                width = _pixels(dummy).shape[1]
+                self.heads.append((e.name, "pixels", 0))
+                self.dims.append(width)
+                self.knn_dims.append(width)
+                self._grids.append((None, None))
+                continue
+            e.model.eval().to(device)
+            for layer, out in e.model.stage_outputs(dummy, e.layers).items():
+                g = probe_grid(out.shape[1], out.shape[-1], small_input, grid) if out.dim() == 4 else 1
+                k = min(KNN_GRID, g) if out.dim() == 4 else 1  # --grid 1: the k-NN on global features too
+                self.heads.append((e.name, layer, g if out.dim() == 4 else 0))
+                self.dims.append(pool_features(out, g).shape[1])
+                self.knn_dims.append(pool_features(out, k).shape[1])
+                self._grids.append((g, k))
 
-    opt.step(closure)
-    with torch.no_grad():
-        return (test_x @ w + b).argmax(1).eq(test_y).double().mean().item()
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Args: x Tensor[B, C, H, W] model input. Returns: per tap (Tensor[B, dim], Tensor[B, knn_dim])."""
+        out, t = [], 0
+        for e in self.encoders:
+            if e.model is None:
+                f = _pixels(x)
+                out.append((f, f))
+                t += 1
+                continue
+            maps = e.model.stage_outputs(x, e.layers)
+            for layer in e.layers:
+                g, k = self._grids[t]
+                probe = pool_features(maps[layer], g)
+                out.append((probe, probe if k == g else pool_features(maps[layer], k)))
+                t += 1
+        return out
 
 
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, num_classes: int, k: int = 20) -> float:
-    """Cosine k-NN (similarity-weighted vote) on standardised features.
-
-    Args:
-        train_x: Tensor[N, F]; train_y: Tensor[N].
-        test_x: Tensor[M, F]; test_y: Tensor[M].
-        num_classes: number of classes.
-        k: neighbours.
-
-    Returns:
-        top-1 accuracy in [0, 1].
-    """
-    train_x, test_x = _standardize(train_x, test_x)
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
-    k = min(k, train_x.shape[0])
-    correct = 0
-    for i in range(0, test_x.shape[0], 1024):
-        sim, nn_idx = (test_x[i:i + 1024] @ train_x.t()).topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes).scatter_add_(1, train_y[nn_idx], sim.clamp_min(0) + 1e-6)
-        correct += int(votes.argmax(1).eq(test_y[i:i + 1024]).sum())
-    return correct / test_x.shape[0]
+# ----------------------------------------------------------------------------- data
 
 
-def _splits(data: str, limit: int, seed: int, image_size: int, skip_corrupt: bool):
-    """(train dataset, test dataset or None, DataInfo). None: split train 80/20 (no val folder)."""
-    kw = dict(augment=False, limit=limit or None, seed=seed, image_size=image_size, skip_corrupt=skip_corrupt)
+@dataclass
+class _Split:
+    """The evaluation's images: training and test datasets (the same one when split 80/20) and the
+    rows of each that the evaluation uses."""
+    train: object
+    test: object
+    train_idx: torch.Tensor
+    test_idx: torch.Tensor
+    info: DataInfo
+
+
+def _splits(pc: ProbeConfig, data: str, seed: int, image_size: int, skip_corrupt: bool,
+            device: torch.device) -> _Split:
+    """Training and test images; an image folder without ``val`` is split 80/20 (seeded)."""
+    kw = dict(augment=False, limit=pc.limit or None, seed=seed, image_size=image_size, skip_corrupt=skip_corrupt,
+              uint8=True, worker_resize=device.type == "cpu")
     train_ds, info = get_dataset(data, "train", **kw)
-    if data != "fashion-mnist" and not os.path.isdir(os.path.join(data, "val")):
-        return train_ds, None, info
-    test_ds, _ = get_dataset(data, "test", **kw)
-    return train_ds, test_ds, info
+    folder = not (data == "fashion-mnist" or data.startswith("synthetic:"))
+    if folder and not os.path.isdir(os.path.join(data, "val")):
+        if pc.val_labels:
+            raise ValueError(f"--val-labels {pc.val_labels} is for a flat validation folder, but {data} has no val")
+        perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))
+        cut = int(0.8 * len(perm))
+        return _Split(train_ds, train_ds, perm[:cut], perm[cut:], info)
+    test_ds, _ = get_dataset(data, "test", val_labels=pc.val_labels, **kw)
+    return _Split(train_ds, test_ds, torch.arange(len(train_ds)), torch.arange(len(test_ds)), info)
 
 
-def _score(model: Encoder, name: str, layer: str, ecfg: EvalConfig, device: torch.device,
-           train_ds, test_ds, num_classes: int, seed: int) -> dict:
-    t0 = time.perf_counter()
-    pc: ProbeConfig = ecfg.probe
-    tx, ty = extract_features(model, train_ds, layer, pc.grid, device, pc.batch_size, ecfg.workers)
-    if test_ds is None:
-        perm = torch.randperm(len(ty), generator=torch.Generator().manual_seed(seed))
-        cut = int(0.8 * len(ty))
-        vx, vy, tx, ty = tx[perm[cut:]], ty[perm[cut:]], tx[perm[:cut]], ty[perm[:cut]]
-    else:
-        vx, vy = extract_features(model, test_ds, layer, pc.grid, device, pc.batch_size, ecfg.workers)
-    lin = linear_probe(tx, ty, vx, vy, num_classes, pc.probe_wd, pc.probe_iters)
-    knn = knn_accuracy(tx, ty, vx, vy, num_classes, pc.knn_k)
-    res = {"encoder": name, "layer": layer, "grid": pc.grid, "feature_dim": tx.shape[1],
-           "linear_top1": lin, "knn_top1": knn, "n_train": len(ty), "n_test": len(vy),
-           "seconds": time.perf_counter() - t0}
-    print(f"{name:>12s}  {layer:>7s}  dim {tx.shape[1]:5d}  linear {100 * lin:5.2f}%  "
-          f"kNN {100 * knn:5.2f}%", flush=True)
-    return res
+class _Reader:
+    """Batches of given dataset rows as model inputs on the device (uint8 data finished there)."""
+
+    def __init__(self, info: DataInfo, batch_size: int, device: torch.device, workers: int) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.workers = workers if workers >= 0 else (
+            0 if info.batch_augment else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        self.prepare = DeviceTransform(info.image_size) if info.uint8 else None
+
+    def __call__(self, dataset, rows: torch.Tensor | list[torch.Tensor], desc: str):
+        """Yield (Tensor[b, C, H, W] input, Tensor[b] labels, Tensor[b] dataset rows) on the device, for
+        ``rows`` in batches of ``batch_size`` (or for the given list of batches); images skipped as
+        unreadable are left out, a batch of only those gives empty tensors."""
+        batches = rows if isinstance(rows, list) else list(rows.split(self.batch_size))
+        loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches if len(b)],
+                            num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
+        for x, y, idx, _ in progress(loader, desc=desc):
+            if not len(y):
+                yield None, y, idx
+                continue
+            x = x.to(self.device, non_blocking=True)
+            yield (self.prepare(x) if self.prepare is not None else x), y.to(self.device), idx
+
+
+def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    # rank's contiguous share of n rows, every share the same size but the last
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+# ----------------------------------------------------------------------------- the two probes
+
+
+def _bank_rows(train_idx: torch.Tensor, want: int, seed: int) -> torch.Tensor:
+    """The k-NN bank's training images: all of them, or a seeded subset of ``want``, in row order."""
+    if want >= len(train_idx):
+        return train_idx
+    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1))[:want]
+    return train_idx[pick.sort().values]
+
+
+def _bank_size(pc: ProbeConfig, n_train: int, taps: Taps) -> int:
+    """``--knn-bank`` images, fewer when the bank's float16 features and labels would pass 1 GiB."""
+    per_image = sum(2 * d + 8 for d in taps.knn_dims)
+    return max(1, min(pc.knn_bank, n_train, BANK_MAX_BYTES // per_image))
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(top-1, top-5) correct among the rows of ``logits`` Tensor[B, C] (votes or scores)."""
+    top1 = int(logits.argmax(1).eq(y).sum())
+    top5 = int(logits.topk(min(5, logits.shape[1]), 1).indices.eq(y[:, None]).any(1).sum())
+    return top1, top5
+
+
+def _new_banks(taps: Taps, rows: torch.Tensor, pc: ProbeConfig, device: torch.device) -> list[KnnBank] | None:
+    return [KnnBank(len(rows), d, device) for d in taps.knn_dims] if pc.knn_k > 0 else None
+
+
+def _bank_position(n: int, rows: torch.Tensor) -> torch.Tensor:
+    # dataset row -> bank row (-1: not in the bank); n int64 (10 MB at ImageNet's n)
+    pos = torch.full((n,), -1, dtype=torch.int64)
+    pos[rows] = torch.arange(len(rows))
+    return pos
+
+
+def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: int, world: int, seed: int,
+               num_classes: int, bank_rows: torch.Tensor) -> torch.Tensor:
+    """Streamed linear heads on every tap, every rank sharing each pass. Returns the counts Tensor[taps + 1, 4]:
+    per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry."""
+    device = read.device
+    # 1. the bank's images: the standardisation statistics of every tap, and the k-NN bank
+    banks = _new_banks(taps, bank_rows, pc, device)
+    position = _bank_position(len(split.train), bank_rows)
+    stats = [FeatureStats(d, device) for d in taps.dims]
+    lo, hi = _shard(len(bank_rows), rank, world)
+    for x, y, idx in read(split.train, bank_rows[lo:hi], "k-NN bank and statistics"):
+        if x is None:
+            continue
+        for t, (probe, knn) in enumerate(taps(x)):
+            stats[t].add(probe)
+            if banks is not None:
+                banks[t].put(position[idx].to(device), knn, y)
+    for s in stats:
+        s.all_reduce()
+    if banks is not None:
+        shards = [_shard(len(bank_rows), r, world) for r in range(world)]
+        for b in banks:
+            b.finish(shards)
+    means, stds = zip(*(s.mean_std() for s in stats))
+    heads = LinearHeads(taps.dims, num_classes, list(means), list(stds)).to(device)
+    opt = heads.optimizer(pc.probe_lr, pc.probe_wd)
+    # 2. SGD. Global batches of batch_size x world images from a seeded order; rank r takes the r-th
+    # slice of each and the gradients are averaged, so the steps are those of one process with the
+    # global batch (up to the order of float sums).
+    n, per = len(split.train_idx), pc.batch_size
+    steps_per_epoch = n // (per * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the sgd probe needs at least batch_size x processes = {per * world} training "
+                         f"images, got {n}")
+    total = pc.probe_epochs * steps_per_epoch
+    if pc.max_steps > 0:
+        total = min(total, pc.max_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(pc.probe_epochs):
+        if step >= total:
+            break
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(steps_per_epoch, total - step)
+        mine = split.train_idx[order[:take * per * world]].view(take, world, per)[:, rank]
+        for x, y, _ in read(split.train, list(mine), f"sgd probe, epoch {epoch + 1}"):
+            opt.zero_grad(set_to_none=False)
+            if x is not None:
+                logits = heads([p for p, _ in taps(x)])
+                # summed over the images, over the nominal batch: an empty or short batch weighs less
+                loss = sum(F.cross_entropy(l, y, reduction="sum") for l in logits) / per
+                loss.backward()
+            heads.average_gradients(world)
+            opt.step()
+            sched.step()
+            step += 1
+        if rank == 0:
+            print(f"sgd probe: epoch {epoch + 1}, {step}/{total} steps, {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+    # 3. the test images, each rank its share, the counts summed
+    heads.eval()
+    counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
+    lo, hi = _shard(len(split.test_idx), rank, world)
+    with torch.no_grad():
+        for x, y, _ in read(split.test, split.test_idx[lo:hi], "test"):
+            if x is None:
+                continue
+            feats = taps(x)
+            for t, logits in enumerate(heads([p for p, _ in feats])):
+                counts[t, :2] += torch.tensor(_hits(logits, y))
+                if banks is not None:
+                    counts[t, 2:] += torch.tensor(_hits(banks[t].predict(feats[t][1], pc.knn_k, num_classes), y))
+            counts[-1, 0] += len(y)
+    if world > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn: bool):
+    """Every tap's features of ``rows``, held on the CPU: (per tap Tensor[N, dim], per tap
+    Tensor[N, knn_dim] or None, Tensor[N] labels, Tensor[N] dataset rows)."""
+    probe, near, labels, kept = [[] for _ in taps.heads], [[] for _ in taps.heads], [], []
+    for x, y, idx in read(dataset, rows, desc):
+        if x is None:
+            continue
+        for t, (p, k) in enumerate(taps(x)):
+            probe[t].append(p.cpu())
+            if knn:
+                near[t].append(k.to(torch.float16).cpu())
+        labels.append(y.cpu())
+        kept.append(idx)
+    if not labels:
+        raise ValueError(f"no readable image among the {len(rows)} of the {desc}")
+    return ([torch.cat(p) for p in probe], [torch.cat(k) for k in near] if knn else None, torch.cat(labels),
+            torch.cat(kept))
+
+
+def _lbfgs_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
+                 bank_rows: torch.Tensor) -> torch.Tensor:
+    """L-BFGS on held features, one process. Returns the counts as :func:`_sgd_probe`."""
+    knn = pc.knn_k > 0
+    train_x, train_k, train_y, train_rows = _hold(taps, read, split.train, split.train_idx, "features (train)", knn)
+    test_x, test_k, test_y, _ = _hold(taps, read, split.test, split.test_idx, "features (test)", knn)
+    counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
+    counts[-1, 0] = len(test_y)
+    in_bank = _bank_position(len(split.train), bank_rows)[train_rows] >= 0
+    for t in range(len(taps.heads)):
+        logits = linear_probe(train_x[t], train_y, test_x[t], test_y, num_classes, pc.probe_wd, pc.probe_iters)
+        counts[t, :2] = torch.tensor(_hits(logits, test_y))
+        if knn:
+            bank = KnnBank(int(in_bank.sum()), taps.knn_dims[t], torch.device("cpu"))
+            bank.put(torch.arange(len(bank.labels)), train_k[t][in_bank], train_y[in_bank])
+            bank.finish()
+            for q, y in zip(test_k[t].split(pc.batch_size), test_y.split(pc.batch_size)):
+                counts[t, 2:] += torch.tensor(_hits(bank.predict(q, pc.knn_k, num_classes), y))
+    return counts
+
+
+# ----------------------------------------------------------------------------- encoders, processes, report
 
 
 def _load_encoder(path: str) -> tuple[Encoder, dict]:
@@ -171,21 +375,95 @@ def _load_encoder(path: str) -> tuple[Encoder, dict]:
     return model, c
 
 
-def evaluate(ecfg: EvalConfig) -> dict:
-    """Probe a trained encoder and the requested baselines on the same layer.
+def _supervised(ecfg: EvalConfig, c: dict, data: str, arch: str, seed: int, skip_corrupt: bool,
+                device: torch.device, world: int) -> Encoder:
+    """The supervised baseline: ``--supervised-checkpoint``, or trained here (a child run, one process)."""
+    pc = ecfg.probe
+    if pc.supervised_checkpoint:
+        model, sc = _load_encoder(pc.supervised_checkpoint)
+        if sc.get("objective") != "supervised":
+            raise ValueError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('objective')!r} run, "
+                             "expected a nat-train --objective supervised run")
+        if sc.get("arch") != arch:
+            raise ValueError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('arch')} run, "
+                             f"the evaluated encoder is a {arch}")
+        return model
+    if world > 1:
+        raise ValueError("the supervised baseline is trained by one process: under torchrun give it as "
+                         "--supervised-checkpoint (a nat-train --objective supervised run)")
+    out = os.path.join(os.path.dirname(ecfg.out or ecfg.checkpoint or "runs/x") or ".", "supervised")
+    run = dict(c, data=data, arch=arch, seed=seed, skip_corrupt=skip_corrupt)
+    path = train_supervised(supervised_config(run, out=out, epochs=pc.supervised_epochs, device=str(device),
+                                              workers=max(ecfg.workers, 0)))
+    return _load_encoder(path)[0]
+
+
+def _processes(device_setting: str) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world, whether this call started the process group): joins torchrun's group
+    when launched by it (nat-eval), or uses the group already there (nat-train's ranks)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto"
+                          else device_setting)
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    if not dist.is_initialized():
+        return device, 0, 1, False
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size(), started
+
+
+def _table(results: list[dict], key: str, title: str) -> str:
+    layers = list(dict.fromkeys(r["layer"] for r in results if r["layer"] != "pixels"))
+    if any(r["layer"] == "pixels" for r in results):
+        layers.append("pixels")
+    names = list(dict.fromkeys(r["encoder"] for r in results))
+    cell = {(r["encoder"], r["layer"]): r.get(key) for r in results}
+    lines = [title, f"{'encoder':12s}" + "".join(f"{l:>9s}" for l in layers)]
+    for name in names:
+        row = [cell.get((name, l)) for l in layers]
+        lines.append(f"{name:12s}" + "".join(f"{100 * v:9.2f}" if v is not None else f"{'-':>9s}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate(ecfg: EvalConfig) -> dict | None:
+    """Probe a trained encoder and the requested baselines on the chosen layers.
+
+    Under ``torchrun`` (or called by every rank of a training run, its process group still up),
+    ``--probe-method sgd`` shares every pass among the ranks; the L-BFGS probe runs on rank 0 alone
+    (the other ranks return None at once).
 
     Args:
         ecfg: settings; see :class:`EvalConfig`.
 
     Returns:
-        dict: ``results`` (list of per-encoder dicts with ``linear_top1`` and
-        ``knn_top1``) and ``config``. Also written to ``ecfg.out`` if set.
+        On rank 0, dict: ``results`` (one dict per (encoder, layer) with ``linear_top1``, ``knn_top1``,
+        with 100 classes or more ``linear_top5`` and ``knn_top5``) and ``config``; also written to
+        ``ecfg.out`` if set. None on the other ranks.
     """
-    wanted = [b for b in ecfg.probe.baselines.split(",") if b]
+    pc = ecfg.probe
+    wanted = [b for b in pc.baselines.split(",") if b]
     unknown = [b for b in wanted if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if ecfg.device == "auto" else ecfg.device)
+    for name in ("knn_k", "probe_epochs", "max_steps", "limit"):
+        if getattr(pc, name) < 0:
+            raise ValueError(f"{name} should be >= 0, got {getattr(pc, name)}")
+    for name in ("knn_bank", "batch_size"):
+        if getattr(pc, name) < 1:
+            raise ValueError(f"{name} should be >= 1, got {getattr(pc, name)}")
+    device, rank, world, started = _processes(ecfg.device)
+    try:
+        return _evaluate(ecfg, wanted, device, rank, world)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int, world: int) -> dict | None:
+    pc, master, t0 = ecfg.probe, rank == 0, time.perf_counter()
     trained, c = None, {}
     if ecfg.checkpoint:
         trained, c = _load_encoder(ecfg.checkpoint)
@@ -195,31 +473,79 @@ def evaluate(ecfg: EvalConfig) -> dict:
     seed = ecfg.seed if ecfg.seed >= 0 else c.get("seed", 0)
     if not (data and arch and dim):
         raise ValueError("checkpoint is empty: give data, arch and dim for a baselines-only evaluation")
-    layer = ecfg.probe.layer or default_layer(arch)
     skip_corrupt = ecfg.skip_corrupt or c.get("skip_corrupt", False)
-    train_ds, test_ds, info = _splits(data, ecfg.probe.limit, seed, c.get("image_size", 224), skip_corrupt)
+    image_size = c.get("image_size", 224)
+    split = _splits(pc, data, seed, image_size, skip_corrupt, device)
+    info = split.info
+    n_train = len(split.train_idx)
+    method = pc.probe_method if pc.probe_method != "auto" else ("lbfgs" if n_train <= LBFGS_MAX_IMAGES else "sgd")
+    if method == "lbfgs" and not master:
+        return None  # held features and L-BFGS: rank 0 alone
     sobel = c.get("sobel", False)
-    results = []
+    encoders = []
+    any_model = trained
     if trained is not None:
         name = c["objective"] if c["objective"] == "supervised" else (
             "nat" if c["reassign_every"] > 0 else "nat-frozen")
-        results.append(_score(trained, name, layer, ecfg, device, train_ds, test_ds, info.num_classes, seed))
+        encoders.append(Probed(name, trained, []))
     if "random" in wanted:
         torch.manual_seed(seed)
         rnd = build_model(arch, dim, info.in_channels, sobel=sobel, small_input=info.small_input)
-        results.append(_score(rnd, "random", layer, ecfg, device, train_ds, test_ds, info.num_classes, seed))
-    if "pixels" in wanted:
-        any_model = trained or build_model(arch, dim, info.in_channels, small_input=info.small_input)
-        results.append(_score(any_model, "pixels", "pixels", ecfg, device, train_ds, test_ds,
-                              info.num_classes, seed))
+        encoders.append(Probed("random", rnd, []))
+        any_model = any_model or rnd
     if "supervised" in wanted:
-        out = os.path.join(os.path.dirname(ecfg.out or ecfg.checkpoint or "runs/x") or ".", "supervised")
-        run = dict(c, data=data, arch=arch, seed=seed, skip_corrupt=skip_corrupt)
-        sup, _ = _load_encoder(train_supervised(supervised_config(
-            run, out=out, epochs=ecfg.probe.supervised_epochs, device=str(device), workers=ecfg.workers)))
-        results.append(_score(sup, "supervised", layer, ecfg, device, train_ds, test_ds, info.num_classes, seed))
-    report = {"results": results, "config": dict(dataclasses.asdict(ecfg), layer=layer, data=data, arch=arch,
-                                                 dim=dim, seed=seed)}
+        encoders.append(Probed("supervised", _supervised(ecfg, c, data, arch, seed, skip_corrupt, device, world), []))
+    any_model = any_model or build_model(arch, dim, info.in_channels, small_input=info.small_input)
+    layers = probe_layers(pc.layer, arch, list(any_model.stages))
+    for e in encoders:
+        e.layers = layers
+    if "pixels" in wanted:
+        if info.image_size > PIXELS_MAX_SIZE:
+            if master:
+                print(f"pixels baseline skipped: inputs are {info.image_size} px, more than {PIXELS_MAX_SIZE}",
+                      flush=True)
+        else:
+            encoders.append(Probed("pixels", None, []))
+    if not encoders:
+        raise ValueError("nothing to evaluate: give a checkpoint or baselines")
+    in_shape = (info.in_channels, info.image_size, info.image_size)
+    taps = Taps(encoders, in_shape, info.small_input, pc.grid, device)
+    read = _Reader(info, pc.batch_size, device, ecfg.workers)
+    bank_rows = _bank_rows(split.train_idx, _bank_size(pc, n_train, taps), seed)
+    if master:
+        bank_mb = len(bank_rows) * sum(2 * d + 8 for d in taps.knn_dims) / 2 ** 20
+        print(f"{method} probe of {len(taps.heads)} (encoder, layer) pairs on {n_train} training images, "
+              f"{world} process(es); k-NN bank {len(bank_rows)} images ({bank_mb:.0f} MiB)", flush=True)
+    if method == "sgd":
+        counts = _sgd_probe(taps, split, pc, read, rank, world, seed, info.num_classes, bank_rows)
+    else:
+        counts = _lbfgs_probe(taps, split, pc, read, info.num_classes, bank_rows)
+    if not master:
+        return None
+    n_test = int(counts[-1, 0])
+    results = []
+    for t, (name, layer, grid) in enumerate(taps.heads):
+        r = {"encoder": name, "layer": layer, "grid": grid, "feature_dim": taps.dims[t],
+             "linear_top1": int(counts[t, 0]) / max(n_test, 1),
+             "knn_top1": int(counts[t, 2]) / max(n_test, 1) if pc.knn_k > 0 else None,
+             "n_train": n_train, "n_test": n_test, "method": method, "knn_bank": len(bank_rows)}
+        if info.num_classes >= 100:
+            r["linear_top5"] = int(counts[t, 1]) / max(n_test, 1)
+            r["knn_top5"] = int(counts[t, 3]) / max(n_test, 1) if pc.knn_k > 0 else None
+        results.append(r)
+        knn = f"  kNN {100 * r['knn_top1']:5.2f}%" if pc.knn_k > 0 else ""
+        print(f"{name:>12s}  {layer:>7s}  dim {taps.dims[t]:5d}  linear {100 * r['linear_top1']:5.2f}%{knn}",
+              flush=True)
+    seconds = time.perf_counter() - t0
+    print(_table(results, "linear_top1", f"linear top-1 (%), {method} probe, {n_train} training / {n_test} test "
+                                         f"images, {seconds:.0f} s"), flush=True)
+    if pc.knn_k > 0:
+        print(_table(results, "knn_top1", f"k-NN (k = {pc.knn_k}) top-1 (%), bank of {len(bank_rows)}"), flush=True)
+    if info.num_classes >= 100:
+        print(_table(results, "linear_top5", "linear top-5 (%)"), flush=True)
+    report = {"results": results, "seconds": seconds,
+              "config": dict(dataclasses.asdict(ecfg), layers=layers, method=method, data=data, arch=arch,
+                             dim=dim, seed=seed, world_size=world)}
     if ecfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(ecfg.out)), exist_ok=True)
         with open(ecfg.out, "w") as f:
@@ -229,7 +555,7 @@ def evaluate(ecfg: EvalConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nat-eval``. Returns the exit status."""
-    evaluate(parse_config(EvalConfig, argv, "nat-eval", "Linear probe and k-NN of a frozen encoder."))
+    evaluate(parse_config(EvalConfig, argv, "nat-eval", "Linear probes and k-NN of a frozen encoder's layers."))
     return 0
 
 

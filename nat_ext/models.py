@@ -11,14 +11,20 @@ Architectures (``build_model(arch, ...)``):
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-__all__ = ["ARCHS", "Sobel", "Encoder", "build_model"]
+__all__ = ["ARCHS", "CONV_STAGES", "Sobel", "Encoder", "build_model"]
 
 ARCHS = ("convnet", "alexnet", "resnet18", "resnet34", "resnet50")
+# The convolutional stages of each architecture, in order: what ``--layer all`` probes.
+CONV_STAGES = {"convnet": ("conv1", "conv2", "conv3", "conv4"),
+               "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+               **{a: ("layer1", "layer2", "layer3", "layer4") for a in ("resnet18", "resnet34", "resnet50")}}
 
 
 class Sobel(nn.Module):
@@ -113,31 +119,51 @@ class Encoder(nn.Module):
         return F.normalize(x.float(), dim=1) if self.normalize else x
 
     @torch.no_grad()
+    def stage_outputs(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs of several stages from one forward pass (it stops after the last one asked for).
+
+        Args:
+            x: Tensor[B, C, H, W] images.
+            layers: stage names (see ``self.stages``).
+
+        Returns:
+            {layer: Tensor[B, C', H', W'] (or Tensor[B, F] for the fully connected stages)}.
+        """
+        unknown = [l for l in layers if l not in self.stages]
+        if unknown:
+            raise ValueError(f"layer should be one of {list(self.stages)}, got {unknown[0]!r}")
+        wanted, out = set(layers), {}
+        if self.sobel is not None:
+            x = self.sobel(x)
+        for name, stage in self.stages.items():
+            if len(out) == len(wanted):
+                break
+            x = stage(x)
+            if name in wanted:
+                out[name] = x
+        return out
+
+    @torch.no_grad()
     def features(self, x: torch.Tensor, layer: str, grid: int = 2) -> torch.Tensor:
         """Frozen features for probing.
 
         Args:
             x: Tensor[B, C, H, W] images.
             layer: name of the stage whose output is read (e.g. ``conv4``), or
-                ``pixels`` for the (pooled) input itself.
-            grid: feature maps are average-pooled to ``grid x grid`` cells.
+                ``pixels`` for the input itself.
+            grid: feature maps are average-pooled to ``grid x grid`` cells (not the pixels).
 
         Returns:
             Tensor[B, F] float32 features.
         """
-        if layer != "pixels" and layer not in self.stages:
+        if layer == "pixels":
+            return x.flatten(1).float()
+        if layer not in self.stages:
             raise ValueError(f"layer should be 'pixels' or one of {list(self.stages)}, got {layer!r}")
-        if layer != "pixels":
-            if self.sobel is not None:
-                x = self.sobel(x)
-            for name, stage in self.stages.items():
-                x = stage(x)
-                if name == layer:
-                    break
-        if x.dim() == 4 and layer != "pixels":
+        x = self.stage_outputs(x, [layer])[layer]
+        if x.dim() == 4:
             x = F.adaptive_avg_pool2d(x, grid)
         return x.flatten(1).float()
-
 
 def build_model(arch: str, dim: int, in_channels: int = 1, sobel: bool = False,
                 small_input: bool = True, normalize: bool = True) -> Encoder:

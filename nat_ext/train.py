@@ -149,6 +149,7 @@ def train(cfg: Config) -> dict:
     def max_steps_reached() -> bool:
         return cfg.max_steps > 0 and global_step >= cfg.max_steps
 
+    finished = False  # the loop ran to its end: the process group stays up for the evaluation
     try:
         if max_steps_reached():
             return stopped(f"--max-steps {cfg.max_steps} reached before this run", 0, ckpt_path, at["epoch"],
@@ -262,19 +263,24 @@ def train(cfg: Config) -> dict:
             if max_steps_reached() and epoch + 1 < cfg.epochs:
                 return stopped(f"--max-steps {cfg.max_steps} reached", 0, ckpt_path, epoch + 1, 0, assignment,
                                train_seconds, master)
+        finished = True
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if writer is not None:
             writer.close()
-        if world > 1:
+        if world > 1 and not (finished and cfg.eval):
             dist.destroy_process_group()
 
-    # evaluate (rank 0)
+    # evaluate: every rank shares the sgd probe; the L-BFGS probe is rank 0's (the others return None)
     result = None
-    if cfg.eval and master:
-        result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
-                                     workers=max(cfg.workers, 0), out=os.path.join(cfg.out, "eval.json")))
+    if cfg.eval:
+        try:
+            result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
+                                         workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
 

@@ -152,7 +152,8 @@ def test_image_folder_with_a_corrupt_file(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert rows[0]["skipped"] == 1  # 21 files, 3 batches of 7: the bad file is always seen
     report = json.load(open(os.path.join(out, "eval.json")))
-    assert [(r["n_train"], r["n_test"]) for r in report["results"]] == [(16, 4)] * 2  # no val folder: 80/20 of 20
+    # no val folder: the 21 files split 80/20 (16 training rows, the unreadable one among them, and 5 test images)
+    assert [(r["n_train"], r["n_test"]) for r in report["results"]] == [(16, 5)] * 2
 
 
 def test_redirected_output_has_lines_not_bars(tmp_path):
