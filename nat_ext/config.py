@@ -73,7 +73,8 @@ class ProbeConfig:
                                         "batches, any n, every rank sharing the work), auto (lbfgs up to "
                                         "100,000 training images, else sgd)", choices=PROBE_METHODS)
     probe_epochs: int = setting(10, "sgd probe: epochs over the training images")
-    probe_lr: float = setting(0.1, "sgd probe: learning rate (cosine to 0), for the global batch")
+    probe_lr: float = setting(0.5, "sgd probe: learning rate of a head on 256 features (a head on F features "
+                                   "takes lr x 256 / F), cosine to 0, for the global batch")
     max_steps: int = setting(0, "sgd probe: stop after this many probe steps in all (0: every epoch)")
     knn_k: int = setting(20, "neighbours of the k-NN classifier (0: no k-NN)")
     knn_bank: int = setting(100_000, "k-NN bank: at most this many training images (a seeded subset; all when "

@@ -217,21 +217,23 @@ def test_flat_val_folder(tmp_path):
 
 def _eval_random(method, limit=4000, **kw):
     probe = ProbeConfig(baselines="random", limit=limit, probe_method=method, layer="conv2,conv4", **kw)
-    return {r["layer"]: r for r in nat_eval.evaluate(EvalConfig(data="fashion-mnist", arch="convnet", dim=16,
-                                                                 device="cpu", workers=0, seed=0,
-                                                                 probe=probe))["results"]}
+    report = nat_eval.evaluate(EvalConfig(data="fashion-mnist", arch="convnet", dim=16, device="cpu", workers=0,
+                                          seed=0, probe=probe))
+    return {r["layer"]: r for r in report["results"]} if report is not None else None  # None: rank > 0
 
 
 @needs_fmnist
 def test_sgd_and_lbfgs_probes_agree_on_fashion_mnist():
-    # A random-init convnet's conv2 and conv4 on 4,000 training / 4,000 test images. The full-data
-    # comparison (every layer, 60,000 images) is in docs/training.md.
-    lbfgs = _eval_random("lbfgs")
-    sgd = _eval_random("sgd", batch_size=256, probe_epochs=20)
+    # A random-init convnet's conv2 and conv4 on 4,000 training / 4,000 test images, with an L2
+    # penalty strong enough that both reach the one optimum of the (strongly convex) problem: with the
+    # default 1e-4, L-BFGS's near-exact fit of 4,000 images overfits where 20 epochs of SGD stop early
+    # (conv4: 78.9% against 81.8%). The full-data comparison at the defaults is in docs/training.md.
+    lbfgs = _eval_random("lbfgs", probe_wd=1e-2)
+    sgd = _eval_random("sgd", probe_wd=1e-2, batch_size=256, probe_epochs=20)
     for layer in ("conv2", "conv4"):
         a, b = lbfgs[layer], sgd[layer]
         assert a["method"] == "lbfgs" and b["method"] == "sgd"
-        assert abs(a["linear_top1"] - b["linear_top1"]) < 0.02, (layer, a, b)
+        assert abs(a["linear_top1"] - b["linear_top1"]) <= 0.005, (layer, a, b)
         assert a["knn_top1"] == b["knn_top1"], (layer, a, b)  # the same bank, the same queries
 
 
