@@ -268,3 +268,71 @@ def test_two_gloo_processes_agree_with_one():
         assert two[layer]["n_test"] == one[layer]["n_test"] == 2048
         assert abs(two[layer]["linear_top1"] - one[layer]["linear_top1"]) <= 0.002, (layer, one, two)
         assert abs(two[layer]["knn_top1"] - one[layer]["knn_top1"]) <= 0.002, (layer, one, two)
+
+
+def test_synthetic_imagenet_shape_skips_pixels_and_reports_top5(capsys):
+    # 1000 classes at 224 px: no pixel baseline (it says so), top-5 beside top-1, the sgd probe by name
+    rep = nat_eval.evaluate(EvalConfig(data="synthetic:600", arch="convnet", dim=8, device="cpu", workers=0,
+                                       probe=ProbeConfig(baselines="random,pixels", layer="conv1,conv4",
+                                                         probe_method="sgd", batch_size=64, probe_epochs=1)))
+    assert "pixels baseline skipped: inputs are 224 px" in capsys.readouterr().out
+    assert [(r["encoder"], r["layer"]) for r in rep["results"]] == [("random", "conv1"), ("random", "conv4")]
+    for r in rep["results"]:
+        assert r["n_train"] == 600 and r["n_test"] == 24 and r["method"] == "sgd"
+        assert 0 <= r["linear_top1"] <= r["linear_top5"] <= 1 and 0 <= r["knn_top1"] <= r["knn_top5"] <= 1
+
+
+@needs_fmnist
+def test_supervised_checkpoint_is_the_supervised_row(tmp_path):
+    from nat_ext import train as nat_train
+    tiny = ["--limit", "256", "--batch-size", "64", "--epochs", "1", "--no-eval"]
+    assert nat_train.main(tiny + ["--objective", "supervised", "--out", str(tmp_path / "sup")]) == 0
+    assert nat_train.main(tiny + ["--dim", "16", "--out", str(tmp_path / "nat")]) == 0
+    sup, nat = str(tmp_path / "sup" / "checkpoint.pt"), str(tmp_path / "nat" / "checkpoint.pt")
+    rep = nat_eval.evaluate(EvalConfig(checkpoint=nat, device="cpu", workers=0,
+                                       probe=ProbeConfig(baselines="supervised", supervised_checkpoint=sup,
+                                                         limit=300)))
+    assert [r["encoder"] for r in rep["results"]] == ["nat", "supervised"]
+    # the row is that checkpoint's encoder: the same figures as evaluating it directly
+    direct = nat_eval.evaluate(EvalConfig(checkpoint=sup, device="cpu", workers=0,
+                                          probe=ProbeConfig(baselines="", limit=300)))
+    assert rep["results"][1]["linear_top1"] == direct["results"][0]["linear_top1"]
+    with pytest.raises(ValueError, match="is a 'nat' run, expected a nat-train --objective supervised run"):
+        nat_eval.evaluate(EvalConfig(checkpoint=nat, device="cpu", workers=0,
+                                     probe=ProbeConfig(baselines="supervised", supervised_checkpoint=nat, limit=300)))
+
+
+def _train_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from nat_ext.train import Config, train
+    cfg = Config(limit=512, batch_size=64, dim=16, epochs=1, device="cpu", out=out, seed=3,
+                 probe=ProbeConfig(layer="all", probe_method="sgd", baselines="random", limit=512, batch_size=64,
+                                   probe_epochs=2))
+    res = train(cfg)
+    assert (res["eval"] is not None) == (rank == 0)
+
+
+@needs_fmnist
+def test_training_ranks_share_the_sgd_probe(tmp_path):
+    # nat-train under 2 gloo processes: the probe at the end runs on both ranks before they leave
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_train_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 240
+    try:
+        while not ctx.join(timeout=1):
+            if time.time() > deadline:
+                raise AssertionError("the distributed run did not finish in 240 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    rep = json.load(open(tmp_path / "eval.json"))
+    assert rep["config"]["world_size"] == 2 and rep["config"]["method"] == "sgd"
+    assert [(r["encoder"], r["layer"]) for r in rep["results"]] == \
+        [(e, l) for e in ("nat", "random") for l in ("conv1", "conv2", "conv3", "conv4")]
+    assert all(r["linear_top1"] > 0.3 for r in rep["results"]), rep["results"]
