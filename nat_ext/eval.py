@@ -191,8 +191,12 @@ class _Reader:
         ``rows`` in batches of ``batch_size`` (or for the given list of batches); images skipped as
         unreadable are left out, a batch of only those gives empty tensors."""
         batches = rows if isinstance(rows, list) else list(rows.split(self.batch_size))
+        # Workers come from a fork server, not forked from this process: a fork would map the k-NN
+        # bank and the models into every worker (shared pages, but counted in each one's RSS).
+        extra = dict(multiprocessing_context="forkserver") if self.workers > 0 else {}
         loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches if len(b)],
-                            num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
+                            num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+                            **extra)
         for x, y, idx, _ in progress(loader, desc=desc):
             if not len(y):
                 yield None, y, idx
@@ -499,6 +503,7 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     layers = probe_layers(pc.layer, arch, list(any_model.stages))
     for e in encoders:
         e.layers = layers
+        e.model.keep_until(layers[-1])  # the deeper stages and the head never run
     if "pixels" in wanted:
         if info.image_size > PIXELS_MAX_SIZE:
             if master:

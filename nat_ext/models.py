@@ -118,6 +118,18 @@ class Encoder(nn.Module):
         x = self.head(x)
         return F.normalize(x.float(), dim=1) if self.normalize else x
 
+    def keep_until(self, layer: str) -> "Encoder":
+        """Drop the stages after ``layer`` and the head, in place (returns self): a probe of frozen
+        features never runs them. AlexNet's fc6, fc7 and head hold 80% of its weights (218 MB of
+        267 MB at d = 2048), which the evaluation then does not keep for each encoder."""
+        names = list(self.stages)
+        if layer not in names:
+            raise ValueError(f"layer should be one of {names}, got {layer!r}")
+        for name in names[names.index(layer) + 1:]:
+            del self.stages[name]
+        self.head = nn.Identity()
+        return self
+
     @torch.no_grad()
     def stage_outputs(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """The outputs of several stages from one forward pass (it stops after the last one asked for).

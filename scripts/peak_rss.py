@@ -6,14 +6,16 @@ to the command (parent links read from ``/proc/<pid>/stat``, so DataLoader worke
 ranks and their workers all count) and sums their resident set sizes (``VmRSS`` of
 ``/proc/<pid>/status``). The peak of that sum is reported, with the wall time and the exit status.
 Pages shared between processes (for instance forked workers' copy-on-write pages) count once per
-process, so the sum is an upper bound on the physical memory used. A spike shorter than the
-interval can be missed.
+process, so the sum is an upper bound on the physical memory used. The script also sums the
+proportional set sizes (``Pss`` of ``/proc/<pid>/smaps_rollup``: each shared page divided among
+the processes that map it), the tree's physical memory without that double count, and reports its
+peak too. A spike shorter than the interval can be missed.
 
 Usage:
     python scripts/peak_rss.py [--json OUT.json] [--interval S] -- COMMAND ARGS...
 
-Prints one line ``peak_tree_rss_mb=... wall_s=... rc=... max_procs=...`` on stderr and exits with
-the command's status.
+Prints one line ``peak_tree_rss_mb=... peak_tree_pss_mb=... wall_s=... rc=... max_procs=...`` on
+stderr and exits with the command's status.
 """
 from __future__ import annotations
 
@@ -52,16 +54,28 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def tree_rss_kb(root: int) -> tuple[int, int]:
-    """(sum of VmRSS in kB, number of processes) over ``root`` and all its descendants."""
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_kb(root: int) -> tuple[int, int, int]:
+    """(sum of VmRSS in kB, sum of Pss in kB, number of processes) over ``root`` and all its descendants."""
     kids = _children_map()
-    todo, total, count = [root], 0, 0
+    todo, total, pss, count = [root], 0, 0, 0
     while todo:
         pid = todo.pop()
         total += _rss_kb(pid)
+        pss += _pss_kb(pid)
         count += 1
         todo.extend(kids.get(pid, []))
-    return total, count
+    return total, pss, count
 
 
 def main() -> int:
@@ -75,17 +89,20 @@ def main() -> int:
         p.error("give the command after --")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    peak, peak_procs, at = 0, 0, 0.0
+    peak, peak_pss, peak_procs, at = 0, 0, 0, 0.0
     while proc.poll() is None:
-        kb, count = tree_rss_kb(proc.pid)
+        kb, pss, count = tree_rss_kb(proc.pid)
         if kb > peak:
             peak, at = kb, time.perf_counter() - t0
+        peak_pss = max(peak_pss, pss)
         peak_procs = max(peak_procs, count)
         time.sleep(args.interval)
     wall = time.perf_counter() - t0
     res = {"command": cmd, "peak_tree_rss_mb": round(peak / 1024, 1), "peak_at_s": round(at, 1),
+           "peak_tree_pss_mb": round(peak_pss / 1024, 1),
            "wall_s": round(wall, 1), "rc": proc.returncode, "max_procs": peak_procs, "interval_s": args.interval}
-    print(f"peak_tree_rss_mb={res['peak_tree_rss_mb']} (at {res['peak_at_s']} s) wall_s={res['wall_s']} "
+    print(f"peak_tree_rss_mb={res['peak_tree_rss_mb']} (at {res['peak_at_s']} s) "
+          f"peak_tree_pss_mb={res['peak_tree_pss_mb']} wall_s={res['wall_s']} "
           f"rc={res['rc']} max_procs={peak_procs}", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
