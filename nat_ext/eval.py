@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
-from .config import EvalConfig, ProbeConfig, parse_config, progress
+from .config import EvalConfig, ProbeConfig, check_choices, parse_config, progress
 from .data import DataInfo, collate, default_workers, get_dataset
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
@@ -447,15 +447,16 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
         with 100 classes or more ``linear_top5`` and ``knn_top5``) and ``config``; also written to
         ``ecfg.out`` if set. None on the other ranks.
     """
+    check_choices(ecfg)
     pc = ecfg.probe
     wanted = [b for b in pc.baselines.split(",") if b]
     unknown = [b for b in wanted if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
-    for name in ("knn_k", "probe_epochs", "max_steps", "limit"):
+    for name in ("knn_k", "max_steps", "limit"):
         if getattr(pc, name) < 0:
             raise ValueError(f"{name} should be >= 0, got {getattr(pc, name)}")
-    for name in ("knn_bank", "batch_size"):
+    for name in ("knn_bank", "batch_size", "probe_epochs"):
         if getattr(pc, name) < 1:
             raise ValueError(f"{name} should be >= 1, got {getattr(pc, name)}")
     device, rank, world, started = _processes(ecfg.device)

@@ -336,3 +336,16 @@ def test_training_ranks_share_the_sgd_probe(tmp_path):
     assert [(r["encoder"], r["layer"]) for r in rep["results"]] == \
         [(e, l) for e in ("nat", "random") for l in ("conv1", "conv2", "conv3", "conv4")]
     assert all(r["linear_top1"] > 0.3 for r in rep["results"]), rep["results"]
+
+
+@pytest.mark.parametrize("probe, message", [
+    (dict(knn_bank=0), "knn_bank should be >= 1, got 0"),
+    (dict(probe_epochs=0), "probe_epochs should be >= 1, got 0"),
+    (dict(knn_k=-1), "knn_k should be >= 0, got -1"),
+    (dict(baselines="random,noise"), r"baselines should be among .* got \['noise'\]"),
+    (dict(probe_method="adam"), r"probe_method should be one of \('auto', 'lbfgs', 'sgd'\), got 'adam'"),
+])
+def test_bad_settings_are_named(probe, message):
+    with pytest.raises(ValueError, match=message):
+        nat_eval.evaluate(EvalConfig(data="synthetic:50", arch="convnet", dim=8, device="cpu",
+                                     probe=ProbeConfig(**probe)))
