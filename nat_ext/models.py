@@ -112,6 +112,26 @@ class Encoder(nn.Module):
         x = self.head(x)
         return F.normalize(x.float(), dim=1) if self.normalize else x
 
+    def trunk(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """The output of stage ``layer`` (the Sobel front end and the stages up to it; with gradients).
+
+        Args:
+            x: Tensor[B, C, H, W] images.
+            layer: a stage name.
+
+        Returns:
+            that stage's output, e.g. Tensor[B, 64, 7, 7] for ``convnet``'s ``conv4`` on 28x28 inputs.
+        """
+        if layer not in self.stages:
+            raise ValueError(f"layer should be one of {list(self.stages)}, got {layer!r}")
+        if self.sobel is not None:
+            x = self.sobel(x)
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name == layer:
+                break
+        return x
+
     @torch.no_grad()
     def features(self, x: torch.Tensor, layer: str, grid: int = 2) -> torch.Tensor:
         """Frozen features for probing.
@@ -128,12 +148,7 @@ class Encoder(nn.Module):
         if layer != "pixels" and layer not in self.stages:
             raise ValueError(f"layer should be 'pixels' or one of {list(self.stages)}, got {layer!r}")
         if layer != "pixels":
-            if self.sobel is not None:
-                x = self.sobel(x)
-            for name, stage in self.stages.items():
-                x = stage(x)
-                if name == layer:
-                    break
+            x = self.trunk(x, layer)
         if x.dim() == 4 and layer != "pixels":
             x = F.adaptive_avg_pool2d(x, grid)
         return x.flatten(1).float()
