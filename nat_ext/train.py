@@ -225,8 +225,7 @@ def train(cfg: Config) -> dict:
                         if out_local is not None:
                             held = targets.rows(assignment.targets_of(idx))
                             pairs += [(v, held) for v in out_local.chunk(n_local)]
-                        loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in pairs)
-                        loss = loss / len(pairs)
+                        loss = nat_loss(pairs)
                     else:
                         loss = F.cross_entropy(out.float(), y)
                     # auxiliary terms (issue 19), weighted; not computed at weight 0
@@ -314,6 +313,19 @@ def train(cfg: Config) -> dict:
                                      workers=max(cfg.workers, 0), out=os.path.join(cfg.out, "eval.json")))
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
+
+
+def nat_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """NAT's loss: the batch mean of ``||f_i - t_i||^2``, averaged over the pairs.
+
+    Args:
+        pairs: (Tensor[b, d] outputs, Tensor[b, d] their targets), one pair per global view and local crop.
+
+    Returns:
+        Tensor[] float32.
+    """
+    loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in pairs)
+    return loss / len(pairs)
 
 
 # ----------------------------------------------------------------------------- the epoch end
