@@ -2,13 +2,10 @@
 import json
 import math
 import os
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from conftest import init_rank, run_processes
 from nat_ext import auxiliary
 from nat_ext import eval as nat_eval
 from nat_ext import train as nat_train
@@ -214,20 +211,7 @@ def test_multi_crop_runs_on_synthetic_folder_style_data(tmp_path):
 def test_two_gloo_processes_keep_encoder_and_head_in_sync(tmp_path):
     # every rank's head and encoder parameters must end equal: DDP all-reduces the gradients of both
     # (the head is inside AuxNet, which DDP wraps); outside it the heads would drift apart
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_worker_save, args=(2, port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 150
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                raise AssertionError("distributed run did not finish in 150 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_processes(_worker_save, str(tmp_path))
     w0 = torch.load(tmp_path / "weights0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "weights1.pt", weights_only=True)
     assert w0.keys() == w1.keys() and any(k.startswith("aux.") for k in w0)
@@ -239,9 +223,7 @@ def test_two_gloo_processes_keep_encoder_and_head_in_sync(tmp_path):
 
 
 def _worker_save(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    init_rank(rank, world, port)
     heads = []
     real = nat_train.RotationHead
 
