@@ -2,7 +2,7 @@
 multi-crop's small local crops. Each is an option of ``nat-train`` whose default (weight 0, no local
 crop) builds nothing and computes nothing, so a run with the defaults is the paper's NAT bit for bit.
 
-* ``--rotation-loss W`` (MMDC, Bojanowski-Joulin's NAT plus RotNet's pretext task): a copy of (a
+* ``--rotation-loss W`` (as MMDC adds rotation prediction to noise-as-targets alignment): a copy of (a
   fraction of) each batch's first view, image ``i`` rotated by ``(i mod 4) x 90`` degrees, is passed
   through the encoder up to its last convolutional stage, globally average-pooled, and a linear
   :class:`RotationHead` predicts the rotation; its cross-entropy, weighted by ``W``, is added to the loss.
@@ -29,7 +29,7 @@ from .config import Config
 from .data import batch_augment
 from .models import Encoder
 
-__all__ = ["LOCAL_SIDE", "LOCAL_SCALE", "parse_crops", "resolve_crops", "check_aux", "local_side",
+__all__ = ["LOCAL_SIDE", "LOCAL_SCALE", "parse_crops", "resolve_crops", "local_count", "check_aux", "local_side",
            "local_crops", "rotate_batch", "koleo_loss", "stage_width", "RotationHead", "AuxNet"]
 
 LOCAL_SIDE = 96 / 224  # a local crop's side over a global crop's (SwAV)

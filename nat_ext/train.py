@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .auxiliary import AuxNet, RotationHead, koleo_loss, local_count, local_crops, resolve_crops, rotate_batch, stage_width
+from .auxiliary import (AuxNet, RotationHead, koleo_loss, local_count, local_crops, resolve_crops, rotate_batch,
+                        stage_width)
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
 from .config import Config, EvalConfig, check_choices, parse_config, progress
