@@ -130,6 +130,21 @@ class Config:
                             "solved on each view's features and the loss taken on the other view (both ways, "
                             "averaged), and the held permutation follows the solve on both views' summed scores",
                          choices=(1, 2))
+    rotation_loss: float = setting(0.0, "weight W of a rotation-prediction loss (MMDC): a copy of each batch's "
+                                        "first view, image i rotated by (i mod 4) x 90 degrees, goes through the "
+                                        "encoder to its last conv stage, globally pooled, and a linear 4-way head "
+                                        "predicts the rotation; W x its cross-entropy is added to the loss. The "
+                                        "head is saved under the checkpoint's 'aux' key (0: no head, nothing "
+                                        "computed)")
+    rotation_fraction: float = setting(1.0, "--rotation-loss: share of each batch whose rotated copy is made, in "
+                                            "(0, 1]")
+    koleo: float = setting(0.0, "weight W of the KoLeo regulariser (DINOv2): -mean_i log(min_j ||f_i - f_j||) over "
+                                "each view's normalised outputs, per process (0: not computed)")
+    crops: str = setting("", "G,L: G global views (as --views G) and L local crops per image, side "
+                             "round(0.43 x the global side) (SwAV's 96/224; 12 px on Fashion-MNIST), cropped on "
+                             "the device; local crops regress to the targets the global views' alignment leaves "
+                             "their image holding and never reassign. '' means --views V, 0 local crops; --crops "
+                             "wins over the default --views 1, another --views is refused")
     track_objective: bool = setting(False, "after each reassigning epoch, extract the whole training set "
                                            "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
                                            "metrics.jsonl as objective_end (not counted in the epoch's time; "

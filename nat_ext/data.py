@@ -555,7 +555,7 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
 
 def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
                   scale: tuple[float, float] = (0.5, 1.0),
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3), size: int | None = None) -> torch.Tensor:
     """Per-sample random resized crop and horizontal flip of a batch, in one
     ``grid_sample`` call (no per-image Python work; runs on the batch's device).
 
@@ -564,9 +564,10 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
         generator: random generator on ``x.device`` (for reproducible runs).
         scale: range of the crop area as a fraction of the image.
         ratio: range of the crop aspect ratio.
+        size: side of the output crops (None: the input's H x W).
 
     Returns:
-        Tensor[B, C, H, W] augmented images.
+        Tensor[B, C, H, W] augmented images (Tensor[B, C, size, size] with ``size``).
     """
     b = x.shape[0]
     u = torch.rand(b, 5, device=x.device, generator=generator)
@@ -583,7 +584,8 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
     theta[:, 0, 2] = cx.to(x.dtype)
     theta[:, 1, 1] = h.to(x.dtype)
     theta[:, 1, 2] = cy.to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    shape = list(x.shape) if size is None else [b, x.shape[1], size, size]
+    grid = F.affine_grid(theta, shape, align_corners=False)
     # Crops lie inside the image; 'border' only guards sub-pixel overshoot at the edges.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

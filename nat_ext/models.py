@@ -130,9 +130,9 @@ class Encoder(nn.Module):
         self.head = nn.Identity()
         return self
 
-    @torch.no_grad()
     def stage_outputs(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The outputs of several stages from one forward pass (it stops after the last one asked for).
+        """The outputs of several stages from one forward pass (it stops after the last one asked for;
+        with gradients unless the caller turns them off).
 
         Args:
             x: Tensor[B, C, H, W] images.
@@ -155,6 +155,11 @@ class Encoder(nn.Module):
                 out[name] = x
         return out
 
+    def trunk(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """The output of stage ``layer`` (the Sobel front end and the stages up to it; with gradients),
+        e.g. Tensor[B, 64, 7, 7] for ``convnet``'s ``conv4`` on 28x28 inputs."""
+        return self.stage_outputs(x, [layer])[layer]
+
     @torch.no_grad()
     def features(self, x: torch.Tensor, layer: str, grid: int = 2) -> torch.Tensor:
         """Frozen features for probing.
@@ -176,6 +181,7 @@ class Encoder(nn.Module):
         if x.dim() == 4:
             x = F.adaptive_avg_pool2d(x, grid)
         return x.flatten(1).float()
+
 
 def build_model(arch: str, dim: int, in_channels: int = 1, sobel: bool = False,
                 small_input: bool = True, normalize: bool = True) -> Encoder:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from .align import check_sinkhorn, sinkhorn_plan
+from .auxiliary import check_aux
 from .config import Config
 from .data import collate
 from .full_assign import assign_full
@@ -66,11 +67,13 @@ def check_settings(cfg: Config, n: int) -> None:
         raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
     if cfg.objective != "nat":
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
-                   (("targets", "sphere"), ("align", "exact"), ("views", 1)) if getattr(cfg, k) != v]
+                   (("targets", "sphere"), ("align", "exact"), ("views", 1), ("rotation_loss", 0.0),
+                    ("koleo", 0.0), ("crops", "")) if getattr(cfg, k) != v]
         if changed:
             raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
                              "apply to NAT only")
         return
+    check_aux(cfg)
     check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
     if cfg.align == "sinkhorn":
         check_sinkhorn(cfg.sinkhorn_eps, cfg.sinkhorn_iters)

@@ -93,13 +93,25 @@ class EpochStats:
         self.images, self.skipped = int(s.get("images", 0)), int(s.get("skipped", 0))
         self.seconds, self.assign_seconds = float(s.get("seconds", 0.0)), float(s.get("assign_seconds", 0.0))
         self.reassign_info = dict(s.get("reassign_info", {}))  # the dataset-wide reassignment's figures
+        # the auxiliary terms' per-step means times the step's images (issue 19; empty without them)
+        self.aux_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=device)
+                         for k, v in s.get("aux_sums", {}).items()}
         self.logged = (0.0, 0)  # (loss_sum, images) at the last log line
+
+    def add_aux(self, name: str, value: torch.Tensor, images: int) -> None:
+        """Add an auxiliary term's step mean ``value`` (Tensor[], on the device), weighted by the step's images."""
+        if name not in self.aux_sums:
+            self.aux_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
+        self.aux_sums[name] += value.detach().double() * images
 
     def state_dict(self) -> dict:
         """Plain numbers for the checkpoint (reads the device)."""
-        return {"loss_sum": self.loss_sum.item(), "images": self.images, "changed": int(self.changed),
-                "skipped": self.skipped, "seconds": self.seconds, "assign_seconds": self.assign_seconds,
-                "reassign_info": self.reassign_info}
+        state = {"loss_sum": self.loss_sum.item(), "images": self.images, "changed": int(self.changed),
+                 "skipped": self.skipped, "seconds": self.seconds, "assign_seconds": self.assign_seconds,
+                 "reassign_info": self.reassign_info}
+        if self.aux_sums:
+            state["aux_sums"] = {k: v.item() for k, v in self.aux_sums.items()}
+        return state
 
     def loss_since_log(self) -> float:
         """Mean loss since the previous call (one read of the device)."""
@@ -225,6 +237,10 @@ def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.G
                          f"processes; resume with the same number (got {run_info['world_size']})")
     if cfg.objective == "nat" and ck["target_seed"] != cfg.seed:
         raise ValueError(f"checkpoint {path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
+    if ("aux" in ck) != ("aux" in parts):
+        raise ValueError(f"checkpoint {path} was written with --rotation-loss "
+                         f"{saved.get('rotation_loss', 0.0)}, this run has {cfg.rotation_loss}: a rotation head "
+                         "exists in one and not the other; resume with a weight that is 0 in both or in neither")
     for name, part in parts.items():
         part.load_state_dict(ck[name])
     set_rng_state(ck["rng"], aug_gen)
@@ -259,6 +275,7 @@ def write_summary(row: dict, out: str, writer, epochs: int) -> None:
     print(f"epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} changed "
           f"{row['changed_frac']:.3f} {row['images_per_s']:.0f} img/s"
           + "".join(f" {k} {row[k]:.1f}" for k in ("objective_held", "objective", "objective_end") if k in row)
+          + "".join(f" {k} {row[k]:.3f}" for k in ("rotation_loss", "rotation_acc", "koleo") if k in row)
           + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
 
 

@@ -41,7 +41,8 @@ def supervised_config(run: dict, out: str, epochs: int, device: str = "auto", wo
     defaults = Config()  # the NAT-only settings go back to their defaults
     return dataclasses.replace(cfg, objective="supervised", epochs=epochs, out=out, device=device,
                                workers=workers, eval=False, resume=False, sync_debug=False,
-                               targets=defaults.targets, align=defaults.align, views=defaults.views)
+                               targets=defaults.targets, align=defaults.align, views=defaults.views,
+                               rotation_loss=defaults.rotation_loss, koleo=defaults.koleo, crops=defaults.crops)
 
 
 def train_supervised(cfg: Config) -> str:

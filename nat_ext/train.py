@@ -30,11 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .auxiliary import (AuxNet, RotationHead, koleo_loss, local_count, local_crops, resolve_crops, rotate_batch,
+                        stage_width)
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
 from .config import Config, EvalConfig, check_choices, parse_config, progress
 from .data import EpochBatches, batch_augment, get_dataset, make_loader
-from .eval import evaluate
+from .eval import default_layer, evaluate
 from .models import build_model
 from .presets import DeviceTransform
 from .reassign import (align_batch, assignment_objective, centre_features, check_settings, dataset_features,
@@ -68,6 +70,7 @@ def train(cfg: Config) -> dict:
         (results or None; no evaluation when the run stopped at ``--max-steps``).
     """
     check_choices(cfg)  # before any process group or data: a bad choice fails at once
+    cfg = resolve_crops(cfg)  # --crops G,L sets --views G
     # processes, data, model, targets, optimizer
     device, rank, world = setup_processes(cfg)
     master = rank == 0
@@ -85,6 +88,9 @@ def train(cfg: Config) -> dict:
                         sobel=cfg.sobel, small_input=info.small_input, normalize=nat).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    # auxiliary self-supervision (issue 19): a rotation head on the last conv stage, local crops; none by default
+    aux_layer, n_local = default_layer(cfg.arch), local_count(cfg)
+    rotation = RotationHead(stage_width(model, aux_layer)).to(device) if cfg.rotation_loss > 0 else None
     # What a checkpoint must agree on to be resumed (see checkpoint.COMPAT_KEYS).
     run_info = dict(dataclasses.asdict(cfg), target_generator=target_generator(cfg), n_images=n,
                     in_channels=info.in_channels, num_classes=info.num_classes,
@@ -102,7 +108,8 @@ def train(cfg: Config) -> dict:
                     worker_resize=device.type == "cpu")[0]
     # uint8 -> the model's input; called without a generator (the unaugmented passes) it does not flip
     finish = DeviceTransform(cfg.image_size) if info.uint8 else None
-    opt = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg, world), momentum=cfg.momentum,
+    params = list(model.parameters()) + (list(rotation.parameters()) if rotation is not None else [])
+    opt = torch.optim.SGD(params, lr=scaled_lr(cfg, world), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
     sched = build_scheduler(cfg, opt, cfg.epochs * steps_per_epoch)
@@ -114,6 +121,8 @@ def train(cfg: Config) -> dict:
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     if nat:
         parts["assignment"] = assignment
+    if rotation is not None:  # its own part of the checkpoint: the encoder's state stays what nat-eval loads
+        parts["aux"] = rotation
     at = {"epoch": 0, "step": 0, "global_step": 0, "epoch_stats": None, "train_seconds": 0.0}
     if cfg.resume and os.path.exists(ckpt_path):
         at = resume(cfg, ckpt_path, run_info, parts, aug_gen)
@@ -129,9 +138,12 @@ def train(cfg: Config) -> dict:
                          else cfg.workers)
 
     forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s weights
+    # with auxiliary inputs the encoder and the head run in one module, so DDP wraps (and all-reduces) both
+    aux_net = AuxNet(model, forward, rotation, aux_layer) if rotation is not None or n_local else None
     # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (one model's size per rank)
-    net = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True) if world > 1 else forward
+    net = torch.nn.parallel.DistributedDataParallel(aux_net or forward,
+                                                    device_ids=[device] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True) if world > 1 else aux_net or forward
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     no_sync = cfg.sync_debug and device.type == "cuda"
@@ -179,7 +191,8 @@ def train(cfg: Config) -> dict:
             for step, (x, y, idx, skipped) in enumerate(bar, start=start_step):
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
                 with no_sync_allowed(no_sync):
-                    # forward: every view of the batch in one pass
+                    # forward: every view of the batch in one pass (local crops and the rotated copy beside it)
+                    raw = x
                     if info.batch_augment:  # in-memory data: augment on the device, batched
                         x = torch.cat([batch_augment(x, aug_gen) for _ in range(cfg.views)])
                     elif info.uint8:  # uint8 crops: resize, flip, normalise on the device (views view-major)
@@ -187,8 +200,17 @@ def train(cfg: Config) -> dict:
                     elif cfg.views > 1:  # the dataset stacked the views: Tensor[b, views, C, H, W]
                         x = x.transpose(0, 1).flatten(0, 1)
                     x = x.contiguous(memory_format=memory_format)
+                    out_local = rot_logits = None
+                    if aux_net is not None:
+                        local = local_crops(raw if info.batch_augment else x[:idx.numel()], n_local, aug_gen
+                                            ).contiguous(memory_format=memory_format) if n_local else None
+                        rotated, rot_labels = rotate_batch(x[:idx.numel()], cfg.rotation_fraction) \
+                            if rotation is not None else (None, None)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                        out = net(x)
+                        if aux_net is None:
+                            out = net(x)
+                        else:
+                            out, out_local, rot_logits = net(x, local, rotated)
                     views = list(out.chunk(cfg.views))
                     # reassign: on scheduled epochs the batch's images share out their targets anew
                     if per_batch:
@@ -198,12 +220,27 @@ def train(cfg: Config) -> dict:
                         stats.assign_seconds += time.perf_counter() - t0
                     elif nat:
                         loss_rows = [targets.rows(assignment.targets_of(idx))] * cfg.views
-                    # loss: squared distance to the targets (NAT; views averaged), or cross-entropy (supervised)
+                    # loss: squared distance to the targets (NAT; views and local crops averaged, the local
+                    # crops against the targets their image holds after the step), or cross-entropy (supervised)
                     if nat:
-                        loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in zip(views, loss_rows))
-                        loss = loss / cfg.views
+                        pairs = list(zip(views, loss_rows))
+                        if out_local is not None:
+                            held = targets.rows(assignment.targets_of(idx))
+                            pairs += [(v, held) for v in out_local.chunk(n_local)]
+                        loss = nat_loss(pairs)
                     else:
                         loss = F.cross_entropy(out.float(), y)
+                    # auxiliary terms (issue 19), weighted; not computed at weight 0
+                    if rot_logits is not None:
+                        rot_loss = F.cross_entropy(rot_logits.float(), rot_labels)
+                        loss = loss + cfg.rotation_loss * rot_loss
+                        stats.add_aux("rotation_loss", rot_loss, idx.numel())
+                        stats.add_aux("rotation_acc", (rot_logits.argmax(1) == rot_labels).double().mean(),
+                                      idx.numel())
+                    if cfg.koleo > 0:
+                        koleo = sum(koleo_loss(v) for v in views) / len(views)
+                        loss = loss + cfg.koleo * koleo
+                        stats.add_aux("koleo", koleo, idx.numel())
                     # backward, update
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -285,18 +322,33 @@ def train(cfg: Config) -> dict:
             "train_seconds": train_seconds, "eval": result}
 
 
+def nat_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """NAT's loss: the batch mean of ``||f_i - t_i||^2``, averaged over the pairs.
+
+    Args:
+        pairs: (Tensor[b, d] outputs, Tensor[b, d] their targets), one pair per global view and local crop.
+
+    Returns:
+        Tensor[] float32.
+    """
+    loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in pairs)
+    return loss / len(pairs)
+
+
 # ----------------------------------------------------------------------------- the epoch end
 
 def _epoch_summary(stats: EpochStats, assignment: Assignment | None, epoch: int, reassigned: bool,
                    n: int, world: int, lr: float, global_step: int) -> dict:
     """The epoch's metrics row, summed over ranks; checks the assignment (solver outcome,
     invariant, same permutation on every rank). Waits for the device."""
+    aux_names = sorted(stats.aux_sums)
     tot = torch.stack([stats.loss_sum, torch.tensor(float(stats.images), dtype=torch.float64,
                                                     device=stats.loss_sum.device),
-                       torch.tensor(float(stats.skipped), dtype=torch.float64, device=stats.loss_sum.device)])
+                       torch.tensor(float(stats.skipped), dtype=torch.float64, device=stats.loss_sum.device),
+                       *(stats.aux_sums[k] for k in aux_names)])
     if world > 1:
         dist.all_reduce(tot)
-    loss_sum, images, skipped = tot.tolist()
+    loss_sum, images, skipped, *aux_sums = tot.tolist()
     if assignment is not None:
         if world > 1:  # every rank reports (and raises) the failures of all ranks alike
             dist.all_reduce(assignment.solver_status)
@@ -311,7 +363,8 @@ def _epoch_summary(stats: EpochStats, assignment: Assignment | None, epoch: int,
             "changed_frac": int(stats.changed) / n if assignment is not None else 0.0,
             "reassigned": reassigned, "images_per_s": images / seconds,
             "assign_frac": stats.assign_seconds / seconds, "skipped": int(skipped), "lr": lr,
-            "seconds": stats.seconds, "step": global_step, **stats.reassign_info}
+            "seconds": stats.seconds, "step": global_step, **stats.reassign_info,
+            **{k: v / max(images, 1) for k, v in zip(aux_names, aux_sums)}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,9 @@ The solve is checked against scipy on the dense scores; the loop's exact resume,
 objective bookkeeping, the distributed agreement check and the settings' errors."""
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
@@ -19,6 +16,7 @@ from nat_ext.config import Config
 from nat_ext.state import Assignment
 from nat_ext.targets import Targets
 
+from conftest import init_rank, run_processes
 from test_nat_train import _cut_and_resume
 
 needs_data = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist")
@@ -110,32 +108,8 @@ def test_dataset_scope_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert strip[:3] == strip[3:], "resumed metrics differ from the uninterrupted run's"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(ctx, seconds):
-    deadline = time.time() + seconds
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                raise AssertionError(f"distributed run did not finish in {seconds} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
-def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-
-
 def _train_worker(rank, world, port, out):
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     cfg = Config(limit=512, batch_size=32, dim=16, epochs=2, reassign_every=1, eval=False,
                  device="cpu", out=out, seed=7, reassign_scope="dataset")
     res = nat_train.train(cfg)
@@ -144,8 +118,7 @@ def _train_worker(rank, world, port, out):
 
 @needs_data
 def test_two_process_dataset_scope_matches_one_process(tmp_path):
-    _join(mp.start_processes(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn"), 200)
+    run_processes(_train_worker, str(tmp_path), timeout=200)
     p0 = torch.load(tmp_path / "perm0.pt", weights_only=True)
     p1 = torch.load(tmp_path / "perm1.pt", weights_only=True)
     assert torch.equal(p0, p1), "ranks ended with different permutations"
@@ -164,7 +137,7 @@ def test_two_process_dataset_scope_matches_one_process(tmp_path):
 
 
 def _disagree_worker(rank, world, port, out):
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     import torch.distributed as dist
     dist.init_process_group("gloo")
     n, d = 64, 8
@@ -182,8 +155,7 @@ def _disagree_worker(rank, world, port, out):
 
 
 def test_ranks_that_disagree_raise_on_every_rank(tmp_path):
-    _join(mp.start_processes(_disagree_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn"), 180)
+    run_processes(_disagree_worker, str(tmp_path), timeout=180)
     for rank in (0, 1):
         msg = open(tmp_path / f"err{rank}.txt").read()
         assert f"rank {rank}: the held permutation differs between ranks" in msg, msg

@@ -1,12 +1,11 @@
 """Two gloo processes: reassignment within each rank's batch, all-gathered updates,
 identical valid permutations on both ranks at the end."""
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from conftest import init_rank, run_processes
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist")
                                 and "NAT_FASHION_MNIST_DIR" not in os.environ,
@@ -14,9 +13,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    init_rank(rank, world, port)
     from nat_ext.train import Config, train
     cfg = Config(limit=512, batch_size=32, dim=16, epochs=2, reassign_every=1, eval=False,
                  device="cpu", out=out, seed=7)
@@ -25,20 +22,7 @@ def _worker(rank, world, port, out):
 
 
 def test_two_process_gloo_run_keeps_one_permutation(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 150
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                raise AssertionError("distributed run did not finish in 150 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_processes(_worker, str(tmp_path))
     p0 = torch.load(tmp_path / "perm0.pt", weights_only=True)
     p1 = torch.load(tmp_path / "perm1.pt", weights_only=True)
     assert torch.equal(p0, p1), "ranks ended with different permutations"
