@@ -191,12 +191,11 @@ class _Reader:
         ``rows`` in batches of ``batch_size`` (or for the given list of batches); images skipped as
         unreadable are left out, a batch of only those gives empty tensors."""
         batches = rows if isinstance(rows, list) else list(rows.split(self.batch_size))
-        # Workers come from a fork server, not forked from this process: a fork would map the k-NN
-        # bank and the models into every worker (shared pages, but counted in each one's RSS).
-        extra = dict(multiprocessing_context="forkserver") if self.workers > 0 else {}
+        # Forked workers (the default): they share the k-NN bank's pages with this process, so their
+        # RSS counts it again, their PSS does not. A fork server (tried for the dry run) left its
+        # workers running after this process was killed: they watch their parent, the server.
         loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches if len(b)],
-                            num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            **extra)
+                            num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
         for x, y, idx, _ in progress(loader, desc=desc):
             if not len(y):
                 yield None, y, idx
