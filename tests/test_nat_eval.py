@@ -2,15 +2,13 @@
 label files of a flat validation folder, two gloo processes against one."""
 import json
 import os
-import socket
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import init_rank, run_processes
 from nat_ext import eval as nat_eval
 from nat_ext.config import EvalConfig, ProbeConfig, build_parser
 from nat_ext.data import get_dataset, read_val_labels
@@ -238,30 +236,16 @@ def test_sgd_and_lbfgs_probes_agree_on_fashion_mnist():
 
 
 def _dist_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    init_rank(rank, world, port)
     res = _eval_random("sgd", limit=2048, batch_size=128, probe_epochs=3, knn_bank=1500)
     if rank == 0:
         json.dump(res, open(out, "w"))
 
 
 @needs_fmnist
-def test_two_gloo_processes_agree_with_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nat_eval_dist_{port}.json")
-    ctx = mp.start_processes(_dist_worker, args=(2, port, out), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 240
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                raise AssertionError("the distributed evaluation did not finish in 240 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+def test_two_gloo_processes_agree_with_one(tmp_path):
+    out = str(tmp_path / "two.json")
+    run_processes(_dist_worker, out, timeout=240)
     two = json.load(open(out))
     one = _eval_random("sgd", limit=2048, batch_size=256, probe_epochs=3, knn_bank=1500)
     for layer in ("conv2", "conv4"):
@@ -303,9 +287,7 @@ def test_supervised_checkpoint_is_the_supervised_row(tmp_path):
 
 
 def _train_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    init_rank(rank, world, port)
     from nat_ext.train import Config, train
     cfg = Config(limit=512, batch_size=64, dim=16, epochs=1, device="cpu", out=out, seed=3,
                  probe=ProbeConfig(layer="all", probe_method="sgd", baselines="random", limit=512, batch_size=64,
@@ -317,20 +299,7 @@ def _train_worker(rank, world, port, out):
 @needs_fmnist
 def test_training_ranks_share_the_sgd_probe(tmp_path):
     # nat-train under 2 gloo processes: the probe at the end runs on both ranks before they leave
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_train_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 240
-    try:
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                raise AssertionError("the distributed run did not finish in 240 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_processes(_train_worker, str(tmp_path), timeout=240)
     rep = json.load(open(tmp_path / "eval.json"))
     assert rep["config"]["world_size"] == 2 and rep["config"]["method"] == "sgd"
     assert [(r["encoder"], r["layer"]) for r in rep["results"]] == \
