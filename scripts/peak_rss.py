@@ -43,22 +43,12 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
-def _rss_kb(pid: int) -> int:
+def _field_kb(path: str, field: str) -> int:
+    # the kB figure of a "Field:   1234 kB" line of a /proc file (0 once the process has gone)
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -72,8 +62,8 @@ def tree_rss_kb(root: int, with_pss: bool = True) -> tuple[int, int, int]:
     todo, total, pss, count = [root], 0, 0, 0
     while todo:
         pid = todo.pop()
-        total += _rss_kb(pid)
-        pss += _pss_kb(pid) if with_pss else 0
+        total += _field_kb(f"/proc/{pid}/status", "VmRSS:")
+        pss += _field_kb(f"/proc/{pid}/smaps_rollup", "Pss:") if with_pss else 0
         count += 1
         todo.extend(kids.get(pid, []))
     return total, pss, count
