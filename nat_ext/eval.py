@@ -37,6 +37,7 @@ from .config import EvalConfig, ProbeConfig, check_choices, parse_config, progre
 from .data import DataInfo, collate, default_workers, get_dataset
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
+from .reassign import shard_rows
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
@@ -127,6 +128,11 @@ class Taps:
                 self.knn_dims.append(pool_features(out, k).shape[1])
                 self._grids.append((g, k))
 
+    @property
+    def bank_bytes_per_image(self) -> int:
+        """One image's k-NN bank entries over every tap: float16 features and an int64 label each."""
+        return sum(2 * d + 8 for d in self.knn_dims)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Args: x Tensor[B, C, H, W] model input. Returns: per tap (Tensor[B, dim], Tensor[B, knn_dim])."""
@@ -204,12 +210,6 @@ class _Reader:
             yield (self.prepare(x) if self.prepare is not None else x), y.to(self.device), idx
 
 
-def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    # rank's contiguous share of n rows, every share the same size but the last
-    per = -(-n // world)
-    return min(rank * per, n), min((rank + 1) * per, n)
-
-
 # ----------------------------------------------------------------------------- the two probes
 
 
@@ -223,8 +223,7 @@ def _bank_rows(train_idx: torch.Tensor, want: int, seed: int) -> torch.Tensor:
 
 def _bank_size(pc: ProbeConfig, n_train: int, taps: Taps) -> int:
     """``--knn-bank`` images, fewer when the bank's float16 features and labels would pass 1 GiB."""
-    per_image = sum(2 * d + 8 for d in taps.knn_dims)
-    return max(1, min(pc.knn_bank, n_train, BANK_MAX_BYTES // per_image))
+    return max(1, min(pc.knn_bank, n_train, BANK_MAX_BYTES // taps.bank_bytes_per_image))
 
 
 def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
@@ -254,7 +253,7 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
     banks = _new_banks(taps, bank_rows, pc, device)
     position = _bank_position(len(split.train), bank_rows)
     stats = [FeatureStats(d, device) for d in taps.dims]
-    lo, hi = _shard(len(bank_rows), rank, world)
+    lo, hi, _ = shard_rows(len(bank_rows), rank, world)
     for x, y, idx in read(split.train, bank_rows[lo:hi], "k-NN bank and statistics"):
         if x is None:
             continue
@@ -265,7 +264,7 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
     for s in stats:
         s.all_reduce()
     if banks is not None:
-        shards = [_shard(len(bank_rows), r, world) for r in range(world)]
+        shards = [shard_rows(len(bank_rows), r, world)[:2] for r in range(world)]
         for b in banks:
             b.finish(shards)
     means, stds = zip(*(s.mean_std() for s in stats))
@@ -307,7 +306,7 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
     # 3. the test images, each rank its share, the counts summed
     heads.eval()
     counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
-    lo, hi = _shard(len(split.test_idx), rank, world)
+    lo, hi, _ = shard_rows(len(split.test_idx), rank, world)
     with torch.no_grad():
         for x, y, _ in read(split.test, split.test_idx[lo:hi], "test"):
             if x is None:
@@ -518,7 +517,7 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     read = _Reader(info, pc.batch_size, device, ecfg.workers)
     bank_rows = _bank_rows(split.train_idx, _bank_size(pc, n_train, taps), seed)
     if master:
-        bank_mb = len(bank_rows) * sum(2 * d + 8 for d in taps.knn_dims) / 2 ** 20
+        bank_mb = len(bank_rows) * taps.bank_bytes_per_image / 2 ** 20
         print(f"{method} probe of {len(taps.heads)} (encoder, layer) pairs on {n_train} training images, "
               f"{world} process(es); k-NN bank {len(bank_rows)} images ({bank_mb:.0f} MiB)", flush=True)
     if method == "sgd":

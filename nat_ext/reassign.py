@@ -166,7 +166,7 @@ def align_batch(cfg: Config, assignment: Assignment, targets: Targets, idx: torc
     return loss_rows, assignment.update(idx, keep)
 
 
-def _shard(n: int, rank: int, world: int) -> tuple[int, int, int]:
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int, int]:
     # (lo, hi, shard): rank's contiguous rows of the whole-dataset passes, every shard the same size
     shard = -(-n // world)
     return min(rank * shard, n), min((rank + 1) * shard, n), shard
@@ -217,7 +217,7 @@ def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int,
         None on the other ranks.
     """
     n = len(dataset)
-    lo, hi, shard = _shard(n, rank, world)
+    lo, hi, shard = shard_rows(n, rank, world)
     every = torch.zeros(world * shard if rank == 0 else shard, dim, dtype=dtype, device=device)
     mine = every[:shard]  # skipped (unreadable) images keep a zero row
     for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
@@ -251,7 +251,7 @@ def dataset_objective(model: torch.nn.Module, dataset, targets: Targets, perm: t
     Returns:
         the total, the same on every rank.
     """
-    lo, hi, _ = _shard(len(dataset), rank, world)
+    lo, hi, _ = shard_rows(len(dataset), rank, world)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
         t = targets.rows(perm.index_select(0, idx)).to(f.dtype)
