@@ -183,11 +183,18 @@ def _splits(pc: ProbeConfig, data: str, seed: int, image_size: int, skip_corrupt
     return _Split(train_ds, test_ds, torch.arange(len(train_ds)), torch.arange(len(test_ds)), info)
 
 
+REPORT_EVERY_S = 60.0  # seconds between a pass's progress lines in a log (see _Reader)
+
+
 class _Reader:
     """Batches of given dataset rows as model inputs on the device (uint8 data finished there)."""
 
-    def __init__(self, info: DataInfo, batch_size: int, device: torch.device, workers: int) -> None:
+    def __init__(self, info: DataInfo, batch_size: int, device: torch.device, workers: int,
+                 report: bool = False) -> None:
         self.batch_size, self.device = batch_size, device
+        # A pass over ImageNet takes hours on some machines: when stderr is not a terminal (no bar),
+        # the reporting rank prints a line a minute, so a slow pass is never mistaken for a hang.
+        self.report_every_s = REPORT_EVERY_S if report and not sys.stderr.isatty() else None
         self.workers = workers if workers >= 0 else (
             0 if info.batch_augment else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         self.prepare = DeviceTransform(info.image_size) if info.uint8 else None
@@ -202,7 +209,11 @@ class _Reader:
         # workers running after this process was killed: they watch their parent, the server.
         loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches if len(b)],
                             num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
-        for x, y, idx, _ in progress(loader, desc=desc):
+        t0 = last = time.perf_counter()
+        for i, (x, y, idx, _) in enumerate(progress(loader, desc=desc), 1):
+            if self.report_every_s is not None and time.perf_counter() - last >= self.report_every_s:
+                last = time.perf_counter()
+                print(f"{desc}: batch {i}/{len(loader)}, {last - t0:.0f} s", flush=True)
             if not len(y):
                 yield None, y, idx
                 continue
@@ -514,7 +525,7 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
         raise ValueError("nothing to evaluate: give a checkpoint or baselines")
     in_shape = (info.in_channels, info.image_size, info.image_size)
     taps = Taps(encoders, in_shape, info.small_input, pc.grid, device)
-    read = _Reader(info, pc.batch_size, device, ecfg.workers)
+    read = _Reader(info, pc.batch_size, device, ecfg.workers, report=master)
     bank_rows = _bank_rows(split.train_idx, _bank_size(pc, n_train, taps), seed)
     if master:
         bank_mb = len(bank_rows) * taps.bank_bytes_per_image / 2 ** 20

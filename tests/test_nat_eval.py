@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import init_rank, run_processes
 from nat_ext import eval as nat_eval
 from nat_ext.config import EvalConfig, ProbeConfig, build_parser
-from nat_ext.data import get_dataset, read_val_labels
+from nat_ext.data import DataInfo, get_dataset, read_val_labels
 from nat_ext.models import CONV_STAGES, build_model
 from nat_ext.probes import FeatureStats, KnnBank, LinearHeads, knn_topk, knn_votes, probe_grid
 
@@ -264,6 +264,19 @@ def test_synthetic_imagenet_shape_skips_pixels_and_reports_top5(capsys):
     for r in rep["results"]:
         assert r["n_train"] == 600 and r["n_test"] == 24 and r["method"] == "sgd"
         assert 0 <= r["linear_top1"] <= r["linear_top5"] <= 1 and 0 <= r["knn_top1"] <= r["knn_top5"] <= 1
+
+
+def test_redirected_passes_print_progress_lines(monkeypatch, capsys):
+    # no bar when stderr is not a terminal: the reporting rank prints a line per interval instead (0 s here)
+    monkeypatch.setattr(nat_eval, "REPORT_EVERY_S", 0.0)
+    info = DataInfo(in_channels=1, num_classes=2, image_size=4, small_input=True, batch_augment=False)
+    items = [(torch.zeros(1, 4, 4), i % 2, i) for i in range(10)]
+    read = nat_eval._Reader(info, 4, torch.device("cpu"), workers=0, report=True)
+    assert [len(y) for _, y, _ in read(items, torch.arange(10), "test")] == [4, 4, 2]
+    assert capsys.readouterr().out.splitlines() == [f"test: batch {i}/3, 0 s" for i in (1, 2, 3)]
+    quiet = nat_eval._Reader(info, 4, torch.device("cpu"), workers=0, report=False)  # the other ranks
+    assert len(list(quiet(items, torch.arange(10), "test"))) == 3
+    assert capsys.readouterr().out == ""
 
 
 @needs_fmnist
