@@ -25,30 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
+from .config import Config, SettingError, parse_crops
 from .data import batch_augment
 from .models import Encoder
 
-__all__ = ["LOCAL_SIDE", "LOCAL_SCALE", "parse_crops", "resolve_crops", "local_count", "check_aux", "local_side",
+__all__ = ["LOCAL_SIDE", "LOCAL_SCALE", "parse_crops", "resolve_crops", "local_count", "local_side",
            "local_crops", "rotate_batch", "koleo_loss", "stage_width", "RotationHead", "AuxNet"]
 
 LOCAL_SIDE = 96 / 224  # a local crop's side over a global crop's (SwAV)
 LOCAL_SCALE = (0.1, 0.4)  # area of a local crop, as a fraction of its source image
-
-
-def parse_crops(crops: str) -> tuple[int, int]:
-    """``--crops G,L`` as ``(G, L)``: G global views (1 or 2, the choices of ``--views``), L >= 0 local crops.
-
-    Raises:
-        ValueError: naming ``--crops``, for anything else.
-    """
-    try:
-        g, l = (int(p) for p in crops.split(","))
-    except ValueError:
-        raise ValueError(f"--crops should be G,L (two integers: global views, local crops), got {crops!r}") from None
-    if g not in (1, 2) or l < 0:
-        raise ValueError(f"--crops G,L should have G in (1, 2) (the --views choices) and L >= 0, got {crops!r}")
-    return g, l
 
 
 def resolve_crops(cfg: Config) -> Config:
@@ -65,7 +50,7 @@ def resolve_crops(cfg: Config) -> Config:
         return cfg
     g, _ = parse_crops(cfg.crops)
     if cfg.views != 1 and cfg.views != g:
-        raise ValueError(f"--crops {cfg.crops} sets {g} global view(s) but --views is {cfg.views}: "
+        raise SettingError(f"--crops {cfg.crops} sets {g} global view(s) but --views is {cfg.views}: "
                          "give one of them (--views V means --crops V,0)")
     return dataclasses.replace(cfg, views=g)
 
@@ -73,18 +58,6 @@ def resolve_crops(cfg: Config) -> Config:
 def local_count(cfg: Config) -> int:
     """L, the local crops per image of ``--crops G,L`` (0 without ``--crops``)."""
     return parse_crops(cfg.crops)[1] if cfg.crops else 0
-
-
-def check_aux(cfg: Config) -> None:
-    """Raise ValueError, naming the option, for auxiliary settings that cannot train."""
-    for name in ("rotation_loss", "koleo"):
-        w = getattr(cfg, name)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"--{name.replace('_', '-')} should be a finite weight >= 0, got {w!r}")
-    if not 0 < cfg.rotation_fraction <= 1:
-        raise ValueError(f"--rotation-fraction should be in (0, 1], got {cfg.rotation_fraction!r}")
-    if cfg.crops:
-        parse_crops(cfg.crops)
 
 
 def local_side(image_size: int) -> int:

@@ -12,6 +12,8 @@ import tempfile
 
 import torch
 
+from .config import SettingError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "COMPAT_KEYS", "LEGACY_VALUES"]
 
 # Config fields that must match for a checkpoint to be resumed or evaluated.
@@ -55,9 +57,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError) as e:
         raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+    except Exception as e:  # a file torch.load cannot read at all (KeyError, UnpicklingError...): not ours
+        raise SettingError(f"{path} is not a checkpoint (torch.load: {type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise SettingError(f"{path} is not a nat-train checkpoint (no 'config' entry)")
+    return state
 
 
 def check_compatible(saved: dict, current: dict, path: str) -> None:
@@ -72,6 +79,6 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
              for k in COMPAT_KEYS if saved.get(k) != current.get(k)]
     if diffs:
-        raise ValueError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); use the same "
+        raise SettingError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); use the same "
                          "--data/--limit, --dim, --arch, --target-generator and --targets (with its "
                          "--num-prototypes, --target-spread), or another --out")

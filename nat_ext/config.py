@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 from tqdm import tqdm
 
 from .models import ARCHS
 from .targets import KINDS as TARGET_KINDS
 
 __all__ = ["ProbeConfig", "Config", "EvalConfig", "setting", "build_parser", "parse_config",
-           "to_argv", "config_from_dict", "check_choices", "progress", "TARGET_GENERATORS",
+           "to_argv", "config_from_dict", "validate", "SettingError", "Rule", "refuse", "progress", "TARGET_GENERATORS",
            "REASSIGN_SCOPES", "TARGET_KINDS", "ALIGNS", "AMP_DTYPES", "LR_SCALES", "GATHER_DTYPES", "PROBE_METHODS"]
 
 TARGET_GENERATORS = ("auto", "philox", "pcg64")
@@ -39,16 +41,94 @@ GATHER_DTYPES = ("float32", "bfloat16")
 PROBE_METHODS = ("auto", "lbfgs", "sgd")
 
 
+class SettingError(ValueError):
+    """A setting that cannot run; the CLIs print it in argparse's form (``prog: error: ...``, exit 2)."""
+
+
+class Rule:
+    """The valid values of a numeric setting: ``ok(value)``, and ``what`` for the message."""
+
+    def __init__(self, what: str, ok) -> None:
+        self.what, self.ok = what, ok
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: v >= 1)
+COUNT = Rule("an integer >= 0", lambda v: v >= 0)
+POSITIVE = Rule("a finite number > 0", lambda v: _finite(v) and v > 0)
+NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _finite(v) and v >= 0)
+FRACTION = Rule("a number in (0, 1]", lambda v: _finite(v) and 0 < v <= 1)
+SHARE = Rule("a number in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
+MOMENTUM = Rule("a number in [0, 1)", lambda v: _finite(v) and 0 <= v < 1)
+
+
+def at_least(lo: int, sentinel: str) -> Rule:
+    """Integers >= ``lo``, where the values below 0 (or 0) are the documented sentinel ``sentinel``."""
+    return Rule(f"an integer >= {lo} ({sentinel})", lambda v: v >= lo)
+
+
+BASELINES = ("random", "pixels", "supervised")
+
+
+def parse_crops(crops: str) -> tuple[int, int]:
+    """``--crops G,L`` as ``(G, L)``: G global views (1 or 2, the choices of ``--views``), L >= 0 local crops.
+
+    Raises:
+        SettingError: naming ``--crops``, for anything else.
+    """
+    try:
+        g, l = (int(p) for p in crops.split(","))
+    except ValueError:
+        raise SettingError(f"--crops should be G,L (two integers: global views, local crops), got {crops!r}") from None
+    if g not in (1, 2) or l < 0:
+        raise SettingError(f"--crops G,L should have G in (1, 2) (the --views choices) and L >= 0, got {crops!r}")
+    return g, l
+
+
+def _parses(parse, value: str) -> bool:
+    try:
+        parse(value)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _data_ok(value: str) -> bool:
+    if value.startswith("synthetic:"):
+        count = value[len("synthetic:"):]
+        return count.isdigit() and int(count) >= 1
+    return bool(value)
+
+
+def _device_ok(value: str) -> bool:
+    return value == "auto" or (_parses(torch.device, value) and torch.device(value).type in ("cpu", "cuda"))
+
+
+DATA = Rule("'fashion-mnist', 'synthetic:N' with N >= 1, or an image folder", _data_ok)
+DATA_OR_CHECKPOINTS = Rule("'', 'fashion-mnist', 'synthetic:N' with N >= 1, or an image folder",
+                           lambda v: v == "" or _data_ok(v))
+CROPS = Rule("'' or G,L (G in 1, 2 global views, L >= 0 local crops)", lambda v: v == "" or _parses(parse_crops, v))
+BASELINE_LIST = Rule(f"a comma list of {','.join(BASELINES)} ('' for none)",
+                     lambda v: all(b in BASELINES for b in v.split(",") if b))
+DEVICE = Rule("auto, cpu, cuda or cuda:N", _device_ok)
+FOLDER = Rule("a folder name (not empty)", bool)
+
+
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
             prefix: str | None = None, default_factory: Any = dataclasses.MISSING,
-            aliases: tuple[str, ...] = ()) -> Any:
+            aliases: tuple[str, ...] = (), check: Rule | None = None) -> Any:
     """A dataclass field with its CLI help (and choices, other option names, or a flag prefix for a
-    nested config)."""
+    nested config) and, for numbers, the :class:`Rule` its values must meet (:func:`validate`)."""
     meta = {"help": help, "aliases": tuple(aliases)}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if prefix is not None:
         meta["prefix"] = prefix
+    if check is not None:
+        meta["check"] = check
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,29 +141,29 @@ class ProbeConfig:
                              "conv1-conv4, alexnet conv1-conv5, resnets layer1-layer4); default: the last conv "
                              "stage", aliases=("layers",))
     grid: int = setting(0, "pool feature maps to grid x grid; 0: 2 x 2 on inputs of at most 64 px, else the grid "
-                           "giving each layer about 9k features (the paper's protocol)")
-    limit: int = setting(0, "probe on seeded subsets of this many labelled images (0: all)")
+                           "giving each layer about 9k features (the paper's protocol)", check=COUNT)
+    limit: int = setting(0, "probe on seeded subsets of this many labelled images (0: all)", check=COUNT)
     baselines: str = setting("random,pixels", "comma list of random,pixels,supervised ('' for none); pixels is "
-                                              "skipped on inputs larger than 64 px")
-    supervised_epochs: int = setting(10, "epochs of the supervised baseline when it is trained here")
+                                              "skipped on inputs larger than 64 px", check=BASELINE_LIST)
+    supervised_epochs: int = setting(10, "epochs of the supervised baseline when it is trained here", check=POSITIVE_INT)
     supervised_checkpoint: str = setting("", "the supervised baseline's checkpoint (a nat-train --objective "
                                              "supervised run of the same arch) instead of training one")
     probe_method: str = setting("auto", "linear probe: lbfgs (full batch on held features, small data), sgd "
                                         "(linear heads on every probed layer trained together on streamed "
                                         "batches, any n, every rank sharing the work), auto (lbfgs up to "
                                         "100,000 training images, else sgd)", choices=PROBE_METHODS)
-    probe_epochs: int = setting(10, "sgd probe: epochs over the training images")
+    probe_epochs: int = setting(10, "sgd probe: epochs over the training images", check=POSITIVE_INT)
     probe_lr: float = setting(0.5, "sgd probe: learning rate of a head on 256 features (a head on F features "
-                                   "takes lr x 256 / F), cosine to 0, for the global batch")
-    max_steps: int = setting(0, "sgd probe: stop after this many probe steps in all (0: every epoch)")
-    knn_k: int = setting(20, "neighbours of the k-NN classifier (0: no k-NN)")
+                                   "takes lr x 256 / F), cosine to 0, for the global batch", check=POSITIVE)
+    max_steps: int = setting(0, "sgd probe: stop after this many probe steps in all (0: every epoch)", check=COUNT)
+    knn_k: int = setting(20, "neighbours of the k-NN classifier (0: no k-NN)", check=COUNT)
     knn_bank: int = setting(100_000, "k-NN bank: at most this many training images (a seeded subset; all when "
                                      "fewer), fewer if their float16 2x2-pooled features of every probed layer "
-                                     "would pass 1 GiB; also the images of the sgd probe's standardisation")
-    probe_iters: int = setting(300, "L-BFGS iterations of the linear probe")
-    probe_wd: float = setting(1e-4, "L2 penalty of the linear probe")
+                                     "would pass 1 GiB; also the images of the sgd probe's standardisation", check=POSITIVE_INT)
+    probe_iters: int = setting(300, "L-BFGS iterations of the linear probe", check=POSITIVE_INT)
+    probe_wd: float = setting(1e-4, "L2 penalty of the linear probe", check=NON_NEGATIVE)
     batch_size: int = setting(512, "images per forward pass (per process; the sgd probe's batch is this "
-                                   "times the processes)")
+                                   "times the processes)", check=POSITIVE_INT)
     val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
                                   "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
                                   "or a filename,label CSV)")
@@ -93,17 +173,17 @@ class ProbeConfig:
 class Config:
     """Settings of a training run (plain values only: they go into the checkpoint)."""
     data: str = setting("fashion-mnist", "'fashion-mnist', 'synthetic:N' (N ImageNet-shaped images made on the "
-                                         "fly) or an ImageFolder path (DIR/train, DIR/val)")
+                                         "fly) or an ImageFolder path (DIR/train, DIR/val)", check=DATA)
     arch: str = setting("convnet", "encoder architecture", choices=ARCHS)
-    dim: int = setting(64, "target dimension d")
-    epochs: int = setting(10, "training epochs")
-    batch_size: int = setting(256, "images per step, per process")
-    lr: float = setting(0.01, "SGD learning rate")
-    momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(1e-5, "SGD weight decay")
+    dim: int = setting(64, "target dimension d", check=POSITIVE_INT)
+    epochs: int = setting(10, "training epochs", check=POSITIVE_INT)
+    batch_size: int = setting(256, "images per step, per process", check=POSITIVE_INT)
+    lr: float = setting(0.01, "SGD learning rate", check=POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", check=MOMENTUM)
+    weight_decay: float = setting(1e-5, "SGD weight decay", check=NON_NEGATIVE)
     schedule: str = setting("cosine", "learning-rate schedule", choices=("cosine", "constant"))
     reassign_every: int = setting(3, "reassign targets on epochs 0, k, 2k...; 0 freezes the initial "
-                                     "random assignment (the ablation)")
+                                     "random assignment (the ablation)", check=COUNT)
     reassign_scope: str = setting("batch", "what a reassigning epoch re-solves: batch (the paper's: each "
                                            "batch's images swap their targets, every step) or dataset (once, "
                                            "at the epoch start: the exact assignment of the whole training set "
@@ -116,16 +196,16 @@ class Config:
                                      "clustered (around k random centres on the sphere: "
                                      "normalize(centre + spread * u), u uniform on the sphere)",
                            choices=TARGET_KINDS)
-    num_prototypes: int = setting(50, "k of --targets onehot and clustered")
+    num_prototypes: int = setting(50, "k of --targets onehot and clustered", check=POSITIVE_INT)
     target_spread: float = setting(0.5, "--targets clustered: spread around the centre (cosine to it about "
-                                        "1/sqrt(1 + spread^2))")
+                                        "1/sqrt(1 + spread^2))", check=NON_NEGATIVE)
     align: str = setting("exact", "how a batch's images share the targets they hold on reassigning steps: exact "
                                   "(the optimal permutation, the paper's) or sinkhorn (entropy-regularised transport "
                                   "plan with equal marginals; the loss is taken against the plan-weighted targets, "
                                   "the held permutation becomes the plan rounded to the nearest permutation)",
                          choices=ALIGNS)
-    sinkhorn_eps: float = setting(0.02, "--align sinkhorn: entropy weight, in units of the feature-target cosine")
-    sinkhorn_iters: int = setting(50, "--align sinkhorn: Sinkhorn-Knopp iterations per batch")
+    sinkhorn_eps: float = setting(0.02, "--align sinkhorn: entropy weight, in units of the feature-target cosine", check=POSITIVE)
+    sinkhorn_iters: int = setting(50, "--align sinkhorn: Sinkhorn-Knopp iterations per batch", check=POSITIVE_INT)
     views: int = setting(1, "augmented views of each image per step; 2: on reassigning steps the alignment is "
                             "solved on each view's features and the loss taken on the other view (both ways, "
                             "averaged), and the held permutation follows the solve on both views' summed scores",
@@ -135,16 +215,16 @@ class Config:
                                         "encoder to its last conv stage, globally pooled, and a linear 4-way head "
                                         "predicts the rotation; W x its cross-entropy is added to the loss. The "
                                         "head is saved under the checkpoint's 'aux' key (0: no head, nothing "
-                                        "computed)")
+                                        "computed)", check=NON_NEGATIVE)
     rotation_fraction: float = setting(1.0, "--rotation-loss: share of each batch whose rotated copy is made, in "
-                                            "(0, 1]")
+                                            "(0, 1]", check=FRACTION)
     koleo: float = setting(0.0, "weight W of the KoLeo regulariser (DINOv2): -mean_i log(min_j ||f_i - f_j||) over "
-                                "each view's normalised outputs, per process (0: not computed)")
+                                "each view's normalised outputs, per process (0: not computed)", check=NON_NEGATIVE)
     crops: str = setting("", "G,L: G global views (as --views G) and L local crops per image, side "
                              "round(0.43 x the global side) (SwAV's 96/224; 12 px on Fashion-MNIST), cropped on "
                              "the device; local crops regress to the targets the global views' alignment leaves "
                              "their image holding and never reassign. '' means --views V, 0 local crops; --crops "
-                             "wins over the default --views 1, another --views is refused")
+                             "wins over the default --views 1, another --views is refused", check=CROPS)
     track_objective: bool = setting(False, "after each reassigning epoch, extract the whole training set "
                                            "(eval mode, unaugmented) and record sum_i f_i . t_P(i) in "
                                            "metrics.jsonl as objective_end (not counted in the epoch's time; "
@@ -153,8 +233,8 @@ class Config:
                              choices=("nat", "supervised"))
     workers: int = setting(-1, "DataLoader worker processes of the run's one loader (persistent); -1: "
                                "min(16, cpus per rank - 1), 0 below 2 cpus a rank, and 0 for in-memory data "
-                               "(Fashion-MNIST), which the device augments")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
+                               "(Fashion-MNIST), which the device augments", check=at_least(-1, "-1: automatic"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1...", check=DEVICE)
     amp: bool = setting(False, "mixed precision: autocast in --amp-dtype")
     amp_dtype: str = setting("bf16", "autocast dtype of --amp: bf16 (no loss scaler, no host sync per step; CPU "
                                      "and CUDA) or fp16 (with a GradScaler)", choices=AMP_DTYPES)
@@ -165,19 +245,19 @@ class Config:
     cudnn_benchmark: bool = setting(False, "CUDA: torch.backends.cudnn.benchmark (fastest convolution "
                                            "algorithms for fixed shapes; not bit-reproducible across runs)")
     max_steps: int = setting(0, "stop after this many optimizer steps in all, counted across resumes, with a "
-                                "checkpoint (0: run every epoch); --resume --max-steps K+2 then runs two more")
+                                "checkpoint (0: run every epoch); --resume --max-steps K+2 then runs two more", check=COUNT)
     lr_scale: str = setting("none", "none, or linear: lr x batch_size x processes / 256 (the global batch)",
                             choices=LR_SCALES)
     dist_timeout: int = setting(120, "process-group timeout in minutes: each collective waits at most this "
-                                     "long; must cover rank 0's dataset-wide solve, which the others wait for")
+                                     "long; must cover rank 0's dataset-wide solve, which the others wait for", check=POSITIVE_INT)
     gather_dtype: str = setting("float32", "--reassign-scope dataset: dtype of the features gathered to rank 0 "
                                            "(bfloat16 halves the transfer and the buffer; the solve widens "
                                            "them to float32)", choices=GATHER_DTYPES)
-    out: str = setting("runs/nat", "output folder")
+    out: str = setting("runs/nat", "output folder", check=FOLDER)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt if present")
-    seed: int = setting(0, "seed of the model init, targets, initial assignment, data order, augmentation")
-    limit: int = setting(0, "train on a seeded subset of this many images (0: all)")
-    image_size: int = setting(224, "crop size for ImageFolder data")
+    seed: int = setting(0, "seed of the model init, targets, initial assignment, data order, augmentation", check=COUNT)
+    limit: int = setting(0, "train on a seeded subset of this many images (0: all)", check=COUNT)
+    image_size: int = setting(224, "crop size for ImageFolder data", check=POSITIVE_INT)
     sobel: bool = setting(False, "fixed Sobel front end")
     targets_from_seed: bool = setting(False, "regenerate the batch's target rows from (seed, index) on the "
                                              "device instead of storing the n x d matrix")
@@ -187,7 +267,7 @@ class Config:
                                     choices=TARGET_GENERATORS)
     skip_corrupt: bool = setting(False, "skip and count unreadable images")
     log_every: int = setting(50, "read the loss from the device every N steps: the progress bar on a "
-                                 "terminal, a progress line in a redirected log (0: once per epoch)")
+                                 "terminal, a progress line in a redirected log (0: once per epoch)", check=COUNT)
     sync_debug: bool = setting(False, "CUDA: raise on any host sync inside the training step "
                                       "(torch.cuda.set_sync_debug_mode('error'))")
     eval: bool = setting(True, "linear probe + k-NN after training (rank 0)")
@@ -199,12 +279,12 @@ class Config:
 class EvalConfig:
     """Settings of an evaluation (plain values)."""
     checkpoint: str = setting("", "checkpoint.pt from nat-train; empty: baselines only (give data, arch, dim)")
-    data: str = setting("", "default: the checkpoint's")
+    data: str = setting("", "default: the checkpoint's", check=DATA_OR_CHECKPOINTS)
     arch: str = setting("", "default: the checkpoint's")
-    dim: int = setting(0, "default: the checkpoint's")
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1...")
-    workers: int = setting(-1, "DataLoader worker processes; -1: as nat-train's (none for in-memory data)")
-    seed: int = setting(-1, "default: the checkpoint's")
+    dim: int = setting(0, "default: the checkpoint's", check=at_least(0, "0: the checkpoint's"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1...", check=DEVICE)
+    workers: int = setting(-1, "DataLoader worker processes; -1: as nat-train's (none for in-memory data)", check=at_least(-1, "-1: as nat-train's"))
+    seed: int = setting(-1, "default: the checkpoint's", check=at_least(-1, "-1: the checkpoint's"))
     skip_corrupt: bool = setting(False, "skip unreadable images")
     out: str = setting("", "write the results JSON here")
     probe: ProbeConfig = setting(help="probe settings", prefix="", default_factory=ProbeConfig)
@@ -274,8 +354,10 @@ def config_from_dict(cls: type, values: dict) -> Any:
 def parse_config(cls: type, args: argparse.Namespace | list[str] | None, prog: str = "",
                  description: str = "") -> Any:
     """Parse a command line (or an already parsed namespace) into the dataclass ``cls``."""
+    parser = None
     if not isinstance(args, argparse.Namespace):
-        args = build_parser(cls, prog or cls.__name__, description).parse_args(args)
+        parser = build_parser(cls, prog or cls.__name__, description)
+        args = parser.parse_args(args)
     nested: dict = {}
     for _, dest, _, _ in _fields(cls):
         *parents, leaf = dest.split(".")
@@ -283,7 +365,13 @@ def parse_config(cls: type, args: argparse.Namespace | list[str] | None, prog: s
         for part in parents:
             d = d.setdefault(part, {})
         d[leaf] = getattr(args, dest)
-    return config_from_dict(cls, nested)
+    cfg = config_from_dict(cls, nested)
+    if parser is not None:  # every bad value refused before any work, in argparse's form
+        try:
+            validate(cfg)
+        except SettingError as e:
+            parser.error(str(e))
+    return cfg
 
 
 def to_argv(cfg: Any) -> list[str]:
@@ -301,12 +389,38 @@ def to_argv(cfg: Any) -> list[str]:
     return argv
 
 
-def check_choices(cfg: Any) -> None:
-    """Raise ValueError for a field whose value is not among its metadata's choices."""
-    for opt, dest, f, _ in _fields(type(cfg)):
-        choices = f.metadata.get("choices")
-        if choices and _get(cfg, dest) not in choices:
-            raise ValueError(f"{dest} should be one of {choices}, got {_get(cfg, dest)!r}")
+def _type_ok(value: Any, typ: type) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ) and not isinstance(value, bool)
+
+
+def validate(cfg: Any) -> None:
+    """Check every setting of ``cfg`` against its type, its choices and its :class:`Rule`.
+
+    The CLIs call it on the parsed options (an error then reads ``nat-train: error: --batch-size should
+    be a positive integer, got 0``); ``train``/``evaluate`` call it again for a config built in code.
+
+    Raises:
+        SettingError: naming the first bad option as typed on the command line.
+    """
+    for opt, dest, f, typ in _fields(type(cfg)):
+        value = _get(cfg, dest)
+        if not _type_ok(value, typ):
+            raise SettingError(f"--{opt} should be of type {typ.__name__}, got {value!r}")
+        choices, rule = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            raise SettingError(f"--{opt} should be one of {', '.join(map(str, choices))}, got {value!r}")
+        if rule is not None and not rule.ok(value):
+            raise SettingError(f"--{opt} should be {rule.what}, got {value!r}")
+
+
+def refuse(prog: str, error: SettingError) -> typing.NoReturn:
+    """Stop a CLI on a bad setting found after parsing (one that needs a file), as argparse does."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def progress(iterable: Iterable, **kw) -> tqdm:

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
+from .config import SettingError
 from .presets import CropBatch, FolderCrop, mix64
 
 __all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
@@ -510,27 +511,27 @@ def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,
         try:
             n = int(data.split(":", 1)[1].replace(",", "").replace("_", ""))
         except ValueError:
-            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}") from None
+            raise SettingError(f"--data should be synthetic:N with N a positive integer, got {data!r}") from None
         if n < 1:
-            raise ValueError(f"data should be synthetic:N with N a positive integer, got {data!r}")
+            raise SettingError(f"--data should be synthetic:N with N a positive integer, got {data!r}")
         size = synthetic_size(n, split)
         if limit is not None:  # the images are i.i.d.: the first `limit` are as good a subset as any
             size = min(size, limit)
         ds = SyntheticImages(size, split, image_size, seed, 1000, augment=augment, views=views, uint8=uint8)
         return ds, DataInfo(3, 1000, image_size, image_size <= 64, False, uint8)
     if not os.path.isdir(data):
-        raise ValueError(f"data should be 'fashion-mnist', 'synthetic:N' or an existing image folder, got {data!r}")
+        raise SettingError(f"--data should be 'fashion-mnist', 'synthetic:N' or an existing image folder, got {data!r}")
     sub = os.path.join(data, "train" if split == "train" else "val")
     root = sub if os.path.isdir(sub) else data
     flat = split == "test" and os.path.isdir(sub) and not any(e.is_dir() for e in os.scandir(sub))
     if flat and not val_labels:
-        raise ValueError(f"{sub} holds images without class folders: give its label file with --val-labels "
+        raise SettingError(f"{sub} holds images without class folders: give its label file with --val-labels "
                          "(the devkit's ILSVRC2012_validation_ground_truth.txt, or a filename,label CSV)")
     if val_labels and not flat:
-        raise ValueError(f"--val-labels {val_labels} is for a flat validation folder, but "
+        raise SettingError(f"--val-labels {val_labels} is for a flat validation folder, but "
                          f"{sub if split == 'test' else data} is not one (it has class folders, or is missing)")
     if val_labels and not os.path.isfile(val_labels):
-        raise ValueError(f"--val-labels {val_labels}: no such file")
+        raise SettingError(f"--val-labels {val_labels}: no such file")
     norm = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
     if augment:
         tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])

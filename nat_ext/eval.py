@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
-from .config import EvalConfig, ProbeConfig, check_choices, parse_config, progress
+from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_config, progress, refuse, validate
 from .data import DataInfo, collate, default_workers, get_dataset
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
@@ -43,7 +43,6 @@ from .supervised import supervised_config, train_supervised
 
 __all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "main"]
 
-BASELINES = ("random", "pixels", "supervised")
 LBFGS_MAX_IMAGES = 100_000  # --probe-method auto: L-BFGS up to this many training images
 BANK_MAX_BYTES = 1 << 30  # the k-NN bank's features stay under 1 GiB
 KNN_GRID = 2
@@ -73,7 +72,7 @@ def probe_layers(spec: str, arch: str, stages: list[str]) -> list[str]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in names if s not in stages]
     if unknown or not names:
-        raise ValueError(f"layer should be 'all' or a comma list of {stages}, got {spec!r}")
+        raise SettingError(f"--layer should be 'all' or a comma list of {', '.join(stages)}, got {spec!r}")
     return [s for s in stages if s in names]
 
 
@@ -175,7 +174,7 @@ def _splits(pc: ProbeConfig, data: str, seed: int, image_size: int, skip_corrupt
     folder = not (data == "fashion-mnist" or data.startswith("synthetic:"))
     if folder and not os.path.isdir(os.path.join(data, "val")):
         if pc.val_labels:
-            raise ValueError(f"--val-labels {pc.val_labels} is for a flat validation folder, but {data} has no val")
+            raise SettingError(f"--val-labels {pc.val_labels} is for a flat validation folder, but {data} has no val")
         perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))
         cut = int(0.8 * len(perm))
         return _Split(train_ds, train_ds, perm[:cut], perm[cut:], info)
@@ -395,14 +394,14 @@ def _supervised(ecfg: EvalConfig, c: dict, data: str, arch: str, seed: int, skip
     if pc.supervised_checkpoint:
         model, sc = _load_encoder(pc.supervised_checkpoint)
         if sc.get("objective") != "supervised":
-            raise ValueError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('objective')!r} run, "
+            raise SettingError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('objective')!r} run, "
                              "expected a nat-train --objective supervised run")
         if sc.get("arch") != arch:
-            raise ValueError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('arch')} run, "
+            raise SettingError(f"--supervised-checkpoint {pc.supervised_checkpoint} is a {sc.get('arch')} run, "
                              f"the evaluated encoder is a {arch}")
         return model
     if world > 1:
-        raise ValueError("the supervised baseline is trained by one process: under torchrun give it as "
+        raise SettingError("the supervised baseline is trained by one process: under torchrun give it as "
                          "--supervised-checkpoint (a nat-train --objective supervised run)")
     out = os.path.join(os.path.dirname(ecfg.out or ecfg.checkpoint or "runs/x") or ".", "supervised")
     run = dict(c, data=data, arch=arch, seed=seed, skip_corrupt=skip_corrupt)
@@ -456,18 +455,9 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
         with 100 classes or more ``linear_top5`` and ``knn_top5``) and ``config``; also written to
         ``ecfg.out`` if set. None on the other ranks.
     """
-    check_choices(ecfg)
+    validate(ecfg)  # a config built in code too: every bad value before any work
     pc = ecfg.probe
     wanted = [b for b in pc.baselines.split(",") if b]
-    unknown = [b for b in wanted if b not in BASELINES]
-    if unknown:
-        raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
-    for name in ("knn_k", "max_steps", "limit"):
-        if getattr(pc, name) < 0:
-            raise ValueError(f"{name} should be >= 0, got {getattr(pc, name)}")
-    for name in ("knn_bank", "batch_size", "probe_epochs"):
-        if getattr(pc, name) < 1:
-            raise ValueError(f"{name} should be >= 1, got {getattr(pc, name)}")
     device, rank, world, started = _processes(ecfg.device)
     try:
         return _evaluate(ecfg, wanted, device, rank, world)
@@ -486,7 +476,7 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     dim = ecfg.dim or c.get("dim")
     seed = ecfg.seed if ecfg.seed >= 0 else c.get("seed", 0)
     if not (data and arch and dim):
-        raise ValueError("checkpoint is empty: give data, arch and dim for a baselines-only evaluation")
+        raise SettingError("--checkpoint is empty: give --data, --arch and --dim for a baselines-only evaluation")
     skip_corrupt = ecfg.skip_corrupt or c.get("skip_corrupt", False)
     image_size = c.get("image_size", 224)
     split = _splits(pc, data, seed, image_size, skip_corrupt, device)
@@ -570,7 +560,11 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nat-eval``. Returns the exit status."""
-    evaluate(parse_config(EvalConfig, argv, "nat-eval", "Linear probes and k-NN of a frozen encoder's layers."))
+    ecfg = parse_config(EvalConfig, argv, "nat-eval", "Linear probes and k-NN of a frozen encoder's layers.")
+    try:
+        evaluate(ecfg)
+    except SettingError as e:  # a setting refused once the checkpoint or the data was read
+        refuse("nat-eval", e)
     return 0
 
 

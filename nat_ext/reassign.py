@@ -18,9 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from .align import check_sinkhorn, sinkhorn_plan
-from .auxiliary import check_aux
-from .config import Config
+from .align import sinkhorn_plan
+from .config import Config, SettingError
 from .data import collate
 from .full_assign import assign_full
 from .state import Assignment
@@ -55,36 +54,34 @@ def target_set(cfg: Config) -> str:
 
 
 def check_settings(cfg: Config, n: int) -> None:
-    """Raise ValueError, naming the options, for values and combinations that cannot train
-    ``n`` images (called before anything is trained; the choices are checked before, by
-    ``check_choices``).
+    """Raise SettingError, naming the options, for combinations that cannot train ``n`` images
+    (called once the data is known, before anything is trained; each value alone was checked
+    before, by ``config.validate``).
 
     Args:
         cfg: the run's settings.
         n: number of training images.
     """
-    if cfg.reassign_every < 0:
-        raise ValueError(f"reassign_every should be >= 0, got {cfg.reassign_every}")
     if cfg.objective != "nat":
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
                    (("targets", "sphere"), ("align", "exact"), ("views", 1), ("rotation_loss", 0.0),
                     ("koleo", 0.0), ("crops", "")) if getattr(cfg, k) != v]
         if changed:
-            raise ValueError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
-                             "apply to NAT only")
+            raise SettingError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
+                               "apply to NAT only")
         return
-    check_aux(cfg)
-    check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
-    if cfg.align == "sinkhorn":
-        check_sinkhorn(cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+    try:
+        check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
+    except ValueError as e:
+        raise SettingError(f"--targets {cfg.targets}: {e}") from None
     if cfg.reassign_scope == "dataset":
         if cfg.align != "exact":
-            raise ValueError("align sinkhorn works on a batch's b x b scores: use --reassign-scope batch with it "
-                             "(the dataset-wide reassignment is exact)")
+            raise SettingError("--align sinkhorn works on a batch's b x b scores: use --reassign-scope batch with "
+                               "it (the dataset-wide reassignment is exact)")
         if cfg.targets == "onehot":
-            raise ValueError("targets onehot with --reassign-scope dataset: each prototype is n/k identical "
-                             "targets, so assign_full's candidate lists grow towards n/k per row; use "
-                             "--reassign-scope batch")
+            raise SettingError("--targets onehot with --reassign-scope dataset: each prototype is n/k identical "
+                               "targets, so assign_full's candidate lists grow towards n/k per row; use "
+                               "--reassign-scope batch")
 
 
 def _exchange(idx: torch.Tensor, new: torch.Tensor, batch_size: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import check_compatible, load_checkpoint
-from .config import Config
+from .config import Config, SettingError
 from .state import Assignment
 
 __all__ = ["epoch_batches", "plot_metrics", "StopFlag", "EpochStats", "no_sync_allowed", "rng_state",
@@ -43,7 +43,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     per_rank = n // world
     steps = per_rank // batch_size
     if steps == 0:
-        raise ValueError(f"batch_size {batch_size} is larger than the {per_rank} images per process")
+        raise SettingError(f"--batch-size should be at most the {per_rank} images per process, got {batch_size}")
     mine = order[rank * per_rank:(rank + 1) * per_rank]
     return mine[:steps * batch_size].view(steps, batch_size).tolist()
 
@@ -227,18 +227,18 @@ def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.G
     saved = ck["config"]
     check_compatible(saved, run_info, path)
     if saved.get("objective") != cfg.objective:
-        raise ValueError(f"checkpoint {path} is a {saved.get('objective')!r} run, "
+        raise SettingError(f"checkpoint {path} is a {saved.get('objective')!r} run, "
                          f"this run's objective is {cfg.objective!r}")
     if saved.get("reassign_scope", "batch") != cfg.reassign_scope:
-        raise ValueError(f"checkpoint {path} is a {saved.get('reassign_scope', 'batch')!r}-scope run, "
+        raise SettingError(f"checkpoint {path} is a {saved.get('reassign_scope', 'batch')!r}-scope run, "
                          f"this run's reassign_scope is {cfg.reassign_scope!r}")
     if saved.get("world_size") != run_info["world_size"]:
-        raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} "
+        raise SettingError(f"checkpoint {path} was written by {saved.get('world_size')} "
                          f"processes; resume with the same number (got {run_info['world_size']})")
     if cfg.objective == "nat" and ck["target_seed"] != cfg.seed:
-        raise ValueError(f"checkpoint {path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
+        raise SettingError(f"checkpoint {path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
     if ("aux" in ck) != ("aux" in parts):
-        raise ValueError(f"checkpoint {path} was written with --rotation-loss "
+        raise SettingError(f"checkpoint {path} was written with --rotation-loss "
                          f"{saved.get('rotation_loss', 0.0)}, this run has {cfg.rotation_loss}: a rotation head "
                          "exists in one and not the other; resume with a weight that is 0 in both or in neither")
     for name, part in parts.items():

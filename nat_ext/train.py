@@ -34,7 +34,7 @@ from .auxiliary import (AuxNet, RotationHead, koleo_loss, local_count, local_cro
                         stage_width)
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
-from .config import Config, EvalConfig, check_choices, parse_config, progress
+from .config import Config, EvalConfig, SettingError, parse_config, progress, refuse, validate
 from .data import EpochBatches, batch_augment, get_dataset, make_loader
 from .eval import default_layer, evaluate
 from .models import build_model
@@ -69,7 +69,7 @@ def train(cfg: Config) -> dict:
         ``perm`` (Tensor[n] final assignment, CPU), ``train_seconds`` and ``eval``
         (results or None; no evaluation when the run stopped at ``--max-steps``).
     """
-    check_choices(cfg)  # before any process group or data: a bad choice fails at once
+    validate(cfg)  # before any process group or data: a bad setting fails at once
     cfg = resolve_crops(cfg)  # --crops G,L sets --views G
     # processes, data, model, targets, optimizer
     device, rank, world = setup_processes(cfg)
@@ -370,7 +370,10 @@ def _epoch_summary(stats: EpochStats, assignment: Assignment | None, epoch: int,
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``nat-train``. Returns the exit status."""
     cfg = parse_config(Config, argv, "nat-train", "Train an encoder with Noise As Targets.")
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except SettingError as e:  # a setting refused once a file or the data was read
+        refuse("nat-train", e)
     if res["interrupted"]:
         return 128 + res["interrupted"]
     return 0

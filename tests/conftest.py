@@ -1,4 +1,6 @@
+import contextlib
 import os
+import re
 import socket
 import time
 
@@ -44,3 +46,15 @@ def init_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def refused(capsys, match: str):
+    """Inside, a CLI ``main`` must stop on a bad setting as argparse does: exit status 2 and
+    ``prog: error: ...`` matching ``match`` on stderr, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        yield
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert re.search(match, err), err
+    assert "Traceback" not in err, err

@@ -10,7 +10,7 @@ from nat_ext import auxiliary
 from nat_ext import eval as nat_eval
 from nat_ext import train as nat_train
 from nat_ext.checkpoint import load_checkpoint
-from nat_ext.config import Config, ProbeConfig
+from nat_ext.config import Config, ProbeConfig, validate
 from nat_ext.models import build_model
 
 needs_data = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist")
@@ -105,7 +105,7 @@ def test_settings_are_checked_by_name():
     for kw, match in ((dict(koleo=-1.0), "--koleo"), (dict(rotation_loss=float("nan")), "--rotation-loss"),
                       (dict(rotation_fraction=0.0), "--rotation-fraction"), (dict(crops="0,2"), "--crops")):
         with pytest.raises(ValueError, match=match):
-            nat_train.check_settings(Config(**kw), 512)
+            validate(Config(**kw))
     with pytest.raises(ValueError, match="--rotation-loss 1.0, --koleo 0.1, --crops 1,2 apply to NAT only"):
         nat_train.check_settings(Config(objective="supervised", rotation_loss=1.0, koleo=0.1, crops="1,2"), 512)
 

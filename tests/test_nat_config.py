@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from nat_ext.config import (Config, EvalConfig, ProbeConfig, build_parser, check_choices,
-                            config_from_dict, parse_config, to_argv)
+from nat_ext.config import (Config, EvalConfig, ProbeConfig, SettingError, build_parser, config_from_dict,
+                            parse_config, to_argv, validate)
 from nat_ext.supervised import supervised_config
 
 
@@ -63,12 +63,83 @@ def test_to_argv_parses_back_to_the_same_config():
     assert to_argv(Config()) == []
 
 
-def test_check_choices_names_the_setting():
-    with pytest.raises(ValueError, match="arch should be one of"):
-        check_choices(Config(arch="vgg"))
-    with pytest.raises(ValueError, match="target_generator"):
-        check_choices(Config(target_generator="mt"))
-    check_choices(Config())
+def test_validate_names_the_setting_of_a_config_built_in_code():
+    with pytest.raises(SettingError, match="--arch should be one of"):
+        validate(Config(arch="vgg"))
+    with pytest.raises(SettingError, match="--target-generator"):
+        validate(Config(target_generator="mt"))
+    with pytest.raises(SettingError, match=r"--eval-batch-size should be a positive integer, got 0"):
+        validate(Config(probe=ProbeConfig(batch_size=0)))
+    with pytest.raises(SettingError, match=r"--batch-size should be of type int, got '5'"):
+        validate(Config(batch_size="5"))
+    with pytest.raises(SettingError, match=r"--lr should be a finite number > 0, got inf"):
+        validate(Config(lr=float("inf")))
+    validate(Config())
+    validate(EvalConfig())
+
+
+# Every out-of-range value of every numeric or checked option of both CLIs: (cli, option, bad values).
+BAD = {
+    Config: {"--dim": ["0", "-3"], "--epochs": ["0", "-2"], "--batch-size": ["0", "-5"],
+             "--lr": ["0", "-1", "nan", "inf"], "--momentum": ["-0.1", "1", "nan"],
+             "--weight-decay": ["-1e-5", "nan"], "--reassign-every": ["-1"], "--num-prototypes": ["0"],
+             "--target-spread": ["-0.5", "inf"], "--sinkhorn-eps": ["0", "-1", "nan"], "--sinkhorn-iters": ["0"],
+             "--rotation-loss": ["-1", "nan"], "--rotation-fraction": ["0", "1.5", "nan"],
+             "--koleo": ["-1", "inf"], "--crops": ["2", "3,1", "1,-1", "a,b"], "--workers": ["-7", "-2"],
+             "--device": ["gpu", "cuda:x", "mps"], "--max-steps": ["-1"], "--dist-timeout": ["0", "-1"],
+             "--seed": ["-1"], "--limit": ["-3"], "--image-size": ["0"], "--log-every": ["-1"],
+             "--data": ["synthetic:0", "synthetic:-4", "synthetic:x", ""], "--out": [""],
+             "--eval-grid": ["-1"], "--eval-limit": ["-1"], "--eval-supervised-epochs": ["0"],
+             "--eval-probe-epochs": ["0"], "--eval-probe-lr": ["0", "nan"], "--eval-max-steps": ["-1"],
+             "--eval-knn-k": ["-1"], "--eval-knn-bank": ["0"], "--eval-probe-iters": ["0"],
+             "--eval-probe-wd": ["-1", "nan"], "--eval-batch-size": ["0"], "--eval-baselines": ["random,gan"]},
+    EvalConfig: {"--dim": ["-1"], "--workers": ["-2"], "--seed": ["-2"], "--device": ["tpu"],
+                 "--data": ["synthetic:0"], "--batch-size": ["0"], "--knn-bank": ["-1"], "--probe-lr": ["-0.5"],
+                 "--baselines": ["pixel"]},
+}
+# nat-eval takes the probe settings that nat-train offers as --eval-*: the same bad values
+BAD[EvalConfig].update({"--" + k[len("--eval-"):]: v for k, v in BAD[Config].items() if k.startswith("--eval-")})
+# The documented sentinels and edge values stay valid.
+GOOD = {Config: [["--workers", "-1"], ["--max-steps", "0"], ["--limit", "0"], ["--reassign-every", "0"],
+                 ["--koleo", "0"], ["--rotation-fraction", "1"], ["--momentum", "0"], ["--weight-decay=0"], ["--crops", "2,4"],
+                 ["--device", "cuda:1"], ["--eval-knn-k", "0"], ["--eval-baselines", ""], ["--data", "/some/dir"]],
+        EvalConfig: [["--seed", "-1"], ["--dim", "0"], ["--workers", "-1"], ["--data", ""]]}
+
+
+def _bad_cases():
+    for cls, table in BAD.items():
+        for opt, values in table.items():
+            for value in values:
+                yield pytest.param(cls, opt, value, id=f"{cls.__name__}{opt}={value}")
+
+
+@pytest.mark.parametrize("cls,opt,value", list(_bad_cases()))
+def test_every_bad_value_is_refused_in_argparse_form(cls, opt, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(cls, [f"{opt}={value}"], "prog")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"prog: error: {opt} should be" in err and "got " in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("cls", [Config, EvalConfig])
+def test_every_checked_option_has_a_bad_value_in_the_table(cls):
+    """A new numeric option without a rule, or a rule without a test, fails here."""
+    from nat_ext.config import _fields
+    tested = set(BAD[cls])
+    for opt, _, f, typ in _fields(cls):
+        if typ in (int, float):
+            assert "check" in f.metadata or "choices" in f.metadata, f"--{opt} has no rule"
+        if "check" in f.metadata:
+            aliases = {f"--{opt[:len(opt) - len(f.name)]}{a}" for a in f.metadata.get("aliases", ())}
+            assert f"--{opt}" in tested or aliases & tested, f"--{opt} has a rule but no bad value in BAD"
+
+
+@pytest.mark.parametrize("cls", [Config, EvalConfig])
+def test_defaults_and_sentinels_stay_valid(cls):
+    for argv in GOOD[cls]:
+        parse_config(cls, argv, "prog")
 
 
 def test_supervised_baseline_takes_the_runs_whole_config():

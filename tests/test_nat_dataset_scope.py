@@ -16,7 +16,7 @@ from nat_ext.config import Config
 from nat_ext.state import Assignment
 from nat_ext.targets import Targets
 
-from conftest import init_rank, run_processes
+from conftest import init_rank, refused, run_processes
 from test_nat_train import _cut_and_resume
 
 needs_data = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist")
@@ -49,7 +49,7 @@ def test_reassign_dataset_reaches_scipys_optimum(seed):
 
 
 def test_bad_scope_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="reassign_scope should be one of"):
+    with pytest.raises(ValueError, match="--reassign-scope should be one of"):
         nat_train.train(Config(reassign_scope="global", out=str(tmp_path / "run")))
     assert not os.path.exists(tmp_path / "run")
     with pytest.raises(SystemExit):
@@ -65,7 +65,7 @@ def _rows(out):
 
 
 @needs_data
-def test_dataset_scope_run_records_the_objective_and_refuses_another_scope(tmp_path):
+def test_dataset_scope_run_records_the_objective_and_refuses_another_scope(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert nat_train.main(TINY + ["--reassign-scope", "dataset", "--track-objective", "--out", out]) == 0
     rows = _rows(out)
@@ -75,7 +75,7 @@ def test_dataset_scope_run_records_the_objective_and_refuses_another_scope(tmp_p
         # the solve is the optimum from the held permutation on the same features
         assert r["objective"] >= r["objective_held"] - 1e-6 * abs(r["objective_held"]), r
         assert "objective_end" in r, r
-    with pytest.raises(ValueError, match="'dataset'-scope run, this run's reassign_scope is 'batch'"):
+    with refused(capsys, "'dataset'-scope run, this run's reassign_scope is 'batch'"):
         nat_train.main(TINY + ["--epochs", "3", "--out", out, "--resume"])
 
 
