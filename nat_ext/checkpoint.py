@@ -8,13 +8,14 @@ so it never unpickles arbitrary objects.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import torch
 
 from .config import SettingError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "COMPAT_KEYS", "LEGACY_VALUES"]
+__all__ = ["save_checkpoint", "load_checkpoint", "compat_diffs", "previous_path", "COMPAT_KEYS", "LEGACY_VALUES"]
 
 # Config fields that must match for a checkpoint to be resumed or evaluated.
 COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels", "target_generator", "target_set")
@@ -23,12 +24,20 @@ COMPAT_KEYS = ("arch", "dim", "n_images", "sobel", "in_channels", "target_genera
 LEGACY_VALUES = {"target_generator": "pcg64", "target_set": "sphere"}
 
 
+def previous_path(path: str) -> str:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaces (``checkpoint.prev.pt``)."""
+    root, ext = os.path.splitext(path)
+    return root + ".prev" + ext
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename), keeping
+    the checkpoint it replaces as :func:`previous_path` until the new one is in place.
 
     Args:
         state: dict of tensors and plain values.
-        path: destination file; a reader never sees a partial file.
+        path: destination file; a reader never sees a partial file, and ``path`` always exists
+            once written (the old one is linked aside before the rename, not moved).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -38,10 +47,24 @@ def save_checkpoint(state: dict, path: str) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.path.exists(path):
+            _keep_previous(path, folder)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _keep_previous(path: str, folder: str) -> None:
+    # a hard link (a copy where the file system has none), renamed over the older previous one
+    tmp = os.path.join(folder, f".tmp-prev-{os.getpid()}.pt")
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous_path(path))
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
@@ -67,18 +90,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     return state
 
 
-def check_compatible(saved: dict, current: dict, path: str) -> None:
-    """Refuse a checkpoint made for another dataset size, dimension or architecture.
-
-    Args:
-        saved: the checkpoint's config dict.
-        current: the config dict of this run (same keys).
-        path: checkpoint path, for the message.
-    """
+def compat_diffs(saved: dict, current: dict) -> list[str]:
+    """The settings a checkpoint's config must share with this run's to be resumed or evaluated
+    (:data:`COMPAT_KEYS`) that differ, as ``"key: checkpoint A, this run B"``."""
     saved = dict(LEGACY_VALUES, **saved)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
-             for k in COMPAT_KEYS if saved.get(k) != current.get(k)]
-    if diffs:
-        raise SettingError(f"checkpoint {path} does not match this run ({'; '.join(diffs)}); use the same "
-                         "--data/--limit, --dim, --arch, --target-generator and --targets (with its "
-                         "--num-prototypes, --target-spread), or another --out")
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
+            for k in COMPAT_KEYS if saved.get(k) != current.get(k)]

@@ -254,7 +254,23 @@ class Config:
                                            "(bfloat16 halves the transfer and the buffer; the solve widens "
                                            "them to float32)", choices=GATHER_DTYPES)
     out: str = setting("runs/nat", "output folder", check=FOLDER)
-    resume: bool = setting(False, "continue from OUT/checkpoint.pt if present")
+    resume: bool = setting(True, "continue from OUT/checkpoint.pt when present (so the same command, e.g. a "
+                                 "requeued job, continues the run; a finished run prints its evaluation); "
+                                 "--no-resume starts afresh after moving the old run's files to "
+                                 "OUT/previous-<time>/")
+    warmup_epochs: int = setting(0, "linear warmup of the learning rate over the first E epochs (step s of W "
+                                    "takes lr x (s + 1) / W), then the schedule over the remaining steps",
+                                 check=COUNT)
+    loader_timeout: int = setting(300, "seconds the training loader may take for one batch before the run stops "
+                                       "with an error naming the rank and the step (a stuck read); loaders with "
+                                       "workers only (torch has no timeout without them); 0: no limit",
+                                  check=COUNT)
+    solver_fault_share: float = setting(0.01, "share of an epoch's batch solves that may fault in the solver "
+                                              "(status 3 or 4, a bug) before --on-solver-faults acts",
+                                        check=SHARE)
+    on_solver_faults: str = setting("cpu", "past --solver-fault-share: cpu (the following epochs solve on the "
+                                           "CPU, said in the log and in metrics.jsonl) or stop (exit with an "
+                                           "error, the epoch's checkpoint kept)", choices=("cpu", "stop"))
     seed: int = setting(0, "seed of the model init, targets, initial assignment, data order, augmentation", check=COUNT)
     limit: int = setting(0, "train on a seeded subset of this many images (0: all)", check=COUNT)
     image_size: int = setting(224, "crop size for ImageFolder data", check=POSITIVE_INT)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import shutil
+import signal
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -49,7 +51,8 @@ from .presets import CropBatch, FolderCrop, mix64
 
 __all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
            "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
-           "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder"]
+           "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder", "resolve_workers",
+           "ignore_stop_signals", "shm_needed", "check_shm"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
@@ -653,8 +656,17 @@ class EpochBatches:
             yield [(self.epoch, i) for i in batch] if self.keys else list(batch)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: SIGINT, SIGTERM and SIGUSR1 are the training loop's to
+    handle (SLURM and torchrun signal every process of the job at once); a worker that died of one
+    would fail the rank before it could checkpoint. The parent ends its workers as it exits."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_sampler, device: torch.device | str, workers: int | None = None,
-                prefetch_factor: int = 4, local_world_size: int | None = None) -> DataLoader:
+                prefetch_factor: int = 4, local_world_size: int | None = None, timeout: float = 0,
+                shield_workers: bool = False) -> DataLoader:
     """The run's DataLoader, built once: persistent workers, prefetching, pinned memory on CUDA.
 
     Args:
@@ -664,14 +676,44 @@ def make_loader(dataset: Dataset, batch_sampler, device: torch.device | str, wor
         workers: worker processes; None or negative: :func:`default_workers` of the node's ranks.
         prefetch_factor: batches each worker prepares ahead.
         local_world_size: ranks on this node; default ``LOCAL_WORLD_SIZE`` from the environment (1).
+        timeout: seconds to wait for a batch from the workers before raising (0: forever; no
+            effect without workers, where torch refuses a timeout).
+        shield_workers: the workers ignore the stop signals (:func:`ignore_stop_signals`).
 
     Returns:
         A DataLoader yielding ``(images, labels, indices, skipped)`` (see :func:`collate`).
     """
+    workers = resolve_workers(workers, local_world_size)
+    extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor, timeout=timeout,
+                 worker_init_fn=ignore_stop_signals if shield_workers else None) if workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", **extra)
+
+
+def resolve_workers(workers: int | None, local_world_size: int | None = None) -> int:
+    """``workers``, or :func:`default_workers` of the node's ranks for None or a negative value."""
     if workers is None or workers < 0:
         if local_world_size is None:
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = default_workers(local_world_size)
-    extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=torch.device(device).type == "cuda", **extra)
+    return workers
+
+
+def shm_needed(workers: int, prefetch_factor: int, batch_bytes: int, local_world_size: int) -> int:
+    """Bytes of /dev/shm the node's loaders hold at once: every worker's prefetched batches, per rank."""
+    return workers * prefetch_factor * batch_bytes * local_world_size
+
+
+def check_shm(needed: int, path: str = "/dev/shm") -> None:
+    """Raise RuntimeError, with the fix, when ``path`` cannot hold ``needed`` bytes (workers hand their
+    batches over in shared memory; a container's default 64 MB fails at the first batch with a bus
+    error). No-op where ``path`` does not exist."""
+    if not os.path.isdir(path):
+        return
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise RuntimeError(
+            f"{path} has {free / 2**20:.0f} MiB free, but the loader workers of this node hand over about "
+            f"{needed / 2**20:.0f} MiB of batches at once (workers x prefetch x batch bytes x ranks): give the "
+            "container more shared memory (docker run --shm-size=64g, or a larger /dev/shm), or lower "
+            "--workers or --batch-size")

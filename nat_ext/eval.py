@@ -41,7 +41,7 @@ from .reassign import shard_rows
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
-__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "main"]
+__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "report_tables", "main"]
 
 LBFGS_MAX_IMAGES = 100_000  # --probe-method auto: L-BFGS up to this many training images
 BANK_MAX_BYTES = 1 << 30  # the k-NN bank's features stay under 1 GiB
@@ -438,6 +438,15 @@ def _table(results: list[dict], key: str, title: str) -> str:
         row = [cell.get((name, l)) for l in layers]
         lines.append(f"{name:12s}" + "".join(f"{100 * v:9.2f}" if v is not None else f"{'-':>9s}" for v in row))
     return "\n".join(lines)
+
+
+def report_tables(report: dict) -> str:
+    """The linear (and k-NN) tables of an ``eval.json`` report, as the evaluation printed them."""
+    results = report["results"]
+    tables = [_table(results, "linear_top1", "linear top-1 (%)")]
+    if any(r.get("knn_top1") is not None for r in results):
+        tables.append(_table(results, "knn_top1", "k-NN top-1 (%)"))
+    return "\n".join(tables)
 
 
 def evaluate(ecfg: EvalConfig) -> dict | None:

@@ -9,17 +9,20 @@ import datetime
 import json
 import math
 import os
+import shutil
+import signal
+import time
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import compat_diffs, load_checkpoint, previous_path
 from .config import Config, SettingError
 from .state import Assignment
 
 __all__ = ["epoch_batches", "plot_metrics", "StopFlag", "EpochStats", "no_sync_allowed", "rng_state",
-           "set_rng_state", "setup_processes", "resume", "prepare_out", "write_summary", "agreed_signal",
-           "stopped", "held_perm", "scaled_lr", "build_scheduler", "continue_schedule", "amp_settings"]
+           "set_rng_state", "setup_processes", "resume", "move_aside", "RUN_FILES", "prepare_out", "write_summary",
+           "stopped", "held_perm", "STOP_SIGNALS", "gather_rng", "scaled_lr", "build_scheduler", "continue_schedule", "amp_settings"]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -73,14 +76,44 @@ def plot_metrics(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checkpoints and exits after the current step."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
-        self.signum = 0
+
+class StopFlag:
+    """Set by SIGINT, SIGTERM or SIGUSR1 (what torchrun and SLURM send some seconds before a kill);
+    the loop checkpoints and exits at the first step on which the ranks see it (:meth:`agreed`).
+
+    Args:
+        world: the number of processes; with several, construct it on every rank at the same point
+            (it makes a gloo group when the default one is NCCL).
+    """
+
+    def __init__(self, world: int = 1) -> None:
+        self.signum, self.world = 0, world
+        # the flag is reduced on the CPU every step: through NCCL it would be a host sync per step
+        self.group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
 
     def __call__(self, signum, frame) -> None:
         self.signum = signum
+
+    def install(self) -> dict:
+        """Handle the stop signals; returns the old handlers (give them to :meth:`restore`)."""
+        return {s: signal.signal(s, self) for s in STOP_SIGNALS}
+
+    @staticmethod
+    def restore(handlers: dict) -> None:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    def agreed(self) -> int:
+        """The signal received by any process (0: none). With several processes a collective on the
+        CPU (microseconds), so call it at the same point on every rank: all then stop at the same step."""
+        if self.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flag)
+        return self.signum
 
 
 class EpochStats:
@@ -96,7 +129,8 @@ class EpochStats:
         # the auxiliary terms' per-step means times the step's images (issue 19; empty without them)
         self.aux_sums = {k: torch.tensor(float(v), dtype=torch.float64, device=device)
                          for k, v in s.get("aux_sums", {}).items()}
-        self.logged = (0.0, 0)  # (loss_sum, images) at the last log line
+        self.wait_seconds = 0.0  # time this rank's loop waited for the loader (not saved: a per-session figure)
+        self.logged = (0.0, 0, 0.0, 0.0)  # (loss_sum, images, seconds, wait_seconds) at the last log line
 
     def add_aux(self, name: str, value: torch.Tensor, images: int) -> None:
         """Add an auxiliary term's step mean ``value`` (Tensor[], on the device), weighted by the step's images."""
@@ -113,11 +147,13 @@ class EpochStats:
             state["aux_sums"] = {k: v.item() for k, v in self.aux_sums.items()}
         return state
 
-    def loss_since_log(self) -> float:
-        """Mean loss since the previous call (one read of the device)."""
-        loss_sum = self.loss_sum.item()
-        (prev_sum, prev_images), self.logged = self.logged, (loss_sum, self.images)
-        return (loss_sum - prev_sum) / max(self.images - prev_images, 1)
+    def since_log(self) -> tuple[float, float, float]:
+        """(mean loss, this rank's images/s, share of the time spent waiting for data) since the
+        previous call: one read of the device."""
+        now = (self.loss_sum.item(), self.images, self.seconds, self.wait_seconds)
+        prev, self.logged = self.logged, now
+        images, seconds = now[1] - prev[1], max(now[2] - prev[2], 1e-9)
+        return (now[0] - prev[0]) / max(images, 1), images / seconds, min((now[3] - prev[3]) / seconds, 1.0)
 
 
 @contextlib.contextmanager
@@ -139,6 +175,16 @@ def rng_state(aug_gen: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng(aug_gen: torch.Generator, world: int) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective when distributed): each rank
+    draws its own augmentation, so an exact resume restores each rank's own."""
+    if world == 1:
+        return [rng_state(aug_gen)]
+    states: list = [None] * world
+    dist.all_gather_object(states, rng_state(aug_gen))
+    return states
 
 
 def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
@@ -184,8 +230,21 @@ def scaled_lr(cfg: Config, world: int) -> float:
     return cfg.lr
 
 
-def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, total_steps: int):
-    """The per-step schedule: cosine from the base lr to 0 over ``total_steps``, or constant."""
+def build_scheduler(cfg: Config, opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    """The per-step schedule: cosine from the base lr to 0 over ``total_steps``, or constant; with
+    ``warmup_steps`` (``--warmup-epochs``), a linear warmup first (step s takes lr (s + 1) / W) and the
+    schedule over the remaining steps, in closed form (a resume with another length recomputes it)."""
+    if warmup_steps > 0:
+        cosine = cfg.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            if not cosine:
+                return 1.0
+            span = max(total_steps - warmup_steps, 1)
+            return (1 + math.cos(math.pi * min(step - warmup_steps, span) / span)) / 2
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -217,34 +276,103 @@ def amp_settings(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool]:
     return dtype, cfg.amp and dtype == torch.float16
 
 
-def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.Generator) -> dict:
+def _read_run(path: str) -> dict | None:
+    """The checkpoint in ``path`` (None when there is none); an unreadable one (cut by a kill
+    mid-write on a file system without atomic rename) falls back to the one it replaced."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_checkpoint(path, map_location="cpu")
+    except RuntimeError as e:
+        prev = previous_path(path)
+        if not os.path.exists(prev):
+            raise
+        print(f"warning: {e}; resuming from the previous checkpoint {prev}", flush=True)
+        return load_checkpoint(prev, map_location="cpu")
+
+
+def _agree_on_checkpoint(ck: dict | None, path: str, rank: int, world: int) -> None:
+    # Every rank must resume from what rank 0 resumes from: a rank that sees another checkpoint (or
+    # none: a node-local --out) would hang the first collective. One gather, before any other.
+    if world == 1:
+        return
+    seen = None if ck is None else (ck["epoch"], ck["step"], ck["global_step"])
+    views: list = [None] * world
+    dist.all_gather_object(views, seen)
+    if any(v != views[0] for v in views):
+        described = "; ".join(f"rank {r}: " + ("no checkpoint" if v is None else f"epoch {v[0]} step {v[1]}")
+                              for r, v in enumerate(views))
+        raise SettingError(f"the ranks do not see the same checkpoint {path} ({described}): --out must be one "
+                           "folder shared by every node")
+
+
+def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.Generator, rank: int = 0,
+           world: int = 1) -> dict | None:
     """Load ``path`` into the state dicts of ``parts`` after checking it belongs to this run.
 
+    With several processes every rank calls it (at the same point, before any other collective):
+    they check they see the same checkpoint, and each restores its own random state.
+
     Returns:
-        the checkpoint's progress: epoch, step, global_step, epoch_stats, train_seconds.
+        the checkpoint's progress: epoch, step, global_step, epoch_stats, train_seconds; None
+        when there is no checkpoint.
+
+    Raises:
+        SettingError: naming every setting that differs from the checkpoint's run.
     """
-    ck = load_checkpoint(path, map_location="cpu")
+    ck = _read_run(path)
+    _agree_on_checkpoint(ck, path, rank, world)
+    if ck is None:
+        return None
     saved = ck["config"]
-    check_compatible(saved, run_info, path)
+    diffs = compat_diffs(saved, run_info)
     if saved.get("objective") != cfg.objective:
-        raise SettingError(f"checkpoint {path} is a {saved.get('objective')!r} run, "
-                         f"this run's objective is {cfg.objective!r}")
+        diffs.append(f"objective: checkpoint is a {saved.get('objective')!r} run, this run's objective is "
+                     f"{cfg.objective!r}")
     if saved.get("reassign_scope", "batch") != cfg.reassign_scope:
-        raise SettingError(f"checkpoint {path} is a {saved.get('reassign_scope', 'batch')!r}-scope run, "
-                         f"this run's reassign_scope is {cfg.reassign_scope!r}")
-    if saved.get("world_size") != run_info["world_size"]:
-        raise SettingError(f"checkpoint {path} was written by {saved.get('world_size')} "
-                         f"processes; resume with the same number (got {run_info['world_size']})")
+        diffs.append(f"reassign_scope: checkpoint is a {saved.get('reassign_scope', 'batch')!r}-scope run, "
+                     f"this run's reassign_scope is {cfg.reassign_scope!r}")
+    if saved.get("world_size") != world:
+        diffs.append(f"world size: checkpoint written by {saved.get('world_size')} processes, this run has "
+                     f"{world} (the per-rank batch order depends on it: resume with the same number)")
     if cfg.objective == "nat" and ck["target_seed"] != cfg.seed:
-        raise SettingError(f"checkpoint {path} has target seed {ck['target_seed']}, --seed is {cfg.seed}")
+        diffs.append(f"seed: checkpoint has target seed {ck['target_seed']}, --seed is {cfg.seed}")
     if ("aux" in ck) != ("aux" in parts):
-        raise SettingError(f"checkpoint {path} was written with --rotation-loss "
-                         f"{saved.get('rotation_loss', 0.0)}, this run has {cfg.rotation_loss}: a rotation head "
-                         "exists in one and not the other; resume with a weight that is 0 in both or in neither")
+        diffs.append(f"rotation head: checkpoint written with --rotation-loss {saved.get('rotation_loss', 0.0)}, "
+                     f"this run has {cfg.rotation_loss} (resume with a weight that is 0 in both or in neither)")
+    if diffs:
+        raise SettingError(f"checkpoint {path} is another run ({'; '.join(diffs)}): use that run's settings, "
+                           "--no-resume to start afresh (its files are moved aside), or another --out")
     for name, part in parts.items():
         part.load_state_dict(ck[name])
-    set_rng_state(ck["rng"], aug_gen)
+    set_rng_state(ck.get("rng_ranks", [ck["rng"]] * world)[rank], aug_gen)
     return {k: ck[k] for k in ("epoch", "step", "global_step", "epoch_stats", "train_seconds")}
+
+
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json", "tb")
+
+
+def move_aside(out: str) -> str | None:
+    """Move a previous run's files in ``out`` to ``out/previous-<UTC time>/`` (``--no-resume``; never
+    deleted). Returns that folder, or None when ``out`` held none."""
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not present:
+        return None
+    aside = os.path.join(out, "previous-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    while os.path.exists(aside):
+        aside += "+"
+    os.makedirs(aside)
+    for f in present:
+        shutil.move(os.path.join(out, f), os.path.join(aside, f))
+    return aside
+
+
+def _epoch_of(line: str) -> int | None:
+    # a metrics line's epoch; None for a blank line or one cut by a kill mid-write
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def prepare_out(out: str, run_info: dict, start_epoch: int):
@@ -254,9 +382,10 @@ def prepare_out(out: str, run_info: dict, start_epoch: int):
     metrics_path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            kept = [l for l in f if l.strip() and json.loads(l)["epoch"] < start_epoch]
-        with open(metrics_path, "w") as f:
+            kept = [l for l in f if _epoch_of(l) is not None and _epoch_of(l) < start_epoch]
+        with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
     try:
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(os.path.join(out, "tb"))
@@ -279,23 +408,13 @@ def write_summary(row: dict, out: str, writer, epochs: int) -> None:
           + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
 
 
-def agreed_signal(stop: StopFlag, world: int, device: torch.device) -> int:
-    """The signal received by any process (0: none); a collective when distributed, so all stop together."""
-    if world == 1:
-        return stop.signum
-    flag = torch.tensor([stop.signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop.signum = int(flag)
-    return stop.signum
-
-
 def stopped(why: str, signum: int, ckpt_path: str, epoch: int, step: int, assignment: Assignment | None,
             train_seconds: float, master: bool) -> dict:
     """The result of a run that stops before its last epoch (a signal, or ``--max-steps``), its
     checkpoint written: rank 0 says where and how to continue."""
     if master:
         print(f"\n{why}: saved {ckpt_path} at epoch {epoch} step {step}; "
-              "rerun with --resume to continue", flush=True)
+              "run the same command again to continue", flush=True)
     return {"checkpoint": ckpt_path, "interrupted": signum, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": None}
 

@@ -17,13 +17,20 @@ from .align import round_plan
 from .faults import SOLVER_FAULTS, STATUS_NAMES, SolverFaultError, fallback_mode, wait_for_device
 from .ops import assign_ex
 
-__all__ = ["Assignment"]
+__all__ = ["Assignment", "cpu_assign"]
 
 AssignFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _default_assign(feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return assign_ex(feats, targets)
+
+
+def cpu_assign(feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``assign_ex`` on the CPU, results back on the features' device: the solver a training run
+    switches to when the device's faults too often (``--on-solver-faults cpu``; a host sync per batch)."""
+    col4row, info = assign_ex(feats.cpu(), targets.cpu())
+    return col4row.to(feats.device), info.to(feats.device)
 
 
 class Assignment:
@@ -146,10 +153,10 @@ class Assignment:
         self._inverse.scatter_(0, new_targets, index)
         return changed
 
-    def check(self) -> None:
+    def check(self) -> int:
         """Report the reassignments that failed since the last check, by status, and check that
         ``perm`` is a permutation and ``inverse`` its inverse. Waits for the device (under
-        NAT_CUDA_TIMEOUT_S).
+        NAT_CUDA_TIMEOUT_S). Returns the number of solver faults (status 3 or 4) since the last check.
 
         A failed batch kept its targets. Bad input (status 1 or 2: NaN or infinite features)
         raises RuntimeError. Solver faults (3, 4: a bug) warn and let training go on, or raise
@@ -164,7 +171,8 @@ class Assignment:
         if counts[1] or counts[2]:
             raise RuntimeError(f"batch reassignments failed: {report((1, 2))}; the features have "
                                "diverged (NaN or infinite)")
-        if any(counts[c] for c in SOLVER_FAULTS):
+        faults = sum(counts[c] for c in SOLVER_FAULTS)
+        if faults:
             message = (f"batch reassignments failed in the solver: {report(SOLVER_FAULTS)}. Those "
                        "batches kept their targets. This is a bug in nat_ext: please report it")
             if fallback_mode() == "raise":
@@ -178,6 +186,7 @@ class Assignment:
                                f"{int((counts == 0).sum())} targets unheld")
         if not torch.equal(self.inverse[perm], torch.arange(n, device=perm.device)):
             raise RuntimeError("assignment inverse does not invert perm")
+        return faults
 
     def state_dict(self) -> dict:
         """Tensors only, on the CPU (safe for ``torch.load(weights_only=True)``)."""

@@ -21,8 +21,8 @@ names are re-exported here, as before the split.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import signal
 import sys
 import time
 
@@ -35,17 +35,20 @@ from .auxiliary import (AuxNet, RotationHead, koleo_loss, local_count, local_cro
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
 from .config import Config, EvalConfig, SettingError, parse_config, progress, refuse, validate
-from .data import EpochBatches, batch_augment, get_dataset, make_loader
-from .eval import default_layer, evaluate
+from .data import EpochBatches, batch_augment, check_shm, get_dataset, make_loader, resolve_workers, shm_needed
+from .eval import default_layer, evaluate, report_tables
 from .models import build_model
 from .presets import DeviceTransform
 from .reassign import (align_batch, assignment_objective, centre_features, check_settings, dataset_features,
                        dataset_objective, reassign, reassign_dataset, reassigns_on, target_generator, target_set)
-from .run import (EpochStats, StopFlag, agreed_signal, amp_settings, build_scheduler, continue_schedule,
-                  epoch_batches, held_perm, no_sync_allowed, plot_metrics, prepare_out, resume, rng_state,
-                  scaled_lr, setup_processes, stopped, write_summary)
-from .state import Assignment
+from .run import (EpochStats, StopFlag, amp_settings, build_scheduler, continue_schedule, epoch_batches,
+                  gather_rng, held_perm, move_aside, no_sync_allowed, plot_metrics, prepare_out, resume, scaled_lr,
+                  setup_processes, stopped, write_summary)
+from .state import Assignment, cpu_assign
 from .targets import Targets
+
+# batches each loader worker prepares ahead (what /dev/shm must hold, with the batch size)
+PREFETCH = 4
 
 __all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "align_batch",
            "check_settings", "target_set", "target_generator", "dataset_features", "dataset_objective",
@@ -112,10 +115,20 @@ def train(cfg: Config) -> dict:
     opt = torch.optim.SGD(params, lr=scaled_lr(cfg, world), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
-    sched = build_scheduler(cfg, opt, cfg.epochs * steps_per_epoch)
+    sched = build_scheduler(cfg, opt, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     amp_dtype, use_scaler = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    # the loader's workers: said per rank, and /dev/shm checked, before any collective
+    workers = resolve_workers(0 if info.batch_augment and cfg.workers < 0 else cfg.workers)
+    print(f"rank {rank}: {workers} loader worker(s)", flush=True)
+    if workers == 0 and device.type == "cuda" and not info.batch_augment:
+        print(f"warning: rank {rank} decodes its images in the training process (0 loader workers, "
+              f"{len(os.sched_getaffinity(0))} cpus): the GPU will wait for data; give --workers", flush=True)
+    if workers > 0:
+        check_shm(shm_needed(workers, PREFETCH, cfg.batch_size * cfg.views * info.in_channels * cfg.image_size ** 2,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     # resume (a longer --epochs stretches the cosine schedule from the step reached)
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
@@ -124,18 +137,25 @@ def train(cfg: Config) -> dict:
     if rotation is not None:  # its own part of the checkpoint: the encoder's state stays what nat-eval loads
         parts["aux"] = rotation
     at = {"epoch": 0, "step": 0, "global_step": 0, "epoch_stats": None, "train_seconds": 0.0}
-    if cfg.resume and os.path.exists(ckpt_path):
-        at = resume(cfg, ckpt_path, run_info, parts, aug_gen)
+    resumed = resume(cfg, ckpt_path, run_info, parts, aug_gen, rank, world) if cfg.resume else None
+    if resumed is not None:
+        at = resumed
         stretched = continue_schedule(sched, opt, cfg.epochs * steps_per_epoch)
         if master:
             print(f"resumed from {ckpt_path} at epoch {at['epoch']} step {at['step']}"
                   + (f"; cosine schedule now over {cfg.epochs} epochs" if stretched else ""), flush=True)
+        if at["epoch"] >= cfg.epochs and at["step"] == 0:
+            return _complete(cfg, ckpt_path, assignment, at["train_seconds"], world, master)
+    elif not cfg.resume and master:
+        aside = move_aside(cfg.out)
+        if aside:
+            print(f"--no-resume: the previous run's files are now in {aside}", flush=True)
     start_step, global_step, train_seconds = at["step"], at["global_step"], at["train_seconds"]
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
     # the run's one loader (persistent workers) over a sampler that follows the epoch
     sampler = EpochBatches(lambda e: epoch_batches(n, cfg.batch_size, cfg.seed, e, rank, world))
-    loader = make_loader(dataset, sampler, device, workers=0 if info.batch_augment and cfg.workers < 0
-                         else cfg.workers)
+    loader = make_loader(dataset, sampler, device, workers=workers, prefetch_factor=PREFETCH,
+                         timeout=cfg.loader_timeout, shield_workers=True)
 
     forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s weights
     # with auxiliary inputs the encoder and the head run in one module, so DDP wraps (and all-reduces) both
@@ -144,16 +164,17 @@ def train(cfg: Config) -> dict:
     net = torch.nn.parallel.DistributedDataParallel(aux_net or forward,
                                                     device_ids=[device] if device.type == "cuda" else None,
                                                     gradient_as_bucket_view=True) if world > 1 else aux_net or forward
-    stop = StopFlag()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopFlag(world)
+    old_handlers = stop.install()
     no_sync = cfg.sync_debug and device.type == "cuda"
 
     def checkpoint(epoch: int, step: int, stats: EpochStats | None) -> None:
+        rng = gather_rng(aug_gen, world)  # every rank's own random state (a collective)
         if master:
             state = {name: part.state_dict() for name, part in parts.items()}
             save_checkpoint(dict(state, target_seed=cfg.seed, epoch=epoch, step=step, global_step=global_step,
                                  epoch_stats=stats.state_dict() if stats else None,
-                                 train_seconds=train_seconds, rng=rng_state(aug_gen), config=run_info),
+                                 train_seconds=train_seconds, rng=rng[0], rng_ranks=rng, config=run_info),
                             ckpt_path)
         if world > 1:
             dist.barrier()
@@ -186,9 +207,10 @@ def train(cfg: Config) -> dict:
             per_batch = reassigning and cfg.reassign_scope == "batch"
             model.train()
             t_last = time.perf_counter()
-            bar = progress(loader, total=len(batches), initial=start_step, disable=not master,
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            bar = progress(named_batches(loader, rank, epoch, start_step), total=len(batches), initial=start_step,
+                           disable=not master, desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for step, (x, y, idx, skipped) in enumerate(bar, start=start_step):
+                stats.wait_seconds += time.perf_counter() - t_last  # the loader's share of the step
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
                 with no_sync_allowed(no_sync):
                     # forward: every view of the batch in one pass (local crops and the rotated copy beside it)
@@ -257,15 +279,16 @@ def train(cfg: Config) -> dict:
                 # log every log_every steps (the only read of the device inside the epoch)
                 log_step = cfg.log_every > 0 and (step + 1) % cfg.log_every == 0
                 if log_step and master:
+                    loss, rate, wait = stats.since_log()
                     if bar.disable:
-                        print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{len(batches)} "
-                              f"loss {stats.loss_since_log():.4f}", flush=True)
+                        print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{len(batches)} loss {loss:.4f} "
+                              f"{rate:.0f} img/s/rank data wait {100 * wait:.0f}%", flush=True)
                     else:
-                        bar.set_postfix(loss=f"{stats.loss_since_log():.4f}")
+                        bar.set_postfix(loss=f"{loss:.4f}", data_wait=f"{100 * wait:.0f}%")
 
-                # stop on SIGINT/SIGTERM (checked every step alone, at log steps with several processes),
+                # stop on SIGINT/SIGTERM/SIGUSR1 (the ranks agree at every step, on the CPU),
                 # or at --max-steps inside the epoch (at its last step the epoch ends first, below)
-                if (world == 1 or log_step) and agreed_signal(stop, world, device):
+                if stop.agreed():
                     checkpoint(epoch, step + 1, stats)
                     return stopped(f"signal {stop.signum}", stop.signum, ckpt_path, epoch, step + 1, assignment,
                                    train_seconds, master)
@@ -291,10 +314,25 @@ def train(cfg: Config) -> dict:
                 row["objective_seconds"] = time.perf_counter() - t0
             train_seconds += stats.seconds
             start_step = 0
+            solves = len(batches) * world if per_batch else 0
+            fault_action = _solver_fault_action(cfg, row.get("solver_faults", 0), solves)
+            if fault_action:
+                row["solver_fault_action"] = fault_action
+            if assignment is not None and assignment.assign_fn is cpu_assign:
+                row["solver"] = "cpu"
             if master:
                 write_summary(row, cfg.out, writer, cfg.epochs)
             checkpoint(epoch + 1, 0, None)
-            if world > 1 and agreed_signal(stop, world, device):
+            if fault_action:  # said on every rank: the counts are all ranks' (summed in the summary)
+                message = (f"rank {rank}: {row['solver_faults']} of the epoch's {solves} batch solves faulted in "
+                           f"the solver, more than --solver-fault-share {cfg.solver_fault_share}")
+                if fault_action == "stop":
+                    raise SolverFaultError(f"{message}; stopping (--on-solver-faults stop) with the checkpoint of "
+                                           f"epoch {epoch + 1} kept in {ckpt_path}")
+                print(f"warning: {message}; the following epochs solve on the CPU (--on-solver-faults cpu)",
+                      flush=True)
+                assignment.assign_fn = cpu_assign
+            if stop.agreed():
                 return stopped(f"signal {stop.signum}", stop.signum, ckpt_path, epoch + 1, 0, assignment,
                                train_seconds, master)
             if max_steps_reached() and epoch + 1 < cfg.epochs:
@@ -302,8 +340,7 @@ def train(cfg: Config) -> dict:
                                train_seconds, master)
         finished = True
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        stop.restore(old_handlers)
         if writer is not None:
             writer.close()
         if world > 1 and not (finished and cfg.eval):
@@ -320,6 +357,54 @@ def train(cfg: Config) -> dict:
                 dist.destroy_process_group()
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
+
+
+def _solver_fault_action(cfg: Config, faults: int, solves: int) -> str | None:
+    """``--on-solver-faults`` when more than ``--solver-fault-share`` of the epoch's batch solves faulted."""
+    return cfg.on_solver_faults if solves and faults > cfg.solver_fault_share * solves else None
+
+
+def named_batches(loader, rank: int, epoch: int, start_step: int):
+    """The loader's batches; a loader error (a stuck read past ``--loader-timeout``, a dead worker, an
+    unreadable file) is raised again naming the rank and the step."""
+    batches = iter(loader)
+    step = start_step
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as e:
+            hint = " (a stuck read: see --loader-timeout)" if "timed out" in str(e) else ""
+            raise RuntimeError(f"rank {rank}: the loader failed at epoch {epoch + 1} step {step + 1}{hint}: "
+                               f"{e}") from e
+        yield batch
+        step += 1
+
+
+def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_seconds: float, world: int,
+              master: bool) -> dict:
+    """A run resumed at its end: say so and print its evaluation (evaluated now when it has none)."""
+    eval_path = os.path.join(cfg.out, "eval.json")
+    report = None
+    if os.path.exists(eval_path):
+        try:
+            with open(eval_path) as f:
+                report = json.load(f)
+        except ValueError:  # cut mid-write: evaluate again
+            report = None
+    if master:
+        print(f"the run in {cfg.out} is complete ({cfg.epochs} epochs)"
+              + (f"; its evaluation ({eval_path}):\n{report_tables(report)}" if report else ""), flush=True)
+    try:
+        if report is None and cfg.eval:
+            report = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=cfg.device,
+                                         workers=cfg.workers, out=eval_path))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
+            "train_seconds": train_seconds, "eval": report}
 
 
 def nat_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -349,10 +434,11 @@ def _epoch_summary(stats: EpochStats, assignment: Assignment | None, epoch: int,
     if world > 1:
         dist.all_reduce(tot)
     loss_sum, images, skipped, *aux_sums = tot.tolist()
+    faults = 0
     if assignment is not None:
         if world > 1:  # every rank reports (and raises) the failures of all ranks alike
             dist.all_reduce(assignment.solver_status)
-        assignment.check()
+        faults = assignment.check()
         if world > 1:
             ref = assignment.perm.clone()
             dist.broadcast(ref, 0)
@@ -364,6 +450,7 @@ def _epoch_summary(stats: EpochStats, assignment: Assignment | None, epoch: int,
             "reassigned": reassigned, "images_per_s": images / seconds,
             "assign_frac": stats.assign_seconds / seconds, "skipped": int(skipped), "lr": lr,
             "seconds": stats.seconds, "step": global_step, **stats.reassign_info,
+            **({"solver_faults": faults} if assignment is not None else {}),
             **{k: v / max(images, 1) for k, v in zip(aux_names, aux_sums)}}
 
 

@@ -84,5 +84,5 @@ def test_epoch_batches_split_ranks_disjointly():
     assert not set(flat0) & set(flat1) and len(set(flat0)) == 48
     assert b0 == epoch_batches(103, 8, seed=0, epoch=2, rank=0, world=2)
     assert b0 != epoch_batches(103, 8, seed=0, epoch=3, rank=0, world=2)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size should be at most the 5 images per process, got 8"):
         epoch_batches(10, 8, seed=0, epoch=0, world=2)

@@ -321,11 +321,12 @@ def test_training_ranks_share_the_sgd_probe(tmp_path):
 
 
 @pytest.mark.parametrize("probe, message", [
-    (dict(knn_bank=0), "knn_bank should be >= 1, got 0"),
-    (dict(probe_epochs=0), "probe_epochs should be >= 1, got 0"),
-    (dict(knn_k=-1), "knn_k should be >= 0, got -1"),
-    (dict(baselines="random,noise"), r"baselines should be among .* got \['noise'\]"),
-    (dict(probe_method="adam"), r"probe_method should be one of \('auto', 'lbfgs', 'sgd'\), got 'adam'"),
+    (dict(knn_bank=0), "--knn-bank should be a positive integer, got 0"),
+    (dict(probe_epochs=0), "--probe-epochs should be a positive integer, got 0"),
+    (dict(knn_k=-1), "--knn-k should be an integer >= 0, got -1"),
+    (dict(baselines="random,noise"), r"--baselines should be a comma list of random,pixels,supervised .* "
+                                     r"got 'random,noise'"),
+    (dict(probe_method="adam"), r"--probe-method should be one of auto, lbfgs, sgd, got 'adam'"),
 ])
 def test_bad_settings_are_named(probe, message):
     with pytest.raises(ValueError, match=message):
