@@ -159,6 +159,8 @@ install_ext() {
   else
     echo "install: wheel $state; building from source (the build line of the budget)" | tee -a "$summary"
   fi
+  # (gpu_extra.sh's table has no build line: the model's, the later stages cut to the time left)
+  [ -n "${LIMIT[build]:-}" ] || LIMIT[build]=$(python3 scripts/gpu_plan.py plan --stages build | cut -d' ' -f2)
   stage build install.log bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
     MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace && python3 scripts/check_build.py --cuda 1 --run"
   # Only a module that does not import (or has no CUDA kernels) stops the later stages.
