@@ -110,6 +110,9 @@ if [ -n "$DRY" ]; then  # a reduced CPU set, the allowance cut so that the selec
   tests_sel=(-m 'not cuda' tests/test_cuda_core.py -k 'algorithm_matches_scipy or batched')
   export NAT_TESTS_ALLOWANCE_S=3
 fi
+# What the stages so far left unused goes to the tests and ncu: both planned again on the time left.
+rest=$(planned_after bench)
+[ -n "$rest" ] && [ -z "${skip_reason:-}" ] && replan "$rest"
 tl=$(stage_limit tests)
 timeout_flags=()
 python3 -c "import pytest_timeout" 2>/dev/null &&
