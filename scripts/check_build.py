@@ -29,12 +29,17 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="--run's device (cpu: gpu_check.sh --dry-run's stand-in)")
     args = p.parse_args()
-    if args.unpack:
-        with zipfile.ZipFile(args.unpack) as z:
-            names = [n for n in z.namelist() if n.startswith("nat_ext/_C") and n.endswith(".so")]
-            if not names:
-                raise SystemExit(f"{args.unpack} holds no nat_ext/_C*.so")
-            z.extractall(os.getcwd(), names)
+    if args.unpack:  # a wheel that cannot be unpacked is one a rebuild replaces: exit 2
+        try:
+            with zipfile.ZipFile(args.unpack) as z:
+                names = [n for n in z.namelist() if n.startswith("nat_ext/_C") and n.endswith(".so")]
+                z.extractall(os.getcwd(), names)
+        except (OSError, zipfile.BadZipFile) as e:
+            print(f"{args.unpack} cannot be unpacked: {type(e).__name__}: {e}", flush=True)
+            return 2
+        if not names:
+            print(f"{args.unpack} holds no nat_ext/_C*.so", flush=True)
+            return 2
         print(f"unpacked {', '.join(names)} from {args.unpack}")
     try:
         import nat_ext  # after the unpacking
