@@ -11,13 +11,16 @@ under its own timeout: a hang then costs only that path.
     python scripts/gpu_smoke.py --device cpu --small # without a GPU: the CPU ops are checked, and
                                                      # the team run at 4 threads against 1 thread
 
-Prints one PASS/FAIL line a case and exits 1 if any failed; a failure does not stop the rest,
+Prints one PASS/FAIL line a case (and a `WRONG ANSWER [stage] case: ...` line where a check or
+the op's own certificate failed) and exits 1 if any failed; a failure does not stop the rest,
 except a hang (an error matching --hang-pattern, e.g. the op's NAT_CUDA_TIMEOUT_S deadline):
 the kernel still runs and every later launch would queue behind it, so the script prints HANG
 and exits 3 at once. Before the cases it prints start-up times (from NAT_STAGE_T0, the epoch
 second the caller started the stage, to Python's first line, the imports and the first CUDA
-call), so a run under compute-sanitizer shows what the tool's start-up costs. Imports only
-torch and nat_ext besides the standard library.
+call), so a run under compute-sanitizer shows what the tool's start-up costs. Under
+scripts/gpu_check.sh (NAT_STAGE_LIMIT set) it runs the prefix of its cases that fits the stage's
+limit by scripts/gpu_plan.py's model, and says so (`select:`). Imports only torch, nat_ext and
+gpu_plan (beside it) besides the standard library.
 """
 
 import time
@@ -32,13 +35,20 @@ import traceback  # noqa: E402
 
 import torch  # noqa: E402
 
+import gpu_plan  # noqa: E402  (scripts/: the cases' modelled costs)
 import nat_ext  # noqa: E402
+from nat_ext.faults import SolverFaultError  # noqa: E402
 
 T_IMPORTED = time.time()
 
 DEVICE = "cuda"
 CHECK = True  # False (--profile): run the kernels only, for ncu
 HOST_THREADS = 4  # --device cpu: the team run at this many threads is the result under test
+# The dry run's injections (scripts/gpu_check.sh --dry-run, --device cpu only): NAT_SMOKE_INJECT
+# "hang=CASE wrong=CASE": CASE's deadline fires (a sleep of NAT_CUDA_TIMEOUT_S, then the op's
+# error), or its answer has two columns swapped before the checks.
+INJECT: dict[str, str] = {}
+CURRENT = ""  # the case running
 
 # The CUDA op's solver="auto" rule (csrc/cuda/linear_sum_assignment_kernel.cu, use_auction),
 # mirrored to pick the host reference; a mismatch names the other solver if that one matches.
@@ -61,6 +71,11 @@ def certified(cost: torch.Tensor, maximize: bool = False, solver: str = "auto") 
     got = nat_ext.solve_with_duals(cost, maximize=maximize, solver=solver)
     if not CHECK:
         return
+    if INJECT.get("wrong") == CURRENT:
+        x = got[0].clone()
+        flat = x.view(-1, x.shape[-1])
+        flat[0, [0, 1]] = flat[0, [1, 0]]
+        got = (x, got[1], got[2])
     x, u, v = got
     what = f"shape {tuple(cost.shape)} {cost.dtype}, solver={solver}, maximize={maximize}"
     assert x.device.type == u.device.type == v.device.type == DEVICE, "outputs should stay put"
@@ -214,10 +229,41 @@ SMALL = {
     "coop_auction": [auction_1100],
 }
 CASES = {f.__name__: f for group in (PATHS, SMALL) for fs in group.values() for f in fs}
+PATH_OF = {f.__name__: path for group in (PATHS, SMALL) for path, fs in group.items() for f in fs}
+
+
+def check_costs() -> None:
+    """Every case has its modelled cost in gpu_plan.py, in the same order and path."""
+    for mine, costed, what in ((PATHS, gpu_plan.SMOKE, "SMOKE"), (SMALL, gpu_plan.SMALL, "SMALL")):
+        names = {path: [f.__name__ for f in fs] for path, fs in mine.items()}
+        listed = {path: list(cases) for path, cases in costed.items()}
+        if names != listed:
+            raise SystemExit(f"scripts/gpu_plan.py's {what} {listed} does not match gpu_smoke.py's {names}")
+
+
+def select(names: list[str], small: bool, limit: float) -> list[str]:
+    """The cases, in order, that fit the stage's limit by gpu_plan.py's model (at least one)."""
+    stage = os.environ.get("NAT_STAGE", "")
+    tool = stage if stage in gpu_plan.SLOWDOWN else "plain"
+    table = {k: v for path in (gpu_plan.SMALL if small else gpu_plan.SMOKE).values() for k, v in path.items()}
+    costs = [gpu_plan.case_seconds(table[n], tool) for n in names]
+    work = gpu_plan.allowance(limit, tool)
+    k = gpu_plan.fit(costs, work)
+    print(f"select: {k} of {len(names)} cases fit the {stage or 'stage'} limit ({limit:g} s: {work:.1f} s of "
+          f"modelled work, {sum(costs[:k]):.1f} s selected); left out: {', '.join(names[k:]) or 'none'}",
+          flush=True)
+    return names[:k]
+
+
+def inject_hang(name: str) -> None:
+    limit = float(os.environ.get("NAT_CUDA_TIMEOUT_S", "2"))
+    time.sleep(limit)
+    raise RuntimeError(f"{name}: the GPU did not finish within NAT_CUDA_TIMEOUT_S = {limit:g} s "
+                       "(injected by gpu_check.sh --dry-run)")
 
 
 def main() -> int:
-    global DEVICE, CHECK, HOST_THREADS
+    global DEVICE, CHECK, HOST_THREADS, CURRENT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", action="append", choices=list(PATHS), help="only this path's cases (repeatable)")
     p.add_argument("--skip-path", action="append", default=[], choices=list(PATHS),
@@ -233,6 +279,11 @@ def main() -> int:
         help="an error matching this regex is a hang: stop at once (default: $NAT_HANG_RE)")
     args = p.parse_args()
     DEVICE, CHECK, HOST_THREADS = args.device, not args.profile, args.host_threads
+    check_costs()
+    if os.environ.get("NAT_SMOKE_INJECT"):
+        if DEVICE != "cpu":
+            p.error("NAT_SMOKE_INJECT is for the dry run's CPU stand-ins only")
+        INJECT.update(kv.split("=", 1) for kv in os.environ["NAT_SMOKE_INJECT"].split())
     if DEVICE == "cuda" and not torch.cuda.is_available():
         p.error("needs a CUDA GPU; none is present")
     if args.case:
@@ -241,6 +292,8 @@ def main() -> int:
         group = SMALL if args.small else PATHS
         names = [f.__name__ for path in (args.path or list(PATHS)) if path not in args.skip_path
                  for f in group[path]]
+        if os.environ.get("NAT_STAGE_LIMIT"):  # under scripts/gpu_check.sh: fit the stage's limit
+            names = select(names, args.small, float(os.environ["NAT_STAGE_LIMIT"]))
 
     t0 = os.environ.get("NAT_STAGE_T0")
     t_init = time.time()
@@ -253,11 +306,15 @@ def main() -> int:
     print(f"startup: {launch}imports {T_IMPORTED - T_PYTHON:.1f} s, "
           f"first CUDA call {t_ready - t_init:.1f} s{ready}", flush=True)
     hang = re.compile(args.hang_pattern) if args.hang_pattern else None
+    stage = os.environ.get("NAT_STAGE", "smoke")
     failed = 0
     for name in names:
-        print(f"START {name}", flush=True)  # a hang shows which case it was
+        print(f"START {name} (path {PATH_OF[name]})", flush=True)  # a hang or a cut names its case
         t = time.perf_counter()
+        CURRENT = name
         try:
+            if INJECT.get("hang") == name:
+                inject_hang(name)
             CASES[name]()
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
@@ -270,6 +327,8 @@ def main() -> int:
                 os._exit(3)  # exiting normally would wait on the running kernel
             failed += 1
             print(f"FAIL {name:<24} {type(e).__name__}: {e}", flush=True)
+            if isinstance(e, (AssertionError, SolverFaultError)):  # a check failed, or the op's own certificate
+                print(f"WRONG ANSWER [{stage}] {name}: {type(e).__name__}: {e}", flush=True)
             traceback.print_exc(limit=3)
     if hasattr(nat_ext, "cuda_fallback_count"):  # GPU answers re-solved on the CPU (cpu fallback mode)
         fallbacks = nat_ext.cuda_fallback_count()
