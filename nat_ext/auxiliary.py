@@ -162,30 +162,35 @@ class RotationHead(nn.Module):
 
 
 class AuxNet(nn.Module):
-    """The encoder and the auxiliary head in one module: one (DDP) forward per step.
+    """The encoder and the terms' heads in one module: one (DDP) forward per step, so DDP all-reduces
+    the gradients of both.
 
     Args:
         encoder: the trained :class:`nat_ext.models.Encoder`.
         forward: what computes the encoder's outputs (the encoder, or its ``torch.compile``).
-        rotation: the rotation head, or None.
-        layer: the stage whose pooled output the head reads (the last conv stage).
+        heads: each head term's head (:mod:`nat_ext.terms`), by name; each reads the pooled output
+            of ``layer`` for its own images.
+        layer: the stage whose output the heads read (the last conv stage).
     """
 
-    def __init__(self, encoder: Encoder, forward: nn.Module, rotation: RotationHead | None, layer: str) -> None:
+    def __init__(self, encoder: Encoder, forward: nn.Module, heads: dict[str, nn.Module], layer: str) -> None:
         super().__init__()
-        self.encoder, self.forward_model, self.rotation, self.layer = encoder, forward, rotation, layer
+        self.encoder, self.forward_model, self.layer = encoder, forward, layer
+        self.heads = nn.ModuleDict(heads)
 
     def forward(self, x: torch.Tensor, local: torch.Tensor | None = None,
-                rotated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                head_inputs: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Args:
             x: Tensor[V b, C, S, S] the global views.
             local: Tensor[L b, C, s, s] local crops, or None.
-            rotated: Tensor[m, C, S, S] rotated images, or None.
+            head_inputs: images for each head, by name (e.g. the rotated copy, Tensor[m, C, S, S]).
 
         Returns:
-            (Tensor[V b, dim] outputs, Tensor[L b, dim] local outputs or None, Tensor[m, 4] rotation logits or None).
+            (Tensor[V b, dim] outputs, Tensor[L b, dim] local outputs or None, each head's logits by name).
         """
         out = self.forward_model(x)
         out_local = self.forward_model(local) if local is not None else None
-        logits = self.rotation(self.encoder.trunk(rotated, self.layer)) if rotated is not None else None
+        logits = {name: self.heads[name](self.encoder.trunk(images, self.layer))
+                  for name, images in (head_inputs or {}).items()}
         return out, out_local, logits

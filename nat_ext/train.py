@@ -28,10 +28,8 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .auxiliary import (AuxNet, RotationHead, koleo_loss, local_count, local_crops, resolve_crops, rotate_batch,
-                        stage_width)
+from .auxiliary import AuxNet, local_count, resolve_crops, stage_width
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
 from .config import Config, EvalConfig, SettingError, parse_config, progress, refuse, validate
@@ -45,6 +43,7 @@ from .run import (EpochStats, StopFlag, amp_settings, build_scheduler, continue_
                   gather_rng, held_perm, move_aside, no_sync_allowed, plot_metrics, prepare_out, resume, scaled_lr,
                   setup_processes, stopped, write_summary)
 from .state import Assignment, cpu_assign
+from .terms import Batch, NatTerm, build_terms, total_loss
 from .targets import Targets
 
 # batches each loader worker prepares ahead (what /dev/shm must hold, with the batch size)
@@ -91,9 +90,9 @@ def train(cfg: Config) -> dict:
                         sobel=cfg.sobel, small_input=info.small_input, normalize=nat).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    # auxiliary self-supervision (issue 19): a rotation head on the last conv stage, local crops; none by default
+    # the step's terms (nat_ext.terms): NAT or supervised, then the auxiliary ones (issue 19), each with its head
     aux_layer, n_local = default_layer(cfg.arch), local_count(cfg)
-    rotation = RotationHead(stage_width(model, aux_layer)).to(device) if cfg.rotation_loss > 0 else None
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     # What a checkpoint must agree on to be resumed (see checkpoint.COMPAT_KEYS).
     run_info = dict(dataclasses.asdict(cfg), target_generator=target_generator(cfg), n_images=n,
                     in_channels=info.in_channels, num_classes=info.num_classes,
@@ -103,6 +102,10 @@ def train(cfg: Config) -> dict:
                       generator=run_info["target_generator"], kind=cfg.targets,
                       num_prototypes=cfg.num_prototypes, spread=cfg.target_spread) if nat else None
     assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
+    terms = build_terms(cfg, assignment, targets, world, n_local, aug_gen, stage_width(model, aux_layer),
+                        info.batch_augment)
+    heads = {t.name: t.head.to(device) for t in terms if t.head is not None}
+    nat_term = next((t for t in terms if isinstance(t, NatTerm)), None)
     # the dataset-wide passes (reassignment and objective) read unaugmented images
     whole = nat and cfg.reassign_every > 0 and (cfg.reassign_scope == "dataset" or cfg.track_objective)
     plain = dataset if info.batch_augment or not whole else \
@@ -111,12 +114,11 @@ def train(cfg: Config) -> dict:
                     worker_resize=device.type == "cpu")[0]
     # uint8 -> the model's input; called without a generator (the unaugmented passes) it does not flip
     finish = DeviceTransform(cfg.image_size) if info.uint8 else None
-    params = list(model.parameters()) + (list(rotation.parameters()) if rotation is not None else [])
+    params = list(model.parameters()) + [p for head in heads.values() for p in head.parameters()]
     opt = torch.optim.SGD(params, lr=scaled_lr(cfg, world), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
     sched = build_scheduler(cfg, opt, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
     amp_dtype, use_scaler = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -134,8 +136,8 @@ def train(cfg: Config) -> dict:
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     if nat:
         parts["assignment"] = assignment
-    if rotation is not None:  # its own part of the checkpoint: the encoder's state stays what nat-eval loads
-        parts["aux"] = rotation
+    if "rotation" in heads:  # its own part of the checkpoint: the encoder's state stays what nat-eval loads
+        parts["aux"] = heads["rotation"]
     at = {"epoch": 0, "step": 0, "global_step": 0, "epoch_stats": None, "train_seconds": 0.0}
     resumed = resume(cfg, ckpt_path, run_info, parts, aug_gen, rank, world) if cfg.resume else None
     if resumed is not None:
@@ -159,7 +161,7 @@ def train(cfg: Config) -> dict:
 
     forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s weights
     # with auxiliary inputs the encoder and the head run in one module, so DDP wraps (and all-reduces) both
-    aux_net = AuxNet(model, forward, rotation, aux_layer) if rotation is not None or n_local else None
+    aux_net = AuxNet(model, forward, heads, aux_layer) if heads or n_local else None
     # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (one model's size per rank)
     net = torch.nn.parallel.DistributedDataParallel(aux_net or forward,
                                                     device_ids=[device] if device.type == "cuda" else None,
@@ -205,6 +207,8 @@ def train(cfg: Config) -> dict:
                 stats.seconds += time.perf_counter() - t0
                 del feats
             per_batch = reassigning and cfg.reassign_scope == "batch"
+            for term in terms:
+                term.start_epoch(epoch, reassigning)
             model.train()
             t_last = time.perf_counter()
             bar = progress(named_batches(loader, rank, epoch, start_step), total=len(batches), initial=start_step,
@@ -213,63 +217,28 @@ def train(cfg: Config) -> dict:
                 stats.wait_seconds += time.perf_counter() - t_last  # the loader's share of the step
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
                 with no_sync_allowed(no_sync):
-                    # forward: every view of the batch in one pass (local crops and the rotated copy beside it)
-                    raw = x
-                    if info.batch_augment:  # in-memory data: augment on the device, batched
-                        x = torch.cat([batch_augment(x, aug_gen) for _ in range(cfg.views)])
-                    elif info.uint8:  # uint8 crops: resize, flip, normalise on the device (views view-major)
-                        x = finish(x, aug_gen)
-                    elif cfg.views > 1:  # the dataset stacked the views: Tensor[b, views, C, H, W]
-                        x = x.transpose(0, 1).flatten(0, 1)
-                    x = x.contiguous(memory_format=memory_format)
-                    out_local = rot_logits = None
-                    if aux_net is not None:
-                        local = local_crops(raw if info.batch_augment else x[:idx.numel()], n_local, aug_gen
-                                            ).contiguous(memory_format=memory_format) if n_local else None
-                        rotated, rot_labels = rotate_batch(x[:idx.numel()], cfg.rotation_fraction) \
-                            if rotation is not None else (None, None)
+                    # forward: the global views, NAT's local crops and each head's images, in one module
+                    batch = Batch(x, finish_views(x, info, cfg.views, finish, aug_gen).contiguous(
+                        memory_format=memory_format), y, idx, cfg.views)
+                    local = nat_term.local_crops(batch) if nat_term is not None else None
+                    if local is not None:
+                        local = local.contiguous(memory_format=memory_format)
+                    batch.head_inputs = {t.name: t.inputs(batch) for t in terms if t.head is not None}
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                         if aux_net is None:
-                            out = net(x)
+                            batch.outputs = net(batch.x)
                         else:
-                            out, out_local, rot_logits = net(x, local, rotated)
-                    views = list(out.chunk(cfg.views))
-                    # reassign: on scheduled epochs the batch's images share out their targets anew
-                    if per_batch:
-                        t0 = time.perf_counter()
-                        loss_rows, changed = align_batch(cfg, assignment, targets, idx, views, world)
-                        stats.changed += changed
-                        stats.assign_seconds += time.perf_counter() - t0
-                    elif nat:
-                        loss_rows = [targets.rows(assignment.targets_of(idx))] * cfg.views
-                    # loss: squared distance to the targets (NAT; views and local crops averaged, the local
-                    # crops against the targets their image holds after the step), or cross-entropy (supervised)
-                    if nat:
-                        pairs = list(zip(views, loss_rows))
-                        if out_local is not None:
-                            held = targets.rows(assignment.targets_of(idx))
-                            pairs += [(v, held) for v in out_local.chunk(n_local)]
-                        loss = nat_loss(pairs)
-                    else:
-                        loss = F.cross_entropy(out.float(), y)
-                    # auxiliary terms (issue 19), weighted; not computed at weight 0
-                    if rot_logits is not None:
-                        rot_loss = F.cross_entropy(rot_logits.float(), rot_labels)
-                        loss = loss + cfg.rotation_loss * rot_loss
-                        stats.add_aux("rotation_loss", rot_loss, idx.numel())
-                        stats.add_aux("rotation_acc", (rot_logits.argmax(1) == rot_labels).double().mean(),
-                                      idx.numel())
-                    if cfg.koleo > 0:
-                        koleo = sum(koleo_loss(v) for v in views) / len(views)
-                        loss = loss + cfg.koleo * koleo
-                        stats.add_aux("koleo", koleo, idx.numel())
+                            batch.outputs, batch.local, batch.logits = net(
+                                batch.x, local, {name: inp[0] for name, inp in batch.head_inputs.items()})
+                    # loss: the weighted sum of the terms (NAT reassigns the batch inside its own)
+                    loss = total_loss(terms, batch, stats)
                     # backward, update
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.update()
                     sched.step()
-                    stats.loss_sum += loss.detach().double() * idx.numel()
+                    stats.loss_sum += loss.detach().double() * batch.size
                 global_step += 1
                 stats.images += idx.numel()
                 stats.skipped += skipped
@@ -407,17 +376,16 @@ def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_
             "train_seconds": train_seconds, "eval": report}
 
 
-def nat_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """NAT's loss: the batch mean of ``||f_i - t_i||^2``, averaged over the pairs.
-
-    Args:
-        pairs: (Tensor[b, d] outputs, Tensor[b, d] their targets), one pair per global view and local crop.
-
-    Returns:
-        Tensor[] float32.
-    """
-    loss = sum((v.float() - t).pow(2).sum(dim=1).mean() for v, t in pairs)
-    return loss / len(pairs)
+def finish_views(x: torch.Tensor, info, views: int, finish, generator: torch.Generator) -> torch.Tensor:
+    """The batch's global views, view-major, ready for the encoder: in-memory data augmented on the
+    device, uint8 crops resized, flipped and normalised on the device, or the views the dataset stacked."""
+    if info.batch_augment:
+        return torch.cat([batch_augment(x, generator) for _ in range(views)])
+    if info.uint8:
+        return finish(x, generator)
+    if views > 1:  # Tensor[b, views, C, H, W]
+        return x.transpose(0, 1).flatten(0, 1)
+    return x
 
 
 # ----------------------------------------------------------------------------- the epoch end

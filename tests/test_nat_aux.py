@@ -8,6 +8,7 @@ import torch
 from conftest import init_rank, run_processes
 from nat_ext import auxiliary
 from nat_ext import eval as nat_eval
+from nat_ext import terms
 from nat_ext import train as nat_train
 from nat_ext.checkpoint import load_checkpoint
 from nat_ext.config import Config, ProbeConfig, validate
@@ -118,8 +119,9 @@ def test_weight_0_builds_nothing_and_trains_as_the_defaults(tmp_path, monkeypatc
 
     def forbidden(*a, **k):
         raise AssertionError("built or computed at weight 0")
-    for name in ("AuxNet", "RotationHead", "koleo_loss", "local_crops", "rotate_batch"):
-        monkeypatch.setattr(nat_train, name, forbidden)
+    monkeypatch.setattr(nat_train, "AuxNet", forbidden)
+    for name in ("RotationHead", "koleo_loss", "local_crops", "rotate_batch"):
+        monkeypatch.setattr(terms, name, forbidden)
     zero = nat_train.train(Config(out=str(tmp_path / "zero"), rotation_loss=0.0, koleo=0.0, crops="1,0", **SMALL))
     a, b = (load_checkpoint(os.path.join(r["checkpoint"])) for r in (ref, zero))
     assert "aux" not in a and "aux" not in b
@@ -134,7 +136,7 @@ def test_weight_0_builds_nothing_and_trains_as_the_defaults(tmp_path, monkeypatc
 @pytest.mark.parametrize("views", [1, 2])
 def test_local_crops_take_their_image_s_targets(tmp_path, monkeypatch, views):
     seen = {}
-    real_crops, real_loss = nat_train.local_crops, nat_train.nat_loss
+    real_crops, real_loss = terms.local_crops, terms.nat_loss
 
     def crops(x, count, generator):
         out = real_crops(x, count, generator)
@@ -144,8 +146,8 @@ def test_local_crops_take_their_image_s_targets(tmp_path, monkeypatch, views):
     def loss(pairs):
         seen.setdefault("pairs", []).append([(v.detach().clone(), t.clone()) for v, t in pairs])
         return real_loss(pairs)
-    monkeypatch.setattr(nat_train, "local_crops", crops)
-    monkeypatch.setattr(nat_train, "nat_loss", loss)
+    monkeypatch.setattr(terms, "local_crops", crops)
+    monkeypatch.setattr(terms, "nat_loss", loss)
     res = nat_train.train(Config(out=str(tmp_path / "run"), crops=f"{views},3",
                                  **dict(SMALL, epochs=1)))
     assert seen["crops"] and all(src == (64, 1, 28, 28) and out == (192, 1, 12, 12) for src, out in seen["crops"])
@@ -225,12 +227,12 @@ def test_two_gloo_processes_keep_encoder_and_head_in_sync(tmp_path):
 def _worker_save(rank, world, port, out):
     init_rank(rank, world, port)
     heads = []
-    real = nat_train.RotationHead
+    real = terms.RotationHead
 
     def keep(width):
         heads.append(real(width))
         return heads[-1]
-    nat_train.RotationHead = keep  # this spawned process only
+    terms.RotationHead = keep  # this spawned process only
     models = []
     real_build = nat_train.build_model
 
