@@ -34,10 +34,9 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint
 from .config import EvalConfig, ProbeConfig, check_choices, parse_config, progress
-from .data import DataInfo, collate, default_workers, get_dataset
+from .data import DataInfo, collate, default_workers, get_dataset, shard_rows
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
-from .reassign import shard_rows
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
