@@ -9,7 +9,8 @@ every encoder and layer read from the same forward passes. For each (encoder, la
 * a linear classifier on the layer's pooled features (:func:`nat_ext.probes.probe_grid`), standardised:
   ``--probe-method lbfgs`` fits it by full-batch L-BFGS on held features (small data);
   ``--probe-method sgd`` trains one head per (encoder, layer), all together, by SGD on streamed
-  batches, every rank of ``torchrun`` taking its share of each batch (nothing per image is held);
+  batches of ``--probe-batch`` images over all processes, every rank of ``torchrun`` taking its share
+  of each (the same steps on any number of processes; nothing per image is held);
   ``auto`` (the default) is lbfgs up to 100,000 training images;
 * a cosine k-NN against a bank of at most ``--knn-bank`` training images' 2x2-pooled float16 features
   (globally pooled with ``--grid 1``; :class:`nat_ext.probes.KnnBank`, at most 1 GiB), scored chunk
