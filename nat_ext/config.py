@@ -84,7 +84,7 @@ class ProbeConfig:
     probe_wd: float = setting(1e-4, "L2 penalty of the linear probe")
     batch_size: int = setting(512, "images per forward pass, per process")
     probe_batch: int = setting(512, "sgd probe: images per step over all processes (the global batch: each "
-                                    "rank takes its share, read in forward passes of at most --batch-size), "
+                                    "rank takes its share, in forward passes of at most the batch size above), "
                                     "so the steps and the result do not depend on the process count")
     val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
                                   "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
