@@ -112,8 +112,11 @@ class StopFlag:
             return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        self.signum = int(flag)
-        return self.signum
+        agreed = int(flag)
+        # a signal handled during the reduce (its handler runs when the call returns) is kept for the next
+        # step: writing `agreed` over it would lose it
+        self.signum = max(self.signum, agreed)
+        return agreed
 
 
 class EpochStats:

@@ -147,7 +147,7 @@ def train(cfg: Config) -> dict:
             print(f"resumed from {ckpt_path} at epoch {at['epoch']} step {at['step']}"
                   + (f"; cosine schedule now over {cfg.epochs} epochs" if stretched else ""), flush=True)
         if at["epoch"] >= cfg.epochs and at["step"] == 0:
-            return _complete(cfg, ckpt_path, assignment, at["train_seconds"], world, master)
+            return _complete(cfg, ckpt_path, assignment, at["train_seconds"], device, world, master)
     elif not cfg.resume and master:
         aside = move_aside(cfg.out)
         if aside:
@@ -351,8 +351,8 @@ def named_batches(loader, rank: int, epoch: int, start_step: int):
         step += 1
 
 
-def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_seconds: float, world: int,
-              master: bool) -> dict:
+def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_seconds: float,
+              device: torch.device, world: int, master: bool) -> dict:
     """A run resumed at its end: say so and print its evaluation (evaluated now when it has none)."""
     eval_path = os.path.join(cfg.out, "eval.json")
     report = None
@@ -367,7 +367,7 @@ def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_
               + (f"; its evaluation ({eval_path}):\n{report_tables(report)}" if report else ""), flush=True)
     try:
         if report is None and cfg.eval:
-            report = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=cfg.device,
+            report = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
                                          workers=cfg.workers, out=eval_path))
     finally:
         if world > 1:

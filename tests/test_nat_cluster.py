@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import init_rank, refused, run_processes
 from nat_ext import train as nat_train
@@ -18,7 +19,7 @@ from nat_ext.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from nat_ext.config import Config, SettingError
 from nat_ext.data import EpochBatches, check_shm, make_loader
 from nat_ext.faults import SolverFaultError
-from nat_ext.run import build_scheduler, prepare_out
+from nat_ext.run import StopFlag, build_scheduler, prepare_out
 
 SYNTH = ["--data", "synthetic:2048", "--image-size", "32", "--batch-size", "32", "--dim", "16", "--epochs", "2",
          "--workers", "1", "--no-eval", "--log-every", "4", "--seed", "3"]
@@ -34,6 +35,37 @@ def _torchrun(args, out, cwd):
                             start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), as SLURM's step sees them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_a_signal_handled_during_the_agreement_is_kept_for_the_next_step(monkeypatch):
+    stop = StopFlag()
+    stop.world = 2
+
+    def reduce(flag, op=None, group=None):  # the signal lands while the collective runs
+        stop(signal.SIGTERM, None)
+    monkeypatch.setattr(dist, "all_reduce", reduce)
+    assert stop.agreed() == 0 and stop.signum == signal.SIGTERM
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None, group=None: None)
+    assert stop.agreed() == signal.SIGTERM
+
+
 @pytest.mark.slow
 def test_every_process_signalled_then_the_same_command_resumes_exactly(tmp_path):
     ref = _torchrun(SYNTH, str(tmp_path / "ref"), tmp_path)
@@ -41,11 +73,12 @@ def test_every_process_signalled_then_the_same_command_resumes_exactly(tmp_path)
     out = str(tmp_path / "cut")
     proc = _torchrun(SYNTH, out, tmp_path)
     lines, last_logged = [], None
-    for line in proc.stdout:  # SIGTERM to torchrun, both ranks and their loader workers, mid epoch 2
+    for line in proc.stdout:  # SIGTERM to torchrun, both ranks and their loader workers at once, mid epoch 2
         lines.append(line)
         if line.startswith("epoch 2/2 step 8/"):
             last_logged = 8
-            os.killpg(proc.pid, signal.SIGTERM)
+            for pid in [proc.pid] + _descendants(proc.pid):  # torchrun puts each rank in a session of its own
+                os.kill(pid, signal.SIGTERM)
             t_signal = time.monotonic()
             break
     assert last_logged, "".join(lines)[-3000:]
