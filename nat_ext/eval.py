@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .auxiliary import PooledLinear, stage_width
 from .checkpoint import load_checkpoint
 from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_config, progress, refuse, validate
 from .data import DataInfo, collate, default_workers, get_dataset
@@ -387,6 +388,39 @@ def _load_encoder(path: str) -> tuple[Encoder, dict]:
     return model, c
 
 
+def trained_name(c: dict) -> str:
+    """The name of a checkpoint's encoder in the results: what trained it (``nat``, ``nat-frozen`` for the
+    frozen-assignment ablation, ``supervised``, or without NAT's term the other terms, e.g. ``rotation``)."""
+    if c["objective"] == "supervised":
+        return "supervised"
+    if c.get("nat_weight", 1.0) == 0:
+        on = (("rotation", c.get("rotation_loss", 0) > 0), ("koleo", c.get("koleo", 0) > 0),
+              ("labels", c.get("label_fraction", 0) > 0 or bool(c.get("label_file"))))
+        return "+".join(name for name, used in on if used)
+    return "nat" if c["reassign_every"] > 0 else "nat-frozen"
+
+
+@torch.no_grad()
+def _semi_row(path: str, model: Encoder, c: dict, split: _Split, read: _Reader, device: torch.device) -> dict | None:
+    """The ``semi`` result of a run trained with labels: its own classifier head's top-1 on the test
+    images (the head reads the pooled last conv stage); None for a run without labels."""
+    ck = load_checkpoint(path)
+    if "labels" not in ck:
+        return None
+    layer = default_layer(c["arch"])
+    head = PooledLinear(stage_width(model, layer), c["num_classes"])
+    head.load_state_dict(ck["labels"])
+    model, head = model.to(device).eval(), head.to(device).eval()
+    correct = total = 0
+    for x, y, _ in read(split.test, split.test_idx, "semi"):
+        if x is not None:
+            correct += int((head(model.trunk(x, layer)).argmax(1) == y).sum())
+            total += len(y)
+    return {"encoder": "semi", "layer": layer, "linear_top1": correct / max(total, 1), "knn_top1": None,
+            "n_test": total, "method": "the run's label head", "n_labelled": len(ck["labelled"]),
+            "labelled_per_class": ck.get("labelled_per_class")}
+
+
 def _supervised(ecfg: EvalConfig, c: dict, data: str, arch: str, seed: int, skip_corrupt: bool,
                 device: torch.device, world: int) -> Encoder:
     """The supervised baseline: ``--supervised-checkpoint``, or trained here (a child run, one process)."""
@@ -497,10 +531,12 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     sobel = c.get("sobel", False)
     encoders = []
     any_model = trained
+    semi = None
     if trained is not None:
-        name = c["objective"] if c["objective"] == "supervised" else (
-            "nat" if c["reassign_every"] > 0 else "nat-frozen")
-        encoders.append(Probed(name, trained, []))
+        encoders.append(Probed(trained_name(c), trained, []))
+        if master:  # the run's own classifier head (semi-supervised NAT), read before the stages are dropped
+            semi = _semi_row(ecfg.checkpoint, trained, c, split, _Reader(info, pc.batch_size, device, ecfg.workers),
+                             device)
     if "random" in wanted:
         torch.manual_seed(seed)
         rnd = build_model(arch, dim, info.in_channels, sobel=sobel, small_input=info.small_input)
@@ -538,6 +574,8 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
         return None
     n_test = int(counts[-1, 0])
     results = []
+    if semi is not None:
+        results.append(semi)
     for t, (name, layer, grid) in enumerate(taps.heads):
         r = {"encoder": name, "layer": layer, "grid": grid, "feature_dim": taps.dims[t],
              "linear_top1": int(counts[t, 0]) / max(n_test, 1),
