@@ -38,6 +38,12 @@ TORCH_LIBRARY(nat, m) {
   // CPU or raise, per NAT_CUDA_FALLBACK: solver_faults.h), so the fault path is exercised with a
   // deliberately wrong assignment on any device. Returns col4row with the failed problems fixed.
   m.def("_certify_or_fall_back(Tensor cost, Tensor col4row, Tensor v, bool maximize=False) -> Tensor");
+  // The solvers' environment settings NAT_CUDA_FALLBACK and NAT_CUDA_TIMEOUT_S, parsed at each
+  // call (solver_faults.h; a bad value raises ValueError). What nat_ext.faults reads, so the two
+  // are parsed in one place.
+  m.def("_solver_settings() -> (str fallback, float timeout_s)");
+  // The status names, indexed by status (lap/status.h), and the statuses that are solver faults.
+  m.def("_solver_statuses() -> (str[] names, int[] faults)");
   // Test-only: the CUDA solvers' algorithms ("jv": lap/block_lsap.h; "auction":
   // lap/auction_lsap.h) run by `threads` host threads, so the GPU code paths are checked on
   // machines without a GPU. Same outputs as the duals op.

@@ -4,14 +4,17 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/serialization/pickle.h>
+#include <torch/library.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "lap/status.h"
 
@@ -21,16 +24,6 @@ namespace {
 std::atomic<int64_t> fallbacks{0};
 std::atomic<bool> warned{false};
 std::atomic<WarningReporter> reporter{nullptr};
-
-enum class FallbackMode { kCpu, kRaise };
-
-FallbackMode fallback_mode() {
-  const char* s = std::getenv("NAT_CUDA_FALLBACK");
-  const std::string mode = s ? s : "cpu";
-  TORCH_CHECK_VALUE(mode == "cpu" || mode == "raise",
-                    "NAT_CUDA_FALLBACK should be 'cpu' or 'raise', got '", mode, "'");
-  return mode == "cpu" ? FallbackMode::kCpu : FallbackMode::kRaise;
-}
 
 std::string item_name(bool batched, int64_t b) {
   return batched ? "batch item " + std::to_string(b) : std::string("the problem");
@@ -57,6 +50,24 @@ std::string save_problem(const char* op, const at::Tensor& cost, bool maximize, 
 
 }  // namespace
 
+std::string fallback_setting() {
+  const char* s = std::getenv("NAT_CUDA_FALLBACK");
+  const std::string mode = s ? s : "cpu";
+  TORCH_CHECK_VALUE(mode == "cpu" || mode == "raise",
+                    "NAT_CUDA_FALLBACK should be 'cpu' or 'raise', got '", mode, "'");
+  return mode;
+}
+
+double timeout_setting() {
+  const char* s = std::getenv("NAT_CUDA_TIMEOUT_S");
+  if (!s) return kDefaultTimeoutSeconds;
+  char* end = nullptr;
+  const double t = std::strtod(s, &end);
+  TORCH_CHECK_VALUE(end != s && *end == '\0' && !std::isnan(t),
+                    "NAT_CUDA_TIMEOUT_S should be a number of seconds, got '", s, "'");
+  return t;
+}
+
 const char* status_name(int64_t status) {
   switch (status) {
     case lap::kSolved: return "solved";
@@ -75,12 +86,12 @@ void resolve_solver_faults(const char* op, const at::Tensor& status, const at::T
   const int64_t B = status.size(0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t code = st[2 * b];
-    if (code != lap::kIterationLimit && code != lap::kCertificateFailed) continue;
+    if (!lap::is_solver_fault(code)) continue;
     const std::string what = c10::str(op, ": the ", cost.device().type(), " solver failed on ",
                                       item_name(batched, b), " (status ", code, ", ",
                                       status_name(code), "); this is a bug in nat_ext, not in "
                                       "your input");
-    TORCH_CHECK(fallback_mode() == FallbackMode::kCpu, what,
+    TORCH_CHECK(fallback_setting() == "cpu", what,
                 ". Set NAT_CUDA_FALLBACK=cpu to re-solve such problems on the CPU, and please "
                 "report it");
     const at::Tensor problem = cost[b].cpu();
@@ -123,6 +134,29 @@ at::Tensor certify_or_fall_back(const at::Tensor& cost, const at::Tensor& col4ro
   resolve_solver_faults("_certify_or_fall_back", status, cost3d, batched, maximize, fixed, none,
                         none);
   return batched ? fixed : fixed.squeeze(0);
+}
+
+namespace {
+
+// nat::_solver_settings and nat::_solver_statuses (nat.cpp): what Python's nat_ext.faults reads.
+std::tuple<std::string, double> solver_settings() { return {fallback_setting(), timeout_setting()}; }
+
+std::tuple<std::vector<std::string>, std::vector<int64_t>> solver_statuses() {
+  std::vector<std::string> names;
+  std::vector<int64_t> faults;
+  for (int64_t s = 0; s < lap::kNumStatuses; ++s) {
+    names.emplace_back(status_name(s));
+    if (lap::is_solver_fault(s)) faults.push_back(s);
+  }
+  return {names, faults};
+}
+
+}  // namespace
+
+// No tensor argument, so no backend to dispatch on: CompositeExplicitAutograd serves every call.
+TORCH_LIBRARY_IMPL(nat, CompositeExplicitAutograd, m) {
+  m.impl("_solver_settings", &solver_settings);
+  m.impl("_solver_statuses", &solver_statuses);
 }
 
 int64_t fallback_count() { return fallbacks.load(); }

@@ -17,6 +17,15 @@ namespace nat {
 // "solved", "infeasible", "invalid entry", "iteration limit", "certificate failed".
 const char* status_name(int64_t status);
 
+// The two environment settings, read at each call and parsed here only (Python reads them through
+// the op nat::_solver_settings, so a bad value gives the same ValueError from both):
+// NAT_CUDA_FALLBACK: "cpu" (also when unset) or "raise".
+std::string fallback_setting();
+// NAT_CUDA_TIMEOUT_S: the seconds a wait for a CUDA solve may take before it raises (0 or less, or
+// inf: no deadline); a value that is not a number (NaN included) is refused.
+constexpr double kDefaultTimeoutSeconds = 300.0;  // longest expected solves take seconds
+double timeout_setting();
+
 // status: CPU int64 [B, 2] ({lap::Status, detail} a problem), updated to 0 for the problems
 // re-solved; cost: the [B, n, m] matrix the solver read (any device); col4row [B, n] and, when
 // they have B rows, the duals u [B, n] and v [B, m] get the CPU solver's answers.

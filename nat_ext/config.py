@@ -162,8 +162,11 @@ class ProbeConfig:
                                      "would pass 1 GiB; also the images of the sgd probe's standardisation", check=POSITIVE_INT)
     probe_iters: int = setting(300, "L-BFGS iterations of the linear probe", check=POSITIVE_INT)
     probe_wd: float = setting(1e-4, "L2 penalty of the linear probe", check=NON_NEGATIVE)
-    batch_size: int = setting(512, "images per forward pass (per process; the sgd probe's batch is this "
-                                   "times the processes)", check=POSITIVE_INT)
+    batch_size: int = setting(512, "images per forward pass, per process", check=POSITIVE_INT)
+    probe_batch: int = setting(512, "sgd probe: images per step over all processes (the global batch: each "
+                                    "rank takes its share, in forward passes of at most the batch size above), "
+                                    "so the steps and the result do not depend on the process count",
+                               check=POSITIVE_INT)
     val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
                                   "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
                                   "or a filename,label CSV)")

@@ -52,7 +52,7 @@ from .presets import CropBatch, FolderCrop, mix64
 __all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
            "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
            "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder", "resolve_workers",
-           "ignore_stop_signals", "shm_needed", "check_shm"]
+           "ignore_stop_signals", "shm_needed", "check_shm", "shard_rows"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
@@ -466,6 +466,17 @@ def collate(batch) -> tuple[torch.Tensor | CropBatch, torch.Tensor, torch.Tensor
     y = torch.as_tensor([b[1] for b in kept])
     idx = torch.as_tensor([b[2] for b in kept])
     return x, y, idx, skipped
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int, int]:
+    """A rank's contiguous share of ``n`` rows: every shard ``ceil(n / world)`` rows, the last ones
+    shorter (or empty), so rank 0 can gather the shards into equal slots of one buffer.
+
+    Returns:
+        (lo, hi, shard): the rank takes rows ``lo..hi``; ``shard`` is the full shard's length.
+    """
+    shard = -(-n // world)
+    return min(rank * shard, n), min((rank + 1) * shard, n), shard
 
 
 def get_dataset(data: str, split: str, augment: bool, limit: int | None = None,

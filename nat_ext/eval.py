@@ -9,7 +9,8 @@ every encoder and layer read from the same forward passes. For each (encoder, la
 * a linear classifier on the layer's pooled features (:func:`nat_ext.probes.probe_grid`), standardised:
   ``--probe-method lbfgs`` fits it by full-batch L-BFGS on held features (small data);
   ``--probe-method sgd`` trains one head per (encoder, layer), all together, by SGD on streamed
-  batches, every rank of ``torchrun`` taking its share of each batch (nothing per image is held);
+  batches of ``--probe-batch`` images over all processes, every rank of ``torchrun`` taking its share
+  of each (the same steps on any number of processes; nothing per image is held);
   ``auto`` (the default) is lbfgs up to 100,000 training images;
 * a cosine k-NN against a bank of at most ``--knn-bank`` training images' 2x2-pooled float16 features
   (globally pooled with ``--grid 1``; :class:`nat_ext.probes.KnnBank`, at most 1 GiB), scored chunk
@@ -35,10 +36,9 @@ from torch.utils.data import DataLoader
 from .auxiliary import PooledLinear, stage_width
 from .checkpoint import load_checkpoint
 from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_config, progress, refuse, validate
-from .data import DataInfo, collate, default_workers, get_dataset
+from .data import DataInfo, collate, default_workers, get_dataset, shard_rows
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
-from .reassign import shard_rows
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
@@ -281,33 +281,38 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
     means, stds = zip(*(s.mean_std() for s in stats))
     heads = LinearHeads(taps.dims, num_classes, list(means), list(stds)).to(device)
     opt = heads.optimizer(pc.probe_lr, pc.probe_wd)
-    # 2. SGD. Global batches of batch_size x world images from a seeded order; rank r takes the r-th
-    # slice of each and the gradients are averaged, so the steps are those of one process with the
-    # global batch (up to the order of float sums).
-    n, per = len(split.train_idx), pc.batch_size
-    steps_per_epoch = n // (per * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the sgd probe needs at least batch_size x processes = {per * world} training "
-                         f"images, got {n}")
+    # 2. SGD on global batches of probe_batch images (G) from a seeded order, the same for any number of
+    # processes W: rank r takes its shard_rows of each (ceil(G / W) rows, the last ranks fewer), read in
+    # forward passes of at most batch_size. Each rank's loss is its images' summed loss over G and the
+    # gradients are summed over the ranks, so each step is the one-process step on the same G images (up
+    # to the order of float sums). An epoch takes n // G steps: the last n mod G images of its order are
+    # left out, and the next epoch's new order gives them their turn, as for one process.
+    n, G = len(split.train_idx), pc.probe_batch
+    steps_per_epoch = n // G  # at least 1: _evaluate checks G <= n
     total = pc.probe_epochs * steps_per_epoch
     if pc.max_steps > 0:
         total = min(total, pc.max_steps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    lo, hi, _ = shard_rows(G, rank, world)
+    passes = -(-(hi - lo) // pc.batch_size)  # forward passes per step on this rank (0: no share)
     step, t0 = 0, time.perf_counter()
     for epoch in range(pc.probe_epochs):
         if step >= total:
             break
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         take = min(steps_per_epoch, total - step)
-        mine = split.train_idx[order[:take * per * world]].view(take, world, per)[:, rank]
-        for x, y, _ in read(split.train, list(mine), f"sgd probe, epoch {epoch + 1}"):
+        mine = split.train_idx[order[:take * G]].view(take, G)[:, lo:hi]
+        batches = [b for rows in mine for b in rows.split(pc.batch_size)] if passes else []
+        reads = iter(read(split.train, batches, f"sgd probe, epoch {epoch + 1}"))
+        for _ in range(take):
             opt.zero_grad(set_to_none=False)
-            if x is not None:
-                logits = heads([p for p, _ in taps(x)])
-                # summed over the images, over the nominal batch: an empty or short batch weighs less
-                loss = sum(F.cross_entropy(l, y, reduction="sum") for l in logits) / per
-                loss.backward()
-            heads.average_gradients(world)
+            for _ in range(passes):
+                x, y, _ = next(reads)
+                if x is not None:
+                    logits = heads([p for p, _ in taps(x)])
+                    loss = sum(F.cross_entropy(l, y, reduction="sum") for l in logits) / G
+                    loss.backward()
+            heads.sum_gradients(world)
             opt.step()
             sched.step()
             step += 1
@@ -528,6 +533,9 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     method = pc.probe_method if pc.probe_method != "auto" else ("lbfgs" if n_train <= LBFGS_MAX_IMAGES else "sgd")
     if method == "lbfgs" and not master:
         return None  # held features and L-BFGS: rank 0 alone
+    if method == "sgd" and pc.probe_batch > n_train:
+        raise SettingError(f"--probe-batch (the sgd probe's global batch) should be at most the {n_train} "
+                           f"training images, got {pc.probe_batch}")
     sobel = c.get("sobel", False)
     encoders = []
     any_model = trained

@@ -5,22 +5,23 @@ Statuses (the `info` of the _ex ops, csrc/lap/status.h): 0 solved, 1 infeasible,
 NAT_CUDA_FALLBACK=cpu (default) lets work go on past a fault (the plain ops re-solve on the CPU;
 training keeps the batch's targets) with a warning; =raise stops. NAT_CUDA_TIMEOUT_S bounds every
 wait for a solve (default 300 s; 0 or less: no deadline).
+
+The names, the fault statuses and the two settings come from the compiled library (ops
+nat::_solver_statuses and nat::_solver_settings), which the C++ ops use too: one definition, one
+parser, the same ValueError for a bad setting whichever side reads it.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 __all__ = ["STATUS_NAMES", "SOLVER_FAULTS", "SolverFaultError", "fallback_mode", "wait_for_device"]
 
-STATUS_NAMES = {0: "solved", 1: "infeasible", 2: "invalid entry", 3: "iteration limit",
-                4: "certificate failed"}
-SOLVER_FAULTS = (3, 4)
-
-# The same default as the C++ wait (csrc/cuda/certify_kernel.cu, kDefaultTimeoutSeconds).
-DEFAULT_TIMEOUT_S = 300.0
+# _C is loaded by nat_ext/__init__.py before any of its modules, so the ops are registered here.
+_names, _faults = torch.ops.nat._solver_statuses()
+STATUS_NAMES = dict(enumerate(_names))
+SOLVER_FAULTS = tuple(_faults)
 
 
 class SolverFaultError(RuntimeError):
@@ -29,20 +30,12 @@ class SolverFaultError(RuntimeError):
 
 def fallback_mode() -> str:
     """NAT_CUDA_FALLBACK: "cpu" (the default) or "raise"; anything else is a ValueError."""
-    mode = os.environ.get("NAT_CUDA_FALLBACK", "cpu")
-    if mode not in ("cpu", "raise"):
-        raise ValueError(f"NAT_CUDA_FALLBACK should be 'cpu' or 'raise', got '{mode}'")
-    return mode
+    return torch.ops.nat._solver_settings()[0]
 
 
 def _timeout_seconds() -> float:
-    value = os.environ.get("NAT_CUDA_TIMEOUT_S")
-    if value is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"NAT_CUDA_TIMEOUT_S should be a number of seconds, got '{value}'") from None
+    # NAT_CUDA_TIMEOUT_S (default 300); not a number: ValueError
+    return torch.ops.nat._solver_settings()[1]
 
 
 def wait_for_device(device: torch.device | str, what: str) -> None:

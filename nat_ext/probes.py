@@ -159,14 +159,18 @@ class LinearHeads(nn.Module):
                        {"params": [h.bias], "weight_decay": 0.0, "lr": head_lr}]
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
-    def average_gradients(self, world: int) -> None:
-        """Average the gradients over the ranks (one all-reduce of all of them)."""
+    def sum_gradients(self, world: int) -> None:
+        """Sum the gradients over the ranks (one all-reduce of all of them). Each rank's loss is its
+        images' summed loss over the global batch, so the sum is the gradient of the whole batch,
+        whatever the ranks' shares; a rank that has read no image yet adds zeros."""
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if world == 1:
             return
         grads = [p.grad for p in self.parameters()]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
-        flat /= world
         off = 0
         for g in grads:
             g.copy_(flat[off:off + g.numel()].view_as(g))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .align import sinkhorn_plan
 from .config import Config, SettingError, parse_crops
-from .data import collate
+from .data import collate, shard_rows
 from .full_assign import assign_full
 from .state import Assignment
 from .targets import CHUNK_ELEMS, Targets, check_target_set
@@ -169,12 +169,6 @@ def align_batch(cfg: Config, assignment: Assignment, targets: Targets, idx: torc
     if world > 1:
         idx, keep = _exchange(idx, keep, cfg.batch_size, world)
     return loss_rows, assignment.update(idx, keep)
-
-
-def shard_rows(n: int, rank: int, world: int) -> tuple[int, int, int]:
-    # (lo, hi, shard): rank's contiguous rows of the whole-dataset passes, every shard the same size
-    shard = -(-n // world)
-    return min(rank * shard, n), min((rank + 1) * shard, n), shard
 
 
 def _embed(model: torch.nn.Module, dataset, lo: int, hi: int, batch_size: int, device: torch.device,

@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import nat_ext
 from conftest import cpu_and_cuda
+from nat_ext import faults as nat_faults
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -244,6 +245,42 @@ def test_fallback_raise_names_item_status_and_the_way_out(device, monkeypatch, f
         fall_back(cost, wrong, v, False)
 
 
+def test_python_reads_the_statuses_and_settings_of_the_library(monkeypatch):
+    # one definition, in C++ (lap/status.h, solver_faults.h): Python's names are the library's
+    assert nat_faults.STATUS_NAMES == {0: "solved", 1: "infeasible", 2: "invalid entry", 3: "iteration limit",
+                                       4: "certificate failed"}
+    assert nat_faults.SOLVER_FAULTS == (3, 4)
+    monkeypatch.delenv("NAT_CUDA_FALLBACK", raising=False)
+    monkeypatch.delenv("NAT_CUDA_TIMEOUT_S", raising=False)
+    assert nat_faults.fallback_mode() == "cpu" and nat_faults._timeout_seconds() == 300.0
+    for value, seconds in [("30", 30.0), ("0.5", 0.5), ("0", 0.0), ("-1", -1.0), ("inf", float("inf"))]:
+        monkeypatch.setenv("NAT_CUDA_TIMEOUT_S", value)
+        assert nat_faults._timeout_seconds() == seconds
+    monkeypatch.setenv("NAT_CUDA_FALLBACK", "raise")
+    assert nat_faults.fallback_mode() == "raise"
+
+
+@pytest.mark.parametrize("value", ["gpu", "", "CPU"])
+def test_bad_fallback_setting_same_error_from_python_and_the_op(value, monkeypatch):
+    monkeypatch.setenv("NAT_CUDA_FALLBACK", value)
+    cost, _, wrong, v = wrong_answer("cpu")
+    with pytest.raises(ValueError, match=f"^NAT_CUDA_FALLBACK should be 'cpu' or 'raise', got '{value}'$") as py:
+        nat_faults.fallback_mode()
+    with pytest.raises(ValueError) as op:  # the C++ op, on a problem that needs the setting
+        fall_back(cost, wrong, v, False)
+    assert str(op.value) == str(py.value)
+
+
+@pytest.mark.parametrize("value", ["soon", "", "30 s", "nan"])
+def test_bad_timeout_setting_same_error_from_python_and_the_op(value, monkeypatch):
+    monkeypatch.setenv("NAT_CUDA_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=f"^NAT_CUDA_TIMEOUT_S should be a number of seconds, got '{value}'$") as py:
+        nat_faults._timeout_seconds()
+    with pytest.raises(ValueError) as op:
+        torch.ops.nat._solver_settings()
+    assert str(op.value) == str(py.value)
+
+
 # --- the CUDA solvers: certified on the device, bounded waits -------------------------------------
 
 @pytest.mark.cuda
@@ -264,9 +301,13 @@ def test_cuda_solves_pass_their_own_certificate(solver, n):
 
 @pytest.mark.cuda
 def test_cuda_timeout_setting_is_checked(monkeypatch):
+    # the CUDA op's wait (C++) and Python's (nat_ext.faults) refuse a bad value with the same message
     monkeypatch.setenv("NAT_CUDA_TIMEOUT_S", "soon")
-    with pytest.raises(ValueError, match="NAT_CUDA_TIMEOUT_S should be a number of seconds"):
+    with pytest.raises(ValueError, match="NAT_CUDA_TIMEOUT_S should be a number of seconds, got 'soon'") as op:
         nat_ext.linear_sum_assignment(torch.rand(4, 4, device="cuda"))
+    with pytest.raises(ValueError) as py:
+        nat_faults.wait_for_device("cuda", "the test's work")
+    assert str(py.value) == str(op.value)
     monkeypatch.setenv("NAT_CUDA_TIMEOUT_S", "30")
     rows, cols = nat_ext.linear_sum_assignment(torch.rand(4, 4, device="cuda"))
     assert sorted(cols.tolist()) == [0, 1, 2, 3]

@@ -94,7 +94,7 @@ BAD = {
              "--eval-grid": ["-1"], "--eval-limit": ["-1"], "--eval-supervised-epochs": ["0"],
              "--eval-probe-epochs": ["0"], "--eval-probe-lr": ["0", "nan"], "--eval-max-steps": ["-1"],
              "--eval-knn-k": ["-1"], "--eval-knn-bank": ["0"], "--eval-probe-iters": ["0"],
-             "--eval-probe-wd": ["-1", "nan"], "--eval-batch-size": ["0"], "--eval-baselines": ["random,gan"]},
+             "--eval-probe-wd": ["-1", "nan"], "--eval-batch-size": ["0"], "--eval-probe-batch": ["0", "-2"], "--eval-baselines": ["random,gan"]},
     EvalConfig: {"--dim": ["-1"], "--workers": ["-2"], "--seed": ["-2"], "--device": ["tpu"],
                  "--data": ["synthetic:0"], "--batch-size": ["0"], "--knn-bank": ["-1"], "--probe-lr": ["-0.5"],
                  "--baselines": ["pixel"]},

@@ -15,12 +15,12 @@
 #include <torch/library.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <thread>
 
 #include "cuda/checks.h"
 #include "lap/certify.h"
 #include "ops_common.h"
+#include "solver_faults.h"
 
 namespace nat {
 namespace {
@@ -141,32 +141,14 @@ void launch_certify(const at::Tensor& cost, const at::Tensor& col4row, const at:
   });
 }
 
-namespace {
-
-// NAT_CUDA_TIMEOUT_S: how long the plain ops wait for a solve (default kDefaultTimeoutSeconds;
-// 0 or less: forever). The longest solves we expect take seconds (jv at n = 4096: ~0.2 s).
-constexpr double kDefaultTimeoutSeconds = 300.0;
-
-double timeout_seconds() {
-  const char* s = std::getenv("NAT_CUDA_TIMEOUT_S");
-  if (!s) return kDefaultTimeoutSeconds;
-  char* end = nullptr;
-  const double t = std::strtod(s, &end);
-  TORCH_CHECK_VALUE(end != s && *end == '\0', "NAT_CUDA_TIMEOUT_S should be a number of seconds, got '",
-                    s, "'");
-  return t;
-}
-
 // Spins on an event for the first milliseconds (what a solve usually takes, so the common path
 // pays nothing), then polls it.
-}  // namespace
-
 void wait_with_deadline(cudaStream_t stream, const char* op) {
   using Clock = std::chrono::steady_clock;
+  const double limit = timeout_setting();  // first: a bad value raises before the event exists
   cudaEvent_t done;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   C10_CUDA_CHECK(cudaEventRecord(done, stream));
-  const double limit = timeout_seconds();
   const auto start = Clock::now();
   for (;;) {
     const cudaError_t state = cudaEventQuery(done);

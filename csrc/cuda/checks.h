@@ -16,8 +16,8 @@ void launch_certify(const at::Tensor& cost, const at::Tensor& col4row, const at:
                     bool maximize, int64_t* status, int64_t stride, cudaStream_t stream);
 
 // Waits for the work queued on `stream` so far, or raises a RuntimeError (naming `op`) once
-// NAT_CUDA_TIMEOUT_S seconds have passed (default 300; 0 or less: no deadline): a hung kernel
-// is the one fault no check after the solve can see.
+// NAT_CUDA_TIMEOUT_S seconds have passed (solver_faults.h: timeout_setting): a hung kernel is
+// the one fault no check after the solve can see.
 void wait_with_deadline(cudaStream_t stream, const char* op);
 
 }  // namespace nat

@@ -16,6 +16,12 @@ enum Status : int64_t {
                            // path flip longer than n + 1 hops or leaving the index range)
   kCertificateFailed = 4,  // the answer failed the independent check of lap/certify.h
 };
+constexpr int64_t kNumStatuses = 5;
+
+// A fault of the solver (a bug to report), as opposed to the input's.
+constexpr bool is_solver_fault(int64_t status) {
+  return status == kIterationLimit || status == kCertificateFailed;
+}
 
 }  // namespace lap
 }  // namespace nat
