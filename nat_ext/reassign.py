@@ -62,17 +62,16 @@ def check_settings(cfg: Config, n: int) -> None:
         cfg: the run's settings.
         n: number of training images.
     """
-    if cfg.objective != "nat":
+    if cfg.label_fraction > 0 and cfg.label_file:
+        raise SettingError("--label-fraction and --label-file both name the labelled images: give one")
+    if cfg.objective != "nat":  # (with labels: the supervised model of those labels alone)
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
                    (("targets", "sphere"), ("align", "exact"), ("views", 1), ("rotation_loss", 0.0),
-                    ("koleo", 0.0), ("crops", ""), ("label_fraction", 0.0), ("label_file", ""),
-                    ("nat_weight", 1.0)) if getattr(cfg, k) != v]
+                    ("koleo", 0.0), ("crops", ""), ("nat_weight", 1.0)) if getattr(cfg, k) != v]
         if changed:
             raise SettingError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
                                "apply to NAT only")
         return
-    if cfg.label_fraction > 0 and cfg.label_file:
-        raise SettingError("--label-fraction and --label-file both name the labelled images: give one")
     if cfg.nat_weight == 0:
         if not (cfg.rotation_loss > 0 or cfg.koleo > 0 or cfg.label_fraction > 0 or cfg.label_file):
             raise SettingError("--nat-weight 0 leaves no term to train: give --rotation-loss, --koleo or labels")

@@ -106,10 +106,10 @@ def train(cfg: Config) -> dict:
                       num_prototypes=cfg.num_prototypes, spread=cfg.target_spread) if nat else None
     assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
     # semi-supervised NAT (issue 26): the labelled images as dataset indices, O(labelled)
-    labelled = labelled_set(dataset, cfg.label_fraction, cfg.label_file, cfg.seed) if nat else None
+    labelled = labelled_set(dataset, cfg.label_fraction, cfg.label_file, cfg.seed)
     label_counts = class_counts(dataset_labels(dataset)[labelled], info.num_classes) if labelled is not None else None
     terms = build_terms(cfg, assignment, targets, world, n_local, aug_gen, stage_width(model, aux_layer),
-                        info.batch_augment, info.num_classes if labelled is not None else 0)
+                        info.batch_augment, info.num_classes if nat and labelled is not None else 0)
     heads = {t.name: t.head.to(device) for t in terms if t.head is not None}
     nat_term = next((t for t in terms if isinstance(t, NatTerm)), None)
     # the dataset-wide passes (reassignment and objective) read unaugmented images
@@ -168,8 +168,11 @@ def train(cfg: Config) -> dict:
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
     # the run's one loader (persistent workers) over a sampler that follows the epoch
     sampler = EpochBatches(lambda e: epoch_batches(n, cfg.batch_size, cfg.seed, e, rank, world))
+    if not nat and labelled is not None:  # the supervised model of the labels alone: as many steps, labelled batches
+        sampler = EpochBatches(lambda e: labelled_batches(labelled, cfg.batch_size, cfg.seed, e, steps_per_epoch,
+                                                          rank))
     label_sampler = label_loader = None
-    if labelled is not None:  # labelled images drawn into every step, by a loader of their own
+    if nat and labelled is not None:  # labelled images drawn into every step, by a loader of their own
         if resumed is not None and resumed.get("labelled") is not None and not torch.equal(resumed["labelled"], labelled):
             raise SettingError(f"checkpoint {ckpt_path} has another labelled set than this run's "
                                "--label-fraction / --label-file (or --seed, --limit)")

@@ -1,5 +1,6 @@
 """Semi-supervised NAT (issue 26): the labelled set (balanced, seeded, or named by a file), the label
 term and its head, the semi row of the evaluation, an exact resume with labels, and --nat-weight 0."""
+import dataclasses
 import json
 import os
 
@@ -109,7 +110,7 @@ def test_nat_weight_0_trains_rotation_alone_and_names_its_rows(tmp_path):
     (["--nat-weight", "0"], "--nat-weight 0 leaves no term to train"),
     (["--label-fraction", "0.1", "--label-file", "x.txt"], "--label-fraction and --label-file both"),
     (["--label-file", "x.txt"], "--label-file names images of an image folder"),
-    (["--objective", "supervised", "--label-fraction", "0.1"], "--label-fraction 0.1 apply to NAT only"),
+    (["--objective", "supervised", "--nat-weight", "0.5"], "--nat-weight 0.5 apply to NAT only"),
     (["--nat-weight", "0", "--rotation-loss", "1", "--crops", "1,2"], "local crops regress to NAT's targets"),
 ])
 def test_bad_label_settings_are_refused_before_training(tmp_path, capsys, args, message):
@@ -117,3 +118,25 @@ def test_bad_label_settings_are_refused_before_training(tmp_path, capsys, args, 
         nat_train.main(["--limit", "128", "--batch-size", "32", "--dim", "16", "--epochs", "1", "--no-eval",
                         "--out", str(tmp_path / "run")] + args)
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_the_supervised_baseline_of_a_labelled_run_trains_on_its_labels_alone_as_long():
+    from nat_ext.supervised import supervised_config
+    run = dataclasses.asdict(Config(label_fraction=0.01, epochs=30, rotation_loss=1.0, nat_weight=0.0))
+    cfg = supervised_config(run, out="/tmp/s", epochs=5)
+    assert (cfg.objective, cfg.label_fraction, cfg.epochs, cfg.rotation_loss, cfg.nat_weight) == \
+        ("supervised", 0.01, 30, 0.0, 1.0)
+    assert supervised_config(dataclasses.asdict(Config(epochs=30)), out="/tmp/s", epochs=5).epochs == 5
+
+
+@needs_data
+def test_a_labelled_run_reports_the_probes_fit_on_its_labels_and_a_labels_only_supervised_model(tmp_path):
+    out = str(tmp_path / "run")
+    assert nat_train.main(["--limit", "2048", "--batch-size", "128", "--dim", "16", "--epochs", "1",
+                           "--label-fraction", "0.05", "--eval-limit", "2048", "--eval-baselines", "supervised",
+                           "--eval-probe-iters", "50", "--seed", "1", "--out", out]) == 0
+    rows = {r["encoder"]: r for r in json.load(open(os.path.join(out, "eval.json")))["results"]}
+    assert {"semi", "nat", "nat@labelled", "supervised", "supervised@labelled"} <= set(rows)
+    assert rows["nat@labelled"]["n_train"] == rows["semi"]["n_labelled"] < rows["nat"]["n_train"]
+    sup = load_checkpoint(str(tmp_path / "run" / "supervised" / "checkpoint.pt"))
+    assert sup["config"]["label_fraction"] == 0.05 and sup["global_step"] == 2048 // 128  # the NAT run's steps
