@@ -145,20 +145,28 @@ def stage_width(encoder: Encoder, layer: str) -> int:
     raise ValueError(f"layer should be one of {list(encoder.stages)}, got {layer!r}")
 
 
-class RotationHead(nn.Module):
-    """Linear 4-way rotation classifier on the globally pooled output of a conv stage.
+class PooledLinear(nn.Module):
+    """A linear classifier on the globally pooled output of a conv stage (the heads of the terms).
 
     Args:
         width: channels of that stage (:func:`stage_width`).
+        outputs: classes.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, outputs: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(width, 4)
+        self.fc = nn.Linear(width, outputs)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """Args: maps Tensor[m, width, h, w]. Returns: Tensor[m, 4] logits."""
+        """Args: maps Tensor[m, width, h, w]. Returns: Tensor[m, outputs] logits."""
         return self.fc(F.adaptive_avg_pool2d(maps, 1).flatten(1))
+
+
+class RotationHead(PooledLinear):
+    """The 4-way rotation classifier (:class:`PooledLinear` with 4 outputs)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, 4)
 
 
 class AuxNet(nn.Module):

@@ -223,6 +223,20 @@ class Config:
                                             "(0, 1]", check=FRACTION)
     koleo: float = setting(0.0, "weight W of the KoLeo regulariser (DINOv2): -mean_i log(min_j ||f_i - f_j||) over "
                                 "each view's normalised outputs, per process (0: not computed)", check=NON_NEGATIVE)
+    label_fraction: float = setting(0.0, "semi-supervised NAT: share of the training images (after --limit) whose "
+                                         "labels the run uses, a seeded class-balanced subset, in (0, 1]; 0: none "
+                                         "(the paper's NAT)", check=Rule("a number in (0, 1], or 0 for none",
+                                                                          lambda v: _finite(v) and 0 <= v <= 1))
+    label_file: str = setting("", "semi-supervised NAT on an image folder: the labelled images, one file name per "
+                                  "line (e.g. the published ImageNet 1%% / 10%% lists), instead of --label-fraction")
+    label_loss: float = setting(1.0, "with labels: weight W of the cross-entropy of a linear classifier head on "
+                                     "the pooled last conv stage, on --label-batch labelled images drawn into every "
+                                     "step; the head learns at 10 x the encoder's lr and is saved under the "
+                                     "checkpoint's 'labels' key", check=POSITIVE)
+    label_batch: int = setting(32, "with labels: labelled images drawn (with replacement) into every step, per "
+                                   "process", check=POSITIVE_INT)
+    nat_weight: float = setting(1.0, "weight of NAT's own term; 0 turns it off and trains the other terms alone "
+                                     "(e.g. --rotation-loss 1: rotation prediction alone)", check=NON_NEGATIVE)
     crops: str = setting("", "G,L: G global views (as --views G) and L local crops per image, side "
                              "round(0.43 x the global side) (SwAV's 96/224; 12 px on Fashion-MNIST), cropped on "
                              "the device; local crops regress to the targets the global views' alignment leaves "

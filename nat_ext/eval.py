@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .auxiliary import PooledLinear, stage_width
 from .checkpoint import load_checkpoint
 from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_config, progress, refuse, validate
 from .data import DataInfo, collate, default_workers, get_dataset, shard_rows
@@ -254,8 +255,8 @@ def _bank_position(n: int, rows: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: int, world: int, seed: int,
-               num_classes: int, bank_rows: torch.Tensor) -> torch.Tensor:
+def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
+               bank_rows: torch.Tensor, rank: int, world: int, seed: int) -> torch.Tensor:
     """Streamed linear heads on every tap, every rank sharing each pass. Returns the counts Tensor[taps + 1, 4]:
     per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry."""
     device = read.device
@@ -358,8 +359,9 @@ def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn
 
 
 def _lbfgs_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
-                 bank_rows: torch.Tensor) -> torch.Tensor:
-    """L-BFGS on held features, one process. Returns the counts as :func:`_sgd_probe`."""
+                 bank_rows: torch.Tensor, rank: int = 0, world: int = 1, seed: int = 0) -> torch.Tensor:
+    """L-BFGS on held features, one process (rank, world, seed unused: the signature of :func:`_sgd_probe`).
+    Returns the counts as :func:`_sgd_probe`."""
     knn = pc.knn_k > 0
     train_x, train_k, train_y, train_rows = _hold(taps, read, split.train, split.train_idx, "features (train)", knn)
     test_x, test_k, test_y, _ = _hold(taps, read, split.test, split.test_idx, "features (test)", knn)
@@ -390,6 +392,71 @@ def _load_encoder(path: str) -> tuple[Encoder, dict]:
                         normalize=nat)
     model.load_state_dict(ck["model"])
     return model, c
+
+
+def trained_name(c: dict) -> str:
+    """The name of a checkpoint's encoder in the results: what trained it (``nat``, ``nat-frozen`` for the
+    frozen-assignment ablation, ``supervised``, or without NAT's term the other terms, e.g. ``rotation``)."""
+    if c["objective"] == "supervised":
+        return "supervised"
+    if c.get("nat_weight", 1.0) == 0:
+        on = (("rotation", c.get("rotation_loss", 0) > 0), ("koleo", c.get("koleo", 0) > 0),
+              ("labels", c.get("label_fraction", 0) > 0 or bool(c.get("label_file"))))
+        return "+".join(name for name, used in on if used)
+    return "nat" if c["reassign_every"] > 0 else "nat-frozen"
+
+
+@torch.no_grad()
+def _result_rows(taps: Taps, counts: torch.Tensor, pc: ProbeConfig, method: str, n_train: int, bank: int,
+                 num_classes: int, suffix: str) -> list[dict]:
+    """One result per (encoder, layer) from a probe's counts (printed as they come); ``suffix`` names
+    the encoders of a probe fit on other training images (``@labelled``)."""
+    n_test, rows = int(counts[-1, 0]), []
+    for t, (name, layer, grid) in enumerate(taps.heads):
+        r = {"encoder": name + suffix, "layer": layer, "grid": grid, "feature_dim": taps.dims[t],
+             "linear_top1": int(counts[t, 0]) / max(n_test, 1),
+             "knn_top1": int(counts[t, 2]) / max(n_test, 1) if pc.knn_k > 0 else None,
+             "n_train": n_train, "n_test": n_test, "method": method, "knn_bank": bank}
+        if num_classes >= 100:
+            r["linear_top5"] = int(counts[t, 1]) / max(n_test, 1)
+            r["knn_top5"] = int(counts[t, 3]) / max(n_test, 1) if pc.knn_k > 0 else None
+        rows.append(r)
+        knn = f"  kNN {100 * r['knn_top1']:5.2f}%" if pc.knn_k > 0 else ""
+        print(f"{r['encoder']:>12s}  {layer:>7s}  dim {taps.dims[t]:5d}  linear {100 * r['linear_top1']:5.2f}%{knn}",
+              flush=True)
+    return rows
+
+
+def _labelled_rows(path: str, c: dict, pc: ProbeConfig, split: _Split) -> torch.Tensor | None:
+    """The training rows a labelled run's probe also fits on (its labelled images), when the evaluation's
+    training images are the run's (same --limit; not an 80/20 split of a folder without val)."""
+    if not c.get("label_fraction") and not c.get("label_file"):
+        return None
+    if pc.limit != c.get("limit", 0) or split.train is split.test:
+        print("the labelled-only probe is skipped: the evaluation's training images are not the run's "
+              f"(--limit {pc.limit}, the run's {c.get('limit', 0)})", flush=True)
+        return None
+    return load_checkpoint(path)["labelled"]
+
+
+def _semi_row(path: str, model: Encoder, c: dict, split: _Split, read: _Reader, device: torch.device) -> dict | None:
+    """The ``semi`` result of a run trained with labels: its own classifier head's top-1 on the test
+    images (the head reads the pooled last conv stage); None for a run without labels."""
+    ck = load_checkpoint(path)
+    if "labels" not in ck:
+        return None
+    layer = default_layer(c["arch"])
+    head = PooledLinear(stage_width(model, layer), c["num_classes"])
+    head.load_state_dict(ck["labels"])
+    model, head = model.to(device).eval(), head.to(device).eval()
+    correct = total = 0
+    for x, y, _ in read(split.test, split.test_idx, "semi"):
+        if x is not None:
+            correct += int((head(model.trunk(x, layer)).argmax(1) == y).sum())
+            total += len(y)
+    return {"encoder": "semi", "layer": layer, "linear_top1": correct / max(total, 1), "knn_top1": None,
+            "n_test": total, "method": "the run's label head", "n_labelled": len(ck["labelled"]),
+            "labelled_per_class": ck.get("labelled_per_class")}
 
 
 def _supervised(ecfg: EvalConfig, c: dict, data: str, arch: str, seed: int, skip_corrupt: bool,
@@ -438,10 +505,11 @@ def _table(results: list[dict], key: str, title: str) -> str:
         layers.append("pixels")
     names = list(dict.fromkeys(r["encoder"] for r in results))
     cell = {(r["encoder"], r["layer"]): r.get(key) for r in results}
-    lines = [title, f"{'encoder':12s}" + "".join(f"{l:>9s}" for l in layers)]
+    width = max(12, *(len(n) + 1 for n in names))
+    lines = [title, f"{'encoder':{width}s}" + "".join(f"{l:>9s}" for l in layers)]
     for name in names:
         row = [cell.get((name, l)) for l in layers]
-        lines.append(f"{name:12s}" + "".join(f"{100 * v:9.2f}" if v is not None else f"{'-':>9s}" for v in row))
+        lines.append(f"{name:{width}s}" + "".join(f"{100 * v:9.2f}" if v is not None else f"{'-':>9s}" for v in row))
     return "\n".join(lines)
 
 
@@ -505,10 +573,12 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     sobel = c.get("sobel", False)
     encoders = []
     any_model = trained
+    semi = None
     if trained is not None:
-        name = c["objective"] if c["objective"] == "supervised" else (
-            "nat" if c["reassign_every"] > 0 else "nat-frozen")
-        encoders.append(Probed(name, trained, []))
+        encoders.append(Probed(trained_name(c), trained, []))
+        if master:  # the run's own classifier head (semi-supervised NAT), read before the stages are dropped
+            semi = _semi_row(ecfg.checkpoint, trained, c, split, _Reader(info, pc.batch_size, device, ecfg.workers),
+                             device)
     if "random" in wanted:
         torch.manual_seed(seed)
         rnd = build_model(arch, dim, info.in_channels, sobel=sobel, small_input=info.small_input)
@@ -538,26 +608,23 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
         bank_mb = len(bank_rows) * taps.bank_bytes_per_image / 2 ** 20
         print(f"{method} probe of {len(taps.heads)} (encoder, layer) pairs on {n_train} training images, "
               f"{world} process(es); k-NN bank {len(bank_rows)} images ({bank_mb:.0f} MiB)", flush=True)
-    if method == "sgd":
-        counts = _sgd_probe(taps, split, pc, read, rank, world, seed, info.num_classes, bank_rows)
-    else:
-        counts = _lbfgs_probe(taps, split, pc, read, info.num_classes, bank_rows)
+    probe = _sgd_probe if method == "sgd" else _lbfgs_probe
+    counts = probe(taps, split, pc, read, info.num_classes, bank_rows, rank, world, seed)
+    # a run with labels: the probes fit again on its labelled images only (the 1% / 10% evaluation)
+    labelled = _labelled_rows(ecfg.checkpoint, c, pc, split) if trained is not None else None
+    if labelled is not None:
+        pc_l = dataclasses.replace(pc, probe_batch=min(pc.probe_batch, len(labelled)))
+        counts_l = probe(Taps(encoders, in_shape, info.small_input, pc.grid, device),
+                         dataclasses.replace(split, train_idx=labelled), pc_l, read, info.num_classes, labelled,
+                         rank, world, seed)
     if not master:
         return None
+    results = [semi] if semi is not None else []
+    results += _result_rows(taps, counts, pc, method, n_train, len(bank_rows), info.num_classes, "")
+    if labelled is not None:
+        results += _result_rows(taps, counts_l, pc, method, len(labelled), len(labelled), info.num_classes,
+                                "@labelled")
     n_test = int(counts[-1, 0])
-    results = []
-    for t, (name, layer, grid) in enumerate(taps.heads):
-        r = {"encoder": name, "layer": layer, "grid": grid, "feature_dim": taps.dims[t],
-             "linear_top1": int(counts[t, 0]) / max(n_test, 1),
-             "knn_top1": int(counts[t, 2]) / max(n_test, 1) if pc.knn_k > 0 else None,
-             "n_train": n_train, "n_test": n_test, "method": method, "knn_bank": len(bank_rows)}
-        if info.num_classes >= 100:
-            r["linear_top5"] = int(counts[t, 1]) / max(n_test, 1)
-            r["knn_top5"] = int(counts[t, 3]) / max(n_test, 1) if pc.knn_k > 0 else None
-        results.append(r)
-        knn = f"  kNN {100 * r['knn_top1']:5.2f}%" if pc.knn_k > 0 else ""
-        print(f"{name:>12s}  {layer:>7s}  dim {taps.dims[t]:5d}  linear {100 * r['linear_top1']:5.2f}%{knn}",
-              flush=True)
     seconds = time.perf_counter() - t0
     print(_table(results, "linear_top1", f"linear top-1 (%), {method} probe, {n_train} training / {n_test} test "
                                          f"images, {seconds:.0f} s"), flush=True)

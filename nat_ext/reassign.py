@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from .align import sinkhorn_plan
-from .config import Config, SettingError
+from .config import Config, SettingError, parse_crops
 from .data import collate, shard_rows
 from .full_assign import assign_full
 from .state import Assignment
@@ -62,14 +62,21 @@ def check_settings(cfg: Config, n: int) -> None:
         cfg: the run's settings.
         n: number of training images.
     """
-    if cfg.objective != "nat":
+    if cfg.label_fraction > 0 and cfg.label_file:
+        raise SettingError("--label-fraction and --label-file both name the labelled images: give one")
+    if cfg.objective != "nat":  # (with labels: the supervised model of those labels alone)
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k, v in
                    (("targets", "sphere"), ("align", "exact"), ("views", 1), ("rotation_loss", 0.0),
-                    ("koleo", 0.0), ("crops", "")) if getattr(cfg, k) != v]
+                    ("koleo", 0.0), ("crops", ""), ("nat_weight", 1.0)) if getattr(cfg, k) != v]
         if changed:
             raise SettingError(f"objective {cfg.objective!r} trains on the labels: {', '.join(changed)} "
                                "apply to NAT only")
         return
+    if cfg.nat_weight == 0:
+        if not (cfg.rotation_loss > 0 or cfg.koleo > 0 or cfg.label_fraction > 0 or cfg.label_file):
+            raise SettingError("--nat-weight 0 leaves no term to train: give --rotation-loss, --koleo or labels")
+        if cfg.crops and parse_crops(cfg.crops)[1]:
+            raise SettingError(f"--crops {cfg.crops}: local crops regress to NAT's targets, and --nat-weight is 0")
     try:
         check_target_set(cfg.targets, n, cfg.dim, cfg.num_prototypes, cfg.target_spread)
     except ValueError as e:

@@ -343,13 +343,19 @@ def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.G
     if ("aux" in ck) != ("aux" in parts):
         diffs.append(f"rotation head: checkpoint written with --rotation-loss {saved.get('rotation_loss', 0.0)}, "
                      f"this run has {cfg.rotation_loss} (resume with a weight that is 0 in both or in neither)")
+    if ("labels" in ck) != ("labels" in parts):
+        diffs.append("label head: the checkpoint's run and this one do not both use labels (--label-fraction, "
+                     "--label-file)")
+    if saved.get("nat_weight", 1.0) != cfg.nat_weight:
+        diffs.append(f"nat_weight: checkpoint {saved.get('nat_weight', 1.0)}, this run {cfg.nat_weight}")
     if diffs:
         raise SettingError(f"checkpoint {path} is another run ({'; '.join(diffs)}): use that run's settings, "
                            "--no-resume to start afresh (its files are moved aside), or another --out")
     for name, part in parts.items():
         part.load_state_dict(ck[name])
     set_rng_state(ck.get("rng_ranks", [ck["rng"]] * world)[rank], aug_gen)
-    return {k: ck[k] for k in ("epoch", "step", "global_step", "epoch_stats", "train_seconds")}
+    return {**{k: ck[k] for k in ("epoch", "step", "global_step", "epoch_stats", "train_seconds")},
+            "labelled": ck.get("labelled")}
 
 
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json", "tb")
@@ -407,7 +413,8 @@ def write_summary(row: dict, out: str, writer, epochs: int) -> None:
     print(f"epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} changed "
           f"{row['changed_frac']:.3f} {row['images_per_s']:.0f} img/s"
           + "".join(f" {k} {row[k]:.1f}" for k in ("objective_held", "objective", "objective_end") if k in row)
-          + "".join(f" {k} {row[k]:.3f}" for k in ("rotation_loss", "rotation_acc", "koleo") if k in row)
+          + "".join(f" {k} {row[k]:.3f}" for k in ("rotation_loss", "rotation_acc", "koleo", "label_loss", "label_acc")
+                    if k in row)
           + (f" skipped {row['skipped']}" if row["skipped"] else ""), flush=True)
 
 

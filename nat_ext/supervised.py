@@ -30,7 +30,7 @@ def supervised_config(run: dict, out: str, epochs: int, device: str = "auto", wo
         run: the run's config dict (a checkpoint's ``config``; unknown keys are ignored,
             missing ones take the defaults).
         out: output folder of the baseline.
-        epochs: its training epochs.
+        epochs: its training epochs (a run with labels: the run's own, on its labelled images only).
         device, workers: where and with how many loader processes it trains.
 
     Returns:
@@ -38,11 +38,14 @@ def supervised_config(run: dict, out: str, epochs: int, device: str = "auto", wo
         evaluation and no resume.
     """
     cfg = config_from_dict(Config, run)
+    if cfg.label_fraction > 0 or cfg.label_file:  # a run with labels: those labels alone, as many steps
+        epochs = cfg.epochs
     defaults = Config()  # the NAT-only settings go back to their defaults
     return dataclasses.replace(cfg, objective="supervised", epochs=epochs, out=out, device=device,
                                workers=workers, eval=False, resume=False, sync_debug=False,
                                targets=defaults.targets, align=defaults.align, views=defaults.views,
-                               rotation_loss=defaults.rotation_loss, koleo=defaults.koleo, crops=defaults.crops)
+                               rotation_loss=defaults.rotation_loss, koleo=defaults.koleo, crops=defaults.crops,
+                               nat_weight=defaults.nat_weight)
 
 
 def train_supervised(cfg: Config) -> str:

@@ -12,6 +12,8 @@ Terms, in the order their losses are added (the order of the sum is part of a ru
 * :class:`RotationTerm` (``--rotation-loss W``): a rotated copy of the first view through the trunk
   and a 4-way head.
 * :class:`KoleoTerm` (``--koleo W``): the KoLeo regulariser on each view's outputs.
+* :class:`LabelTerm` (``--label-fraction`` or ``--label-file``, weight ``--label-loss``): cross-entropy
+  of a linear classifier head on the labelled images drawn into the step.
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .auxiliary import RotationHead, koleo_loss, local_crops, rotate_batch
+from .auxiliary import PooledLinear, RotationHead, koleo_loss, local_crops, rotate_batch
 from .config import Config
 from .reassign import align_batch
 from .run import EpochStats
 from .state import Assignment
 from .targets import Targets
 
-__all__ = ["Batch", "Term", "NatTerm", "SupervisedTerm", "RotationTerm", "KoleoTerm", "build_terms", "total_loss", "nat_loss"]
+__all__ = ["Batch", "Term", "NatTerm", "SupervisedTerm", "RotationTerm", "KoleoTerm", "LabelTerm", "build_terms", "total_loss", "nat_loss"]
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Batch:
         local: Tensor[L b, dim] the outputs of NAT's local crops, or None.
         head_inputs: each head term's (images, labels) for the forward.
         logits: each head term's logits (after the forward).
+        labelled: (Tensor[l, C, S, S] labelled images, Tensor[l] their labels) drawn into the step, or None.
     """
     raw: torch.Tensor
     x: torch.Tensor
@@ -55,6 +58,7 @@ class Batch:
     local: torch.Tensor | None = None
     head_inputs: dict = field(default_factory=dict)
     logits: dict = field(default_factory=dict)
+    labelled: tuple | None = None
 
     @property
     def size(self) -> int:
@@ -189,8 +193,31 @@ class KoleoTerm(Term):
         return koleo
 
 
+class LabelTerm(Term):
+    """Semi-supervised NAT: a linear classifier head on the pooled last conv stage of the labelled
+    images drawn into the step (:mod:`nat_ext.labels`), cross-entropy on their labels.
+
+    Args:
+        weight: ``--label-loss``. width: the stage's channels. classes: the data set's classes.
+    """
+    name = "labels"
+
+    def __init__(self, weight: float, width: int, classes: int) -> None:
+        self.weight, self.head = weight, PooledLinear(width, classes)
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.labelled
+
+    def loss(self, batch: Batch, stats: EpochStats) -> torch.Tensor:
+        logits, labels = batch.logits[self.name], batch.labelled[1]
+        loss = F.cross_entropy(logits.float(), labels)
+        stats.add_aux("label_loss", loss, batch.size)
+        stats.add_aux("label_acc", (logits.argmax(1) == labels).double().mean(), batch.size)
+        return loss
+
+
 def build_terms(cfg: Config, assignment: Assignment | None, targets: Targets | None, world: int, n_local: int,
-                generator: torch.Generator, stage_width: int, crops_from_raw: bool) -> list[Term]:
+                generator: torch.Generator, stage_width: int, crops_from_raw: bool, classes: int = 0) -> list[Term]:
     """The run's terms, in the order of the sum; a term of weight 0 is not built (nothing computed).
 
     Args:
@@ -201,14 +228,20 @@ def build_terms(cfg: Config, assignment: Assignment | None, targets: Targets | N
         generator: the augmentation generator (local crops).
         stage_width: channels of the last conv stage (the heads' input).
         crops_from_raw: see :class:`NatTerm`.
+        classes: the data set's classes, for the label head (0: no labels).
     """
     if cfg.objective != "nat":
         return [SupervisedTerm()]
-    terms: list[Term] = [NatTerm(cfg, assignment, targets, world, n_local, generator, crops_from_raw)]
+    terms: list[Term] = []
+    if cfg.nat_weight > 0:
+        terms.append(NatTerm(cfg, assignment, targets, world, n_local, generator, crops_from_raw))
+        terms[-1].weight = cfg.nat_weight
     if cfg.rotation_loss > 0:
         terms.append(RotationTerm(cfg.rotation_loss, cfg.rotation_fraction, stage_width))
     if cfg.koleo > 0:
         terms.append(KoleoTerm(cfg.koleo))
+    if classes:
+        terms.append(LabelTerm(cfg.label_loss, stage_width, classes))
     return terms
 
 

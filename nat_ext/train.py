@@ -42,12 +42,15 @@ from .reassign import (align_batch, assignment_objective, centre_features, check
 from .run import (EpochStats, StopFlag, amp_settings, build_scheduler, continue_schedule, epoch_batches,
                   gather_rng, held_perm, move_aside, no_sync_allowed, plot_metrics, prepare_out, resume, scaled_lr,
                   setup_processes, stopped, write_summary)
+from .labels import class_counts, dataset_labels, labelled_batches, labelled_set
 from .state import Assignment, cpu_assign
 from .terms import Batch, NatTerm, build_terms, total_loss
 from .targets import Targets
 
 # batches each loader worker prepares ahead (what /dev/shm must hold, with the batch size)
 PREFETCH = 4
+# the label head's lr over the encoder's: a linear head on few labels learns in a few hundred steps
+LABEL_HEAD_LR = 10.0
 
 __all__ = ["Config", "train", "main", "epoch_batches", "reassigns_on", "reassign", "align_batch",
            "check_settings", "target_set", "target_generator", "dataset_features", "dataset_objective",
@@ -102,8 +105,11 @@ def train(cfg: Config) -> dict:
                       generator=run_info["target_generator"], kind=cfg.targets,
                       num_prototypes=cfg.num_prototypes, spread=cfg.target_spread) if nat else None
     assignment = Assignment(n, seed=cfg.seed, device=device) if nat else None
+    # semi-supervised NAT (issue 26): the labelled images as dataset indices, O(labelled)
+    labelled = labelled_set(dataset, cfg.label_fraction, cfg.label_file, cfg.seed)
+    label_counts = class_counts(dataset_labels(dataset)[labelled], info.num_classes) if labelled is not None else None
     terms = build_terms(cfg, assignment, targets, world, n_local, aug_gen, stage_width(model, aux_layer),
-                        info.batch_augment)
+                        info.batch_augment, info.num_classes if nat and labelled is not None else 0)
     heads = {t.name: t.head.to(device) for t in terms if t.head is not None}
     nat_term = next((t for t in terms if isinstance(t, NatTerm)), None)
     # the dataset-wide passes (reassignment and objective) read unaugmented images
@@ -114,7 +120,11 @@ def train(cfg: Config) -> dict:
                     worker_resize=device.type == "cpu")[0]
     # uint8 -> the model's input; called without a generator (the unaugmented passes) it does not flip
     finish = DeviceTransform(cfg.image_size) if info.uint8 else None
-    params = list(model.parameters()) + [p for head in heads.values() for p in head.parameters()]
+    params = list(model.parameters()) + [p for name, head in heads.items() if name != "labels"
+                                         for p in head.parameters()]
+    if "labels" in heads:  # the label head learns at LABEL_HEAD_LR x the encoder's lr (a head of few labels)
+        params = [{"params": params}, {"params": list(heads["labels"].parameters()),
+                                       "lr": LABEL_HEAD_LR * scaled_lr(cfg, world)}]
     opt = torch.optim.SGD(params, lr=scaled_lr(cfg, world), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(n, cfg.batch_size, cfg.seed, 0, rank, world))
@@ -138,6 +148,8 @@ def train(cfg: Config) -> dict:
         parts["assignment"] = assignment
     if "rotation" in heads:  # its own part of the checkpoint: the encoder's state stays what nat-eval loads
         parts["aux"] = heads["rotation"]
+    if "labels" in heads:
+        parts["labels"] = heads["labels"]
     at = {"epoch": 0, "step": 0, "global_step": 0, "epoch_stats": None, "train_seconds": 0.0}
     resumed = resume(cfg, ckpt_path, run_info, parts, aug_gen, rank, world) if cfg.resume else None
     if resumed is not None:
@@ -156,6 +168,21 @@ def train(cfg: Config) -> dict:
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
     # the run's one loader (persistent workers) over a sampler that follows the epoch
     sampler = EpochBatches(lambda e: epoch_batches(n, cfg.batch_size, cfg.seed, e, rank, world))
+    if not nat and labelled is not None:  # the supervised model of the labels alone: as many steps, labelled batches
+        sampler = EpochBatches(lambda e: labelled_batches(labelled, cfg.batch_size, cfg.seed, e, steps_per_epoch,
+                                                          rank))
+    label_sampler = label_loader = None
+    if nat and labelled is not None:  # labelled images drawn into every step, by a loader of their own
+        if resumed is not None and resumed.get("labelled") is not None and not torch.equal(resumed["labelled"], labelled):
+            raise SettingError(f"checkpoint {ckpt_path} has another labelled set than this run's "
+                               "--label-fraction / --label-file (or --seed, --limit)")
+        label_sampler = EpochBatches(lambda e: labelled_batches(labelled, cfg.label_batch, cfg.seed, e,
+                                                                steps_per_epoch, rank))
+        label_loader = make_loader(dataset, label_sampler, device, workers=-(-workers // 4),
+                                   prefetch_factor=PREFETCH, timeout=cfg.loader_timeout, shield_workers=True)
+        if master:
+            print(f"labels: {len(labelled)} labelled images ({len(labelled) / n:.1%}), {cfg.label_batch} drawn into "
+                  f"every step per process, head lr {LABEL_HEAD_LR} x the encoder's", flush=True)
     loader = make_loader(dataset, sampler, device, workers=workers, prefetch_factor=PREFETCH,
                          timeout=cfg.loader_timeout, shield_workers=True)
 
@@ -165,7 +192,10 @@ def train(cfg: Config) -> dict:
     # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy (one model's size per rank)
     net = torch.nn.parallel.DistributedDataParallel(aux_net or forward,
                                                     device_ids=[device] if device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True) if world > 1 else aux_net or forward
+                                                    gradient_as_bucket_view=True,
+                                                    # without NAT's term the encoder's last layers get no gradient
+                                                    find_unused_parameters=nat and cfg.nat_weight == 0
+                                                    ) if world > 1 else aux_net or forward
     stop = StopFlag(world)
     old_handlers = stop.install()
     no_sync = cfg.sync_debug and device.type == "cuda"
@@ -176,7 +206,9 @@ def train(cfg: Config) -> dict:
             state = {name: part.state_dict() for name, part in parts.items()}
             save_checkpoint(dict(state, target_seed=cfg.seed, epoch=epoch, step=step, global_step=global_step,
                                  epoch_stats=stats.state_dict() if stats else None,
-                                 train_seconds=train_seconds, rng=rng[0], rng_ranks=rng, config=run_info),
+                                 train_seconds=train_seconds, rng=rng[0], rng_ranks=rng, config=run_info,
+                                 **({"labelled": labelled, "labelled_per_class": label_counts}
+                                    if labelled is not None else {})),
                             ckpt_path)
         if world > 1:
             dist.barrier()
@@ -191,6 +223,8 @@ def train(cfg: Config) -> dict:
                            start_step, assignment, train_seconds, master)
         for epoch in range(at["epoch"], cfg.epochs):
             sampler.set_epoch(epoch, start_step)
+            if label_sampler is not None:
+                label_sampler.set_epoch(epoch, start_step)
             batches = sampler.batches()
             reassigning = reassigns_on(cfg, epoch)
             stats = EpochStats(device, at["epoch_stats"] if epoch == at["epoch"] else None)
@@ -211,15 +245,20 @@ def train(cfg: Config) -> dict:
                 term.start_epoch(epoch, reassigning)
             model.train()
             t_last = time.perf_counter()
-            bar = progress(named_batches(loader, rank, epoch, start_step), total=len(batches), initial=start_step,
+            bar = progress(step_batches(loader, label_loader, rank, epoch, start_step), total=len(batches),
+                           initial=start_step,
                            disable=not master, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            for step, (x, y, idx, skipped) in enumerate(bar, start=start_step):
+            for step, (x, y, idx, skipped, drawn) in enumerate(bar, start=start_step):
                 stats.wait_seconds += time.perf_counter() - t_last  # the loader's share of the step
                 x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
                 with no_sync_allowed(no_sync):
                     # forward: the global views, NAT's local crops and each head's images, in one module
                     batch = Batch(x, finish_views(x, info, cfg.views, finish, aug_gen).contiguous(
                         memory_format=memory_format), y, idx, cfg.views)
+                    if drawn is not None:  # the labelled images of the step: their first view
+                        xl, yl = drawn[0].to(device, non_blocking=True), drawn[1].to(device, non_blocking=True)
+                        batch.labelled = (finish_views(xl, info, 1, finish, aug_gen)[:yl.numel()].contiguous(
+                            memory_format=memory_format), yl)
                     local = nat_term.local_crops(batch) if nat_term is not None else None
                     if local is not None:
                         local = local.contiguous(memory_format=memory_format)
@@ -331,6 +370,18 @@ def train(cfg: Config) -> dict:
 def _solver_fault_action(cfg: Config, faults: int, solves: int) -> str | None:
     """``--on-solver-faults`` when more than ``--solver-fault-share`` of the epoch's batch solves faulted."""
     return cfg.on_solver_faults if solves and faults > cfg.solver_fault_share * solves else None
+
+
+def step_batches(loader, label_loader, rank: int, epoch: int, start_step: int):
+    """The step's ``(images, labels, indices, skipped, drawn)``: the loader's batch and, with labels, the
+    labelled images drawn into it (``(images, labels, indices, skipped)`` from ``label_loader``), else None."""
+    batches = named_batches(loader, rank, epoch, start_step)
+    if label_loader is None:
+        for b in batches:
+            yield (*b, None)
+        return
+    for b, drawn in zip(batches, named_batches(label_loader, rank, epoch, start_step)):
+        yield (*b, drawn)
 
 
 def named_batches(loader, rank: int, epoch: int, start_step: int):
