@@ -165,7 +165,8 @@ def test_redirected_output_has_lines_not_bars(tmp_path):
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, log[-2000:]
     assert "\r" not in log, "progress-bar updates in a redirected log"
-    lines = log.splitlines()
+    assert log.startswith("rank 0: 0 loader worker(s)\n"), log
+    lines = log.splitlines()[1:]
     # 8 steps per epoch: progress lines at steps 3 and 6, then the epoch line.
     assert [l.split(" loss")[0] for l in lines] == ["epoch 1/2 step 3/8", "epoch 1/2 step 6/8", "epoch 1/2",
                                                    "epoch 2/2 step 3/8", "epoch 2/2 step 6/8", "epoch 2/2"], log
