@@ -167,6 +167,12 @@ class ProbeConfig:
                                     "rank takes its share, in forward passes of at most the batch size above), "
                                     "so the steps and the result do not depend on the process count",
                                check=POSITIVE_INT)
+    label_fraction: float = setting(0.0, "also fit the probes on a seeded, class-balanced share of the training "
+                                         "images only (the 1%% / 10%% linear evaluation; the same images as a "
+                                         "nat-train --label-fraction run of the same seed); a checkpoint trained "
+                                         "with labels uses its own labelled images; 0: no such rows",
+                                    check=Rule("a number in (0, 1], or 0 for none",
+                                               lambda v: _finite(v) and 0 <= v <= 1))
     val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
                                   "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
                                   "or a filename,label CSV)")

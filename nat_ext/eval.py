@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from .auxiliary import PooledLinear, stage_width
 from .checkpoint import load_checkpoint
+from .labels import balanced_subset, dataset_labels
 from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_config, progress, refuse, validate
 from .data import DataInfo, collate, default_workers, get_dataset, shard_rows
 from .models import CONV_STAGES, Encoder, build_model
@@ -427,16 +428,21 @@ def _result_rows(taps: Taps, counts: torch.Tensor, pc: ProbeConfig, method: str,
     return rows
 
 
-def _labelled_rows(path: str, c: dict, pc: ProbeConfig, split: _Split) -> torch.Tensor | None:
-    """The training rows a labelled run's probe also fits on (its labelled images), when the evaluation's
-    training images are the run's (same --limit; not an 80/20 split of a folder without val)."""
-    if not c.get("label_fraction") and not c.get("label_file"):
-        return None
-    if pc.limit != c.get("limit", 0) or split.train is split.test:
-        print("the labelled-only probe is skipped: the evaluation's training images are not the run's "
-              f"(--limit {pc.limit}, the run's {c.get('limit', 0)})", flush=True)
-        return None
-    return load_checkpoint(path)["labelled"]
+def _labelled_rows(path: str, c: dict, pc: ProbeConfig, split: _Split, seed: int) -> torch.Tensor | None:
+    """The training rows the probes also fit on alone: a labelled run's own labelled images (when the
+    evaluation's training images are the run's: the same --limit, not an 80/20 split of a folder without
+    val), else ``--label-fraction``'s seeded class-balanced share, the images a labelled run of this seed
+    would have had; None for neither."""
+    if path and (c.get("label_fraction") or c.get("label_file")):
+        if pc.limit != c.get("limit", 0) or split.train is split.test:
+            print("the labelled-only probe is skipped: the evaluation's training images are not the run's "
+                  f"(--limit {pc.limit}, the run's {c.get('limit', 0)})", flush=True)
+            return None
+        return load_checkpoint(path)["labelled"]
+    if pc.label_fraction > 0:
+        return split.train_idx[balanced_subset(dataset_labels(split.train)[split.train_idx], pc.label_fraction,
+                                               seed)]
+    return None
 
 
 def _semi_row(path: str, model: Encoder, c: dict, split: _Split, read: _Reader, device: torch.device) -> dict | None:
@@ -611,7 +617,7 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     probe = _sgd_probe if method == "sgd" else _lbfgs_probe
     counts = probe(taps, split, pc, read, info.num_classes, bank_rows, rank, world, seed)
     # a run with labels: the probes fit again on its labelled images only (the 1% / 10% evaluation)
-    labelled = _labelled_rows(ecfg.checkpoint, c, pc, split) if trained is not None else None
+    labelled = _labelled_rows(ecfg.checkpoint, c, pc, split, seed)
     if labelled is not None:
         pc_l = dataclasses.replace(pc, probe_batch=min(pc.probe_batch, len(labelled)))
         counts_l = probe(Taps(encoders, in_shape, info.small_input, pc.grid, device),

@@ -140,3 +140,16 @@ def test_a_labelled_run_reports_the_probes_fit_on_its_labels_and_a_labels_only_s
     assert rows["nat@labelled"]["n_train"] == rows["semi"]["n_labelled"] < rows["nat"]["n_train"]
     sup = load_checkpoint(str(tmp_path / "run" / "supervised" / "checkpoint.pt"))
     assert sup["config"]["label_fraction"] == 0.05 and sup["global_step"] == 2048 // 128  # the NAT run's steps
+
+
+@needs_data
+def test_nat_eval_fits_the_probe_on_the_labelled_share_a_labelled_run_would_have(tmp_path):
+    from nat_ext import eval as nat_eval
+    from nat_ext.labels import labelled_set
+    out = str(tmp_path / "run")
+    nat_train.train(Config(out=out, limit=1024, batch_size=128, dim=16, epochs=1, eval=False, seed=3))
+    assert nat_eval.main(["--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "1024", "--baselines", "",
+                          "--label-fraction", "0.05", "--probe-iters", "50", "--out", str(tmp_path / "e.json")]) == 0
+    rows = {r["encoder"]: r for r in json.load(open(tmp_path / "e.json"))["results"]}
+    same = labelled_set(get_dataset("fashion-mnist", "train", augment=False, limit=1024, seed=3)[0], 0.05, "", 3)
+    assert rows["nat@labelled"]["n_train"] == len(same) == rows["nat@labelled"]["knn_bank"] < rows["nat"]["n_train"]
