@@ -41,7 +41,8 @@ from .reassign import shard_rows
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
-__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "main"]
+__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "confusion", "check_settings",
+           "Prepared", "prepare", "probe_counts", "evaluate", "main"]
 
 BASELINES = ("random", "pixels", "supervised")
 LBFGS_MAX_IMAGES = 100_000  # --probe-method auto: L-BFGS up to this many training images
@@ -244,6 +245,14 @@ def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     return top1, top5
 
 
+def confusion(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class counts of a linear probe: Tensor[num_classes, num_classes] int64, row the true class, column
+    the top-1 prediction (the diagonal over the row sums is each class's accuracy)."""
+    pred = logits.argmax(1).to(y.device)
+    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
+        num_classes, num_classes).cpu()
+
+
 def _new_banks(taps: Taps, rows: torch.Tensor, pc: ProbeConfig, device: torch.device) -> list[KnnBank] | None:
     return [KnnBank(len(rows), d, device) for d in taps.knn_dims] if pc.knn_k > 0 else None
 
@@ -256,9 +265,10 @@ def _bank_position(n: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: int, world: int, seed: int,
-               num_classes: int, bank_rows: torch.Tensor) -> torch.Tensor:
+               num_classes: int, bank_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Streamed linear heads on every tap, every rank sharing each pass. Returns the counts Tensor[taps + 1, 4]:
-    per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry."""
+    per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry;
+    and the linear probes' per-class counts Tensor[taps, classes, classes] (:func:`confusion`)."""
     device = read.device
     # 1. the bank's images: the standardisation statistics of every tap, and the k-NN bank
     banks = _new_banks(taps, bank_rows, pc, device)
@@ -317,6 +327,7 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
     # 3. the test images, each rank its share, the counts summed
     heads.eval()
     counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
+    per_class = torch.zeros(len(taps.heads), num_classes, num_classes, dtype=torch.int64)
     lo, hi, _ = shard_rows(len(split.test_idx), rank, world)
     with torch.no_grad():
         for x, y, _ in read(split.test, split.test_idx[lo:hi], "test"):
@@ -325,53 +336,58 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, rank: 
             feats = taps(x)
             for t, logits in enumerate(heads([p for p, _ in feats])):
                 counts[t, :2] += torch.tensor(_hits(logits, y))
+                per_class[t] += confusion(logits, y, num_classes)
                 if banks is not None:
                     counts[t, 2:] += torch.tensor(_hits(banks[t].predict(feats[t][1], pc.knn_k, num_classes), y))
             counts[-1, 0] += len(y)
     if world > 1:
-        counts = counts.to(device)
+        counts, per_class = counts.to(device), per_class.to(device)
         dist.all_reduce(counts)
-    return counts.cpu()
+        dist.all_reduce(per_class)
+    return counts.cpu(), per_class.cpu()
 
 
-def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn: bool):
-    """Every tap's features of ``rows``, held on the CPU: (per tap Tensor[N, dim], per tap
-    Tensor[N, knn_dim] or None, Tensor[N] labels, Tensor[N] dataset rows)."""
-    probe, near, labels, kept = [[] for _ in taps.heads], [[] for _ in taps.heads], [], []
+def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn: bool, probe: bool = True):
+    """Every tap's features of ``rows``, held on the CPU: (per tap Tensor[N, dim] or None without ``probe``,
+    per tap Tensor[N, knn_dim] float16 or None without ``knn``, Tensor[N] labels, Tensor[N] dataset rows)."""
+    kept_probe, near, labels, kept = [[] for _ in taps.heads], [[] for _ in taps.heads], [], []
     for x, y, idx in read(dataset, rows, desc):
         if x is None:
             continue
         for t, (p, k) in enumerate(taps(x)):
-            probe[t].append(p.cpu())
+            if probe:
+                kept_probe[t].append(p.cpu())
             if knn:
                 near[t].append(k.to(torch.float16).cpu())
         labels.append(y.cpu())
         kept.append(idx)
     if not labels:
         raise ValueError(f"no readable image among the {len(rows)} of the {desc}")
-    return ([torch.cat(p) for p in probe], [torch.cat(k) for k in near] if knn else None, torch.cat(labels),
-            torch.cat(kept))
+    return ([torch.cat(p) for p in kept_probe] if probe else None, [torch.cat(k) for k in near] if knn else None,
+            torch.cat(labels), torch.cat(kept))
 
 
 def _lbfgs_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
-                 bank_rows: torch.Tensor) -> torch.Tensor:
-    """L-BFGS on held features, one process. Returns the counts as :func:`_sgd_probe`."""
+                 bank_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L-BFGS on held features, one process. Returns the counts and per-class counts as :func:`_sgd_probe`."""
     knn = pc.knn_k > 0
     train_x, train_k, train_y, train_rows = _hold(taps, read, split.train, split.train_idx, "features (train)", knn)
     test_x, test_k, test_y, _ = _hold(taps, read, split.test, split.test_idx, "features (test)", knn)
     counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
     counts[-1, 0] = len(test_y)
+    per_class = torch.zeros(len(taps.heads), num_classes, num_classes, dtype=torch.int64)
     in_bank = _bank_position(len(split.train), bank_rows)[train_rows] >= 0
     for t in range(len(taps.heads)):
         logits = linear_probe(train_x[t], train_y, test_x[t], test_y, num_classes, pc.probe_wd, pc.probe_iters)
         counts[t, :2] = torch.tensor(_hits(logits, test_y))
+        per_class[t] = confusion(logits, test_y, num_classes)
         if knn:
             bank = KnnBank(int(in_bank.sum()), taps.knn_dims[t], torch.device("cpu"))
             bank.put(torch.arange(len(bank.labels)), train_k[t][in_bank], train_y[in_bank])
             bank.finish()
             for q, y in zip(test_k[t].split(pc.batch_size), test_y.split(pc.batch_size)):
                 counts[t, 2:] += torch.tensor(_hits(bank.predict(q, pc.knn_k, num_classes), y))
-    return counts
+    return counts, per_class
 
 
 # ----------------------------------------------------------------------------- encoders, processes, report
@@ -441,6 +457,23 @@ def _table(results: list[dict], key: str, title: str) -> str:
     return "\n".join(lines)
 
 
+def check_settings(ecfg: EvalConfig) -> list[str]:
+    """Raise ValueError, naming the setting, for a probe setting out of range. Returns the baselines asked for."""
+    check_choices(ecfg)
+    pc = ecfg.probe
+    wanted = [b for b in pc.baselines.split(",") if b]
+    unknown = [b for b in wanted if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
+    for name in ("knn_k", "max_steps", "limit"):
+        if getattr(pc, name) < 0:
+            raise ValueError(f"{name} should be >= 0, got {getattr(pc, name)}")
+    for name in ("knn_bank", "batch_size", "probe_epochs"):
+        if getattr(pc, name) < 1:
+            raise ValueError(f"{name} should be >= 1, got {getattr(pc, name)}")
+    return wanted
+
+
 def evaluate(ecfg: EvalConfig) -> dict | None:
     """Probe a trained encoder and the requested baselines on the chosen layers.
 
@@ -456,18 +489,7 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
         with 100 classes or more ``linear_top5`` and ``knn_top5``) and ``config``; also written to
         ``ecfg.out`` if set. None on the other ranks.
     """
-    check_choices(ecfg)
-    pc = ecfg.probe
-    wanted = [b for b in pc.baselines.split(",") if b]
-    unknown = [b for b in wanted if b not in BASELINES]
-    if unknown:
-        raise ValueError(f"baselines should be among {BASELINES}, got {unknown}")
-    for name in ("knn_k", "max_steps", "limit"):
-        if getattr(pc, name) < 0:
-            raise ValueError(f"{name} should be >= 0, got {getattr(pc, name)}")
-    for name in ("knn_bank", "batch_size", "probe_epochs"):
-        if getattr(pc, name) < 1:
-            raise ValueError(f"{name} should be >= 1, got {getattr(pc, name)}")
+    wanted = check_settings(ecfg)
     device, rank, world, started = _processes(ecfg.device)
     try:
         return _evaluate(ecfg, wanted, device, rank, world)
@@ -476,8 +498,33 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
             dist.destroy_process_group()
 
 
-def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int, world: int) -> dict | None:
-    pc, master, t0 = ecfg.probe, rank == 0, time.perf_counter()
+@dataclass
+class Prepared:
+    """An evaluation ready to run: its images, encoders and their taps, the k-NN bank's rows, the probe method,
+    and the data, architecture, dim and seed it resolved (from the checkpoint unless given)."""
+    split: _Split
+    encoders: list[Probed]
+    layers: list[str]
+    taps: Taps
+    read: _Reader
+    bank_rows: torch.Tensor
+    method: str
+    data: str
+    arch: str
+    dim: int
+    seed: int
+    run: dict  # the checkpoint's config ({} without one)
+
+
+def prepare(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int = 0,
+            world: int = 1) -> Prepared | None:
+    """Load the checkpoint's encoder and build the baselines in ``wanted`` (:func:`check_settings`), on the
+    checkpoint's data, architecture and seed (unless ``ecfg`` gives them) and the layers of ``--layer``.
+
+    Returns:
+        :class:`Prepared`; None on ranks other than 0 when the probe is L-BFGS (rank 0 runs it alone).
+    """
+    pc, master = ecfg.probe, rank == 0
     trained, c = None, {}
     if ecfg.checkpoint:
         trained, c = _load_encoder(ecfg.checkpoint)
@@ -527,14 +574,37 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     taps = Taps(encoders, in_shape, info.small_input, pc.grid, device)
     read = _Reader(info, pc.batch_size, device, ecfg.workers, report=master)
     bank_rows = _bank_rows(split.train_idx, _bank_size(pc, n_train, taps), seed)
+    return Prepared(split, encoders, layers, taps, read, bank_rows, method, data, arch, dim, seed, c)
+
+
+def probe_counts(prep: Prepared, pc: ProbeConfig, rank: int = 0, world: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prepared evaluation's probes (L-BFGS or SGD, and the k-NN).
+
+    Returns:
+        (Tensor[taps + 1, 4] counts: per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5 correct, the
+        test images in the last row's first entry; Tensor[taps, classes, classes] the linear probes' per-class
+        counts, :func:`confusion`).
+    """
+    if prep.method == "sgd":
+        return _sgd_probe(prep.taps, prep.split, pc, prep.read, rank, world, prep.seed, prep.split.info.num_classes,
+                          prep.bank_rows)
+    return _lbfgs_probe(prep.taps, prep.split, pc, prep.read, prep.split.info.num_classes, prep.bank_rows)
+
+
+def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int, world: int) -> dict | None:
+    pc, master, t0 = ecfg.probe, rank == 0, time.perf_counter()
+    prep = prepare(ecfg, wanted, device, rank, world)
+    if prep is None:
+        return None
+    info, taps, bank_rows, method = prep.split.info, prep.taps, prep.bank_rows, prep.method
+    layers, data, arch, dim, seed = prep.layers, prep.data, prep.arch, prep.dim, prep.seed
+    n_train = len(prep.split.train_idx)
     if master:
         bank_mb = len(bank_rows) * taps.bank_bytes_per_image / 2 ** 20
         print(f"{method} probe of {len(taps.heads)} (encoder, layer) pairs on {n_train} training images, "
               f"{world} process(es); k-NN bank {len(bank_rows)} images ({bank_mb:.0f} MiB)", flush=True)
-    if method == "sgd":
-        counts = _sgd_probe(taps, split, pc, read, rank, world, seed, info.num_classes, bank_rows)
-    else:
-        counts = _lbfgs_probe(taps, split, pc, read, info.num_classes, bank_rows)
+    counts, _ = probe_counts(prep, pc, rank, world)
     if not master:
         return None
     n_test = int(counts[-1, 0])
