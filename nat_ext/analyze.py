@@ -229,7 +229,7 @@ def filters_figure(prep: Prepared, path: str) -> str | None:
         return None
     plt = _plt()
     sobel = prep.run.get("sobel", False)
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.8), squeeze=False, layout="constrained")
     for ax, e in zip(axes[0], models):
         conv = _first_conv(e.model)
         ax.imshow(_filter_grid(conv.weight, sobel).numpy(), interpolation="nearest")
@@ -239,7 +239,6 @@ def filters_figure(prep: Prepared, path: str) -> str | None:
     what = ("Sobel front end: each filter's weights on the x-gradient (left) and y-gradient (right) channels"
             if sobel else "one cell per filter")
     fig.suptitle(f"First-layer filters ({what}; grey = 0, each filter scaled to its largest weight)", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -296,10 +295,9 @@ def neighbours_figure(names: list[str], query_rows: torch.Tensor, query_labels: 
         m[y + fr:y + fr + t, x + fr:x + fr + t] = img
 
     h_px, w_px = q * cell, x0(k + 1)
-    scale = max(1.0, 130 / cell)  # screen pixels per mosaic pixel, at least 1 (FMNIST's 28 px shown at 3.5x)
-    scale = min(scale, 3.5)
+    scale = min(2.0, max(1.0, 48 / cell))  # screen pixels per mosaic pixel: a cell shown at 48 px or more
     fig, axes = plt.subplots(1, len(names), figsize=(len(names) * (w_px * scale / DPI + 0.3) + 1.3,
-                                                     h_px * scale / DPI + 1.6), squeeze=False)
+                                                     h_px * scale / DPI + 2.2), squeeze=False, layout="constrained")
     for e, (ax, name) in enumerate(zip(axes[0], names)):
         mosaic = torch.ones(h_px, w_px, 3)
         for i in range(q):
@@ -321,7 +319,6 @@ def neighbours_figure(names: list[str], query_rows: torch.Tensor, query_labels: 
             ax.set_yticks([])
     fig.suptitle(f"Nearest training images by cosine (green frame: the query's class, red: another)\n{caption}",
                  fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -347,7 +344,7 @@ def tsne_figure(names: list[str], feats: list[torch.Tensor], labels: torch.Tenso
     plt = _plt()
     n_classes = len(class_names)
     colours = _colours(n_classes)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 5.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 5.6), squeeze=False, layout="constrained")
     for ax, name, x in zip(axes[0], names, feats):
         x = x.double()
         x = x - x.mean(0)
@@ -367,14 +364,12 @@ def tsne_figure(names: list[str], feats: list[torch.Tensor], labels: torch.Tenso
         ax.set_yticks([])
     if n_classes <= 20:
         handles, texts = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, texts, loc="lower center", ncol=min(n_classes, 5), markerscale=4, fontsize=9,
+        fig.legend(handles, texts, loc="outside lower center", ncol=min(n_classes, 5), markerscale=4, fontsize=9,
                    frameon=False)
         fig.suptitle(f"t-SNE of the test features, by class\n{caption}", fontsize=10)
-        fig.tight_layout(rect=(0, 0.07 * math.ceil(n_classes / 5), 1, 1))
     else:
         fig.suptitle(f"t-SNE of the test features, one colour per class ({n_classes} classes, no legend)\n{caption}",
                      fontsize=10)
-        fig.tight_layout()
     return _save(fig, path)
 
 
@@ -390,7 +385,7 @@ def per_class_figure(names: list[str], accuracy: list[torch.Tensor], class_names
     n = len(class_names)
     colours = _colours(max(len(names), 1)) if len(names) > 10 else [_colours(10)[i] for i in range(len(names))]
     if n <= 20:
-        fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * n + 2), 5.2))
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * n + 2), 5.6), layout="constrained")
         width = 0.8 / len(names)
         for e, (name, acc) in enumerate(zip(names, accuracy)):
             mean = float(acc[~acc.isnan()].mean()) if (~acc.isnan()).any() else float("nan")
@@ -400,17 +395,16 @@ def per_class_figure(names: list[str], accuracy: list[torch.Tensor], class_names
         ax.set_xlabel("class")
         ax.set_ylim(0, 105)
     else:
-        fig, ax = plt.subplots(figsize=(8.0, 5.2))
+        fig, ax = plt.subplots(figsize=(8.0, 5.6), layout="constrained")
         for e, (name, acc) in enumerate(zip(names, accuracy)):
             ax.plot(range(1, n + 1), (100 * acc.nan_to_num(0).sort(descending=True).values).tolist(),
                     label=name, color=colours[e])
         ax.set_xlabel("classes, sorted by the encoder's accuracy")
         ax.set_ylim(0, 102)
     ax.set_ylabel("linear-probe accuracy on the class's test images (%)")
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22 if n <= 20 else -0.12),
-              ncol=min(len(names), 4), frameon=False)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(names), 4), fontsize=9,
+               frameon=False)
     ax.set_title(f"Linear probe, accuracy per class\n{caption}", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -423,7 +417,7 @@ def history_figure(rows: list[dict], n_images: int | None, path: str) -> str:
     """
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4.4), layout="constrained")
     epochs = [r["epoch"] + 1 for r in rows]
     a.plot(epochs, [r["loss"] for r in rows], marker="o", color="black")
     for r in rows:
@@ -449,7 +443,6 @@ def history_figure(rows: list[dict], n_images: int | None, path: str) -> str:
     b.set_ylabel(f"images that changed target{'' if n_images else ' (fraction)'}")
     b.set_title(f"Reassignments{f' ({n_images} training images)' if n_images else ''}")
     fig.suptitle("The run's own history (metrics.jsonl)", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
