@@ -51,6 +51,7 @@ PURITY_K = 10  # purity: the share of each test image's 10 nearest training imag
 MAX_QUERY_CLASSES = 10  # neighbour figure: rows of at most this many classes (a seeded subset when more)
 THUMB_PX = 64  # neighbour figure: images shrunk to at most this side
 DPI = 100
+ANALYZE_LIMIT = 10_000  # nat-analyze's default --limit
 TSNE_ITERS = 500  # t-SNE's iterations (scikit-learn's default 1000: the maps hardly move after 500)
 
 
@@ -58,6 +59,12 @@ def _as_in_eval(name: str):
     """The setting ``name`` of :class:`EvalConfig`, the same default and help (one source per setting)."""
     f = {f.name: f for f in dataclasses.fields(EvalConfig)}[name]
     return setting(f.default, f.metadata["help"])
+
+
+def _analyze_probe() -> ProbeConfig:
+    # nat-eval's probe settings, on a seeded subset of 10,000 labelled images by default (--limit 0: all of them):
+    # the L-BFGS probes of four encoders on Fashion-MNIST's 60,000 take most of a run's time
+    return ProbeConfig(limit=ANALYZE_LIMIT)
 
 
 @dataclass
@@ -70,12 +77,12 @@ class AnalyzeConfig:
                                 "a seeded subset of them when the data has more)")
     queries: int = setting(10_000, "test images (a seeded subset; all when fewer) whose neighbours give the purity "
                                    "and whose features give the effective rank")
-    tsne_points: int = setting(3000, "test images in the t-SNE map (the first of a seeded order of the queries; "
+    tsne_points: int = setting(2000, "test images in the t-SNE map (the first of a seeded order of the queries; "
                                      "0: no map)")
     device: str = _as_in_eval("device")
     workers: int = _as_in_eval("workers")
     skip_corrupt: bool = _as_in_eval("skip_corrupt")
-    probe: ProbeConfig = setting(help="probe settings, as nat-eval's", prefix="", default_factory=ProbeConfig)
+    probe: ProbeConfig = setting(help="probe settings, as nat-eval's", prefix="", default_factory=_analyze_probe)
 
 
 def _eval_config(cfg: AnalyzeConfig) -> EvalConfig:
@@ -297,7 +304,7 @@ def neighbours_figure(names: list[str], query_rows: torch.Tensor, query_labels: 
     h_px, w_px = q * cell, x0(k + 1)
     scale = min(2.0, max(1.0, 48 / cell))  # screen pixels per mosaic pixel: a cell shown at 48 px or more
     fig, axes = plt.subplots(1, len(names), figsize=(len(names) * (w_px * scale / DPI + 0.3) + 1.3,
-                                                     h_px * scale / DPI + 2.2), squeeze=False, layout="constrained")
+                                                     h_px * scale / DPI + 1.3), squeeze=False, layout="constrained")
     for e, (ax, name) in enumerate(zip(axes[0], names)):
         mosaic = torch.ones(h_px, w_px, 3)
         for i in range(q):
@@ -496,8 +503,10 @@ def analyze(cfg: AnalyzeConfig) -> dict:
           f"images", flush=True)
 
     # the probe (nat-eval's), with its per-class counts
+    timing = {"prepare": time.perf_counter() - t0}
     counts, per_class = probe_counts(prep, cfg.probe)
     probe_test = int(counts[-1, 0])
+    timing["probe"] = time.perf_counter() - t0 - sum(timing.values())
 
     # the k-NN features of the bank and of the queries (float16, bounded as nat-eval's bank)
     g = torch.Generator().manual_seed(prep.seed + 3)
@@ -532,6 +541,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
               f"{e['feature_dim']}  linear {100 * e['linear_top1']:.2f}%", flush=True)
 
     # the figures
+    timing["neighbours"] = time.perf_counter() - t0 - sum(timing.values())
     figures, notes = [], []
     bank_note = (f"bank: all {len(bank_rows)} training images" if len(bank_rows) == n_train else
                  f"bank: a seeded subset of {len(bank_rows)} of the {n_train} training images")
@@ -549,6 +559,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         names, q_shown, q_y[shown], shown_rows, shown_labels, query_images, train_images, class_names,
         f"{feats_note}; {bank_note}; {len(shown)} seeded test queries{classes_note}", os.path.join(out, "neighbours.png")))
     tsne_n = min(cfg.tsne_points, len(q_y))
+    t_map = time.perf_counter()
     if tsne_n >= 5:
         pick = torch.randperm(len(q_y), generator=torch.Generator().manual_seed(prep.seed + 4))[:tsne_n]
         f = tsne_figure(names, [u[pick] for u in unit], q_y[pick], class_names, prep.seed,
@@ -561,6 +572,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     else:
         notes.append("t-SNE map skipped: " + ("--tsne-points 0" if cfg.tsne_points == 0 else
                                               f"only {tsne_n} test images"))
+    timing["tsne"] = time.perf_counter() - t_map
     accuracy = [per_class[t].double().diagonal() / per_class[t].sum(1).double() for t in range(len(names))]
     figures.append(per_class_figure(names, accuracy, class_names,
                                     f"{prep.method} probe on {layer} ({taps.dims[0]} features), {n_train} training / "
@@ -581,6 +593,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
                       "bank": len(bank_rows), "purity_queries": len(q_y), "purity_k": PURITY_K,
                       "tsne_points": tsne_n if "tsne.png" in figures else 0, "neighbours_shown": cfg.k},
         "seconds": time.perf_counter() - t0,
+        "phase_seconds": dict(timing, other_figures=time.perf_counter() - t0 - sum(timing.values())),
         "config": dataclasses.asdict(cfg),
     }
     with open(os.path.join(out, "analysis.json"), "w") as fh:
