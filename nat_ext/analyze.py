@@ -304,7 +304,7 @@ def neighbours_figure(names: list[str], query_rows: torch.Tensor, query_labels: 
     h_px, w_px = q * cell, x0(k + 1)
     scale = min(2.0, max(1.0, 48 / cell))  # screen pixels per mosaic pixel: a cell shown at 48 px or more
     fig, axes = plt.subplots(1, len(names), figsize=(len(names) * (w_px * scale / DPI + 0.3) + 1.3,
-                                                     h_px * scale / DPI + 1.3), squeeze=False, layout="constrained")
+                                                     h_px * scale / DPI + 1.8), squeeze=False, layout="constrained")
     for e, (ax, name) in enumerate(zip(axes[0], names)):
         mosaic = torch.ones(h_px, w_px, 3)
         for i in range(q):
@@ -397,7 +397,7 @@ def per_class_figure(names: list[str], accuracy: list[torch.Tensor], class_names
         for e, (name, acc) in enumerate(zip(names, accuracy)):
             mean = float(acc[~acc.isnan()].mean()) if (~acc.isnan()).any() else float("nan")
             ax.bar([c + (e - (len(names) - 1) / 2) * width for c in range(n)], (100 * acc).tolist(), width,
-                   label=f"{name} (mean over classes {100 * mean:.1f}%)", color=colours[e])
+                   label=f"{name}: {100 * mean:.1f}%", color=colours[e])
         ax.set_xticks(range(n), class_names, rotation=30, ha="right")
         ax.set_xlabel("class")
         ax.set_ylim(0, 105)
@@ -410,7 +410,8 @@ def per_class_figure(names: list[str], accuracy: list[torch.Tensor], class_names
         ax.set_ylim(0, 102)
     ax.set_ylabel("linear-probe accuracy on the class's test images (%)")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(names), 4), fontsize=9,
-               frameon=False)
+               frameon=False, title="encoder: mean of the per-class accuracies" if n <= 20 else None,
+               title_fontsize=9)
     ax.set_title(f"Linear probe, accuracy per class\n{caption}", fontsize=10)
     return _save(fig, path)
 
@@ -445,7 +446,10 @@ def history_figure(rows: list[dict], n_images: int | None, path: str) -> str:
         b.text(0.5, 0.5, "no reassigning epoch in this run", ha="center", va="center", transform=b.transAxes)
     b.set_xlim(0.4, max(epochs) + 0.6)
     for ax in (a, b):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.set_xlabel("epoch")
     b.set_ylabel(f"images that changed target{'' if n_images else ' (fraction)'}")
     b.set_title(f"Reassignments{f' ({n_images} training images)' if n_images else ''}")
