@@ -12,7 +12,8 @@ the same images, encoders, pooled features and k-NN bank). It writes to DIR:
   images by cosine on the layer's features, one panel per encoder, neighbours of the query's class framed green;
 * ``tsne.png``: a 2-D t-SNE map of at most ``--tsne-points`` test images per encoder, coloured by class
   (needs scikit-learn; without it the map is skipped and the run says so);
-* ``per_class.png``: each encoder's linear-probe accuracy per class (nat-eval's probe, :func:`nat_ext.eval.probe_counts`);
+* ``per_class.png``: each encoder's linear-probe accuracy per class (nat-eval's probe,
+  :func:`nat_ext.eval.probe_counts`);
 * ``history.png``: the run's loss per epoch beside the images that changed target at each reassignment,
   when the checkpoint's folder has its ``metrics.jsonl``;
 * ``analysis.json``: per encoder (``encoders.<name>``) the neighbour ``purity`` (:func:`purity`), the
@@ -521,21 +522,23 @@ def analyze(cfg: AnalyzeConfig) -> dict:
                                     probe=False)
     shown = pick_queries(q_y, cfg.per_class, prep.seed)
     k_all = max(PURITY_K, cfg.k)
-    encoders, unit, shown_rows, shown_labels = {}, [], [], []
+    encoders, unit, accuracy, shown_rows, shown_labels = {}, [], [], [], []
     for t, name in enumerate(names):
         bank = _bank(bank_feats[t], bank_y)
         near = _neighbours(bank, q_feats[t], k_all)
         u = bank.normalize(q_feats[t])
         unit.append(u)
         conf = per_class[t].double()
-        acc = conf.diagonal() / conf.sum(1)
+        acc = conf.diagonal() / conf.sum(1)  # NaN for a class without test images
+        accuracy.append(acc)
         encoders[name] = {
             "purity": purity(bank_y[near[:, :PURITY_K]], q_y),
             "effective_rank": effective_rank(u),
             "feature_dim": int(u.shape[1]),
             "linear_top1": int(counts[t, 0]) / max(probe_test, 1),
             "knn_top1": int(counts[t, 2]) / max(probe_test, 1) if cfg.probe.knn_k > 0 else None,
-            "per_class_top1": {class_names[c]: (None if math.isnan(a) else float(a)) for c, a in enumerate(acc.tolist())},
+            "per_class_top1": {class_names[c]: (None if math.isnan(a) else float(a))
+                               for c, a in enumerate(acc.tolist())},
             "per_class_test_images": {class_names[c]: int(v) for c, v in enumerate(conf.sum(1).long().tolist())},
         }
         shown_rows.append(bank_rows[near[shown, :cfg.k]])
@@ -561,7 +564,8 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     train_images = _images(prep, split.train, torch.cat([r.flatten() for r in shown_rows]))
     figures.append(neighbours_figure(
         names, q_shown, q_y[shown], shown_rows, shown_labels, query_images, train_images, class_names,
-        f"{feats_note}; {bank_note}; {len(shown)} seeded test queries{classes_note}", os.path.join(out, "neighbours.png")))
+        f"{feats_note}; {bank_note}; {len(shown)} seeded test queries{classes_note}",
+        os.path.join(out, "neighbours.png")))
     tsne_n = min(cfg.tsne_points, len(q_y))
     t_map = time.perf_counter()
     if tsne_n >= 5:
@@ -577,7 +581,6 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         notes.append("t-SNE map skipped: " + ("--tsne-points 0" if cfg.tsne_points == 0 else
                                               f"only {tsne_n} test images"))
     timing["tsne"] = time.perf_counter() - t_map
-    accuracy = [per_class[t].double().diagonal() / per_class[t].sum(1).double() for t in range(len(names))]
     figures.append(per_class_figure(names, accuracy, class_names,
                                     f"{prep.method} probe on {layer} ({taps.dims[0]} features), {n_train} training / "
                                     f"{probe_test} test images", os.path.join(out, "per_class.png")))
