@@ -405,9 +405,11 @@ def per_class_figure(names: list[str], accuracy: list[torch.Tensor], class_names
     else:
         fig, ax = plt.subplots(figsize=(8.0, 5.6), layout="constrained")
         for e, (name, acc) in enumerate(zip(names, accuracy)):
-            ax.plot(range(1, n + 1), (100 * acc.nan_to_num(0).sort(descending=True).values).tolist(),
+            acc = acc[~acc.isnan()]  # classes without test images (a subsample) have no accuracy
+            ax.plot(range(1, len(acc) + 1), (100 * acc.sort(descending=True).values).tolist(), marker=".",
                     label=name, color=colours[e])
-        ax.set_xlabel("classes, sorted by the encoder's accuracy")
+        seen = int((~accuracy[0].isnan()).sum()) if accuracy else 0
+        ax.set_xlabel(f"the {seen} classes with test images (of {n}), sorted by the encoder's accuracy")
         ax.set_ylim(0, 102)
     ax.set_ylabel("linear-probe accuracy on the class's test images (%)")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(names), 4), fontsize=9,

@@ -209,3 +209,19 @@ def test_image_folder_bank_subsample_and_colour(tmp_path):
     assert "tsne.png" not in rep["figures"] and any("only 3 test images" in n for n in rep["notes"])
     for f in rep["figures"]:
         _check_png(tmp_path / "run" / "analysis" / f)
+
+
+def test_a_thousand_classes(tmp_path):
+    # synthetic ImageNet-shaped data at 32 px (1000 classes, RGB): 10 seeded classes in the neighbour figure, the
+    # per-class figure as sorted curves over the classes that have test images, the map without a legend
+    assert nat_train.main(["--data", "synthetic:200", "--image-size", "32", "--batch-size", "50", "--dim", "8",
+                           "--epochs", "1", "--no-eval", "--out", str(tmp_path / "run")]) == 0
+    assert nat_analyze.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--probe-iters", "10",
+                             "--baselines", "random", "--device", "cpu", "--workers", "0"]) == 0
+    rep = json.load(open(tmp_path / "run" / "analysis" / "analysis.json"))
+    assert len(rep["class_names"]) == 1000 and rep["class_names"][7] == "class 7"
+    labels = rep["queries"]["labels"]
+    assert len(labels) == len(set(labels)) == min(10, rep["subsample"]["purity_queries"])
+    assert rep["figures"] == ["filters.png", "neighbours.png", "tsne.png", "per_class.png", "history.png"]
+    for f in rep["figures"]:
+        _check_png(tmp_path / "run" / "analysis" / f)
