@@ -49,13 +49,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_cla
 from .config import SettingError
 from .presets import CropBatch, FolderCrop, mix64
 
-__all__ = ["FASHION_MNIST_DIR", "DataInfo", "TensorImages", "IndexedImageFolder", "SyntheticImages",
-           "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx", "scan_folder",
-           "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder", "resolve_workers",
-           "ignore_stop_signals", "shm_needed", "check_shm", "shard_rows"]
+__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "DataInfo", "TensorImages", "IndexedImageFolder",
+           "SyntheticImages", "synthetic_size", "mix64", "get_dataset", "collate", "batch_augment", "read_idx",
+           "scan_folder", "default_workers", "EpochBatches", "make_loader", "read_val_labels", "FlatFolder",
+           "resolve_workers", "ignore_stop_signals", "shm_needed", "check_shm", "shard_rows"]
 
 FASHION_MNIST_DIR = os.environ.get("NAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 _FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+# Fashion-MNIST's labels 0-9, as its authors name them
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -43,7 +43,8 @@ from .presets import DeviceTransform
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
-__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "evaluate", "report_tables", "main"]
+__all__ = ["EvalConfig", "BASELINES", "default_layer", "probe_layers", "Probed", "Taps", "confusion", "check_settings",
+           "Prepared", "prepare", "probe_counts", "evaluate", "report_tables", "main"]
 
 LBFGS_MAX_IMAGES = 100_000  # --probe-method auto: L-BFGS up to this many training images
 BANK_MAX_BYTES = 1 << 30  # the k-NN bank's features stay under 1 GiB
@@ -245,6 +246,14 @@ def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     return top1, top5
 
 
+def confusion(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class counts of a linear probe: Tensor[num_classes, num_classes] int64, row the true class, column
+    the top-1 prediction (the diagonal over the row sums is each class's accuracy)."""
+    pred = logits.argmax(1).to(y.device)
+    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
+        num_classes, num_classes).cpu()
+
+
 def _new_banks(taps: Taps, rows: torch.Tensor, pc: ProbeConfig, device: torch.device) -> list[KnnBank] | None:
     return [KnnBank(len(rows), d, device) for d in taps.knn_dims] if pc.knn_k > 0 else None
 
@@ -257,9 +266,10 @@ def _bank_position(n: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
-               bank_rows: torch.Tensor, rank: int, world: int, seed: int) -> torch.Tensor:
+               bank_rows: torch.Tensor, rank: int, world: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Streamed linear heads on every tap, every rank sharing each pass. Returns the counts Tensor[taps + 1, 4]:
-    per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry."""
+    per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5; the test images in the last row's first entry;
+    and the linear probes' per-class counts Tensor[taps, classes, classes] (:func:`confusion`)."""
     device = read.device
     # 1. the bank's images: the standardisation statistics of every tap, and the k-NN bank
     banks = _new_banks(taps, bank_rows, pc, device)
@@ -323,6 +333,7 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_cl
     # 3. the test images, each rank its share, the counts summed
     heads.eval()
     counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
+    per_class = torch.zeros(len(taps.heads), num_classes, num_classes, dtype=torch.int64)
     lo, hi, _ = shard_rows(len(split.test_idx), rank, world)
     with torch.no_grad():
         for x, y, _ in read(split.test, split.test_idx[lo:hi], "test"):
@@ -331,54 +342,60 @@ def _sgd_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_cl
             feats = taps(x)
             for t, logits in enumerate(heads([p for p, _ in feats])):
                 counts[t, :2] += torch.tensor(_hits(logits, y))
+                per_class[t] += confusion(logits, y, num_classes)
                 if banks is not None:
                     counts[t, 2:] += torch.tensor(_hits(banks[t].predict(feats[t][1], pc.knn_k, num_classes), y))
             counts[-1, 0] += len(y)
     if world > 1:
-        counts = counts.to(device)
+        counts, per_class = counts.to(device), per_class.to(device)
         dist.all_reduce(counts)
-    return counts.cpu()
+        dist.all_reduce(per_class)
+    return counts.cpu(), per_class.cpu()
 
 
-def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn: bool):
-    """Every tap's features of ``rows``, held on the CPU: (per tap Tensor[N, dim], per tap
-    Tensor[N, knn_dim] or None, Tensor[N] labels, Tensor[N] dataset rows)."""
-    probe, near, labels, kept = [[] for _ in taps.heads], [[] for _ in taps.heads], [], []
+def _hold(taps: Taps, read: _Reader, dataset, rows: torch.Tensor, desc: str, knn: bool, probe: bool = True):
+    """Every tap's features of ``rows``, held on the CPU: (per tap Tensor[N, dim] or None without ``probe``,
+    per tap Tensor[N, knn_dim] float16 or None without ``knn``, Tensor[N] labels, Tensor[N] dataset rows)."""
+    kept_probe, near, labels, kept = [[] for _ in taps.heads], [[] for _ in taps.heads], [], []
     for x, y, idx in read(dataset, rows, desc):
         if x is None:
             continue
         for t, (p, k) in enumerate(taps(x)):
-            probe[t].append(p.cpu())
+            if probe:
+                kept_probe[t].append(p.cpu())
             if knn:
                 near[t].append(k.to(torch.float16).cpu())
         labels.append(y.cpu())
         kept.append(idx)
     if not labels:
         raise ValueError(f"no readable image among the {len(rows)} of the {desc}")
-    return ([torch.cat(p) for p in probe], [torch.cat(k) for k in near] if knn else None, torch.cat(labels),
-            torch.cat(kept))
+    return ([torch.cat(p) for p in kept_probe] if probe else None, [torch.cat(k) for k in near] if knn else None,
+            torch.cat(labels), torch.cat(kept))
 
 
 def _lbfgs_probe(taps: Taps, split: _Split, pc: ProbeConfig, read: _Reader, num_classes: int,
-                 bank_rows: torch.Tensor, rank: int = 0, world: int = 1, seed: int = 0) -> torch.Tensor:
+                 bank_rows: torch.Tensor, rank: int = 0, world: int = 1, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L-BFGS on held features, one process (rank, world, seed unused: the signature of :func:`_sgd_probe`).
-    Returns the counts as :func:`_sgd_probe`."""
+    Returns the counts and per-class counts as :func:`_sgd_probe`."""
     knn = pc.knn_k > 0
     train_x, train_k, train_y, train_rows = _hold(taps, read, split.train, split.train_idx, "features (train)", knn)
     test_x, test_k, test_y, _ = _hold(taps, read, split.test, split.test_idx, "features (test)", knn)
     counts = torch.zeros(len(taps.heads) + 1, 4, dtype=torch.int64)
     counts[-1, 0] = len(test_y)
+    per_class = torch.zeros(len(taps.heads), num_classes, num_classes, dtype=torch.int64)
     in_bank = _bank_position(len(split.train), bank_rows)[train_rows] >= 0
     for t in range(len(taps.heads)):
         logits = linear_probe(train_x[t], train_y, test_x[t], test_y, num_classes, pc.probe_wd, pc.probe_iters)
         counts[t, :2] = torch.tensor(_hits(logits, test_y))
+        per_class[t] = confusion(logits, test_y, num_classes)
         if knn:
             bank = KnnBank(int(in_bank.sum()), taps.knn_dims[t], torch.device("cpu"))
             bank.put(torch.arange(len(bank.labels)), train_k[t][in_bank], train_y[in_bank])
             bank.finish()
             for q, y in zip(test_k[t].split(pc.batch_size), test_y.split(pc.batch_size)):
                 counts[t, 2:] += torch.tensor(_hits(bank.predict(q, pc.knn_k, num_classes), y))
-    return counts
+    return counts, per_class
 
 
 # ----------------------------------------------------------------------------- encoders, processes, report
@@ -407,7 +424,6 @@ def trained_name(c: dict) -> str:
     return "nat" if c["reassign_every"] > 0 else "nat-frozen"
 
 
-@torch.no_grad()
 def _result_rows(taps: Taps, counts: torch.Tensor, pc: ProbeConfig, method: str, n_train: int, bank: int,
                  num_classes: int, suffix: str) -> list[dict]:
     """One result per (encoder, layer) from a probe's counts (printed as they come); ``suffix`` names
@@ -445,6 +461,7 @@ def _labelled_rows(path: str, c: dict, pc: ProbeConfig, split: _Split, seed: int
     return None
 
 
+@torch.no_grad()
 def _semi_row(path: str, model: Encoder, c: dict, split: _Split, read: _Reader, device: torch.device) -> dict | None:
     """The ``semi`` result of a run trained with labels: its own classifier head's top-1 on the test
     images (the head reads the pooled last conv stage); None for a run without labels."""
@@ -528,6 +545,13 @@ def report_tables(report: dict) -> str:
     return "\n".join(tables)
 
 
+def check_settings(ecfg: EvalConfig) -> list[str]:
+    """Check every setting (:func:`nat_ext.config.validate`: SettingError naming the option, before any
+    work). Returns the baselines asked for."""
+    validate(ecfg)
+    return [b for b in ecfg.probe.baselines.split(",") if b]
+
+
 def evaluate(ecfg: EvalConfig) -> dict | None:
     """Probe a trained encoder and the requested baselines on the chosen layers.
 
@@ -543,9 +567,7 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
         with 100 classes or more ``linear_top5`` and ``knn_top5``) and ``config``; also written to
         ``ecfg.out`` if set. None on the other ranks.
     """
-    validate(ecfg)  # a config built in code too: every bad value before any work
-    pc = ecfg.probe
-    wanted = [b for b in pc.baselines.split(",") if b]
+    wanted = check_settings(ecfg)
     device, rank, world, started = _processes(ecfg.device)
     try:
         return _evaluate(ecfg, wanted, device, rank, world)
@@ -554,8 +576,34 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
             dist.destroy_process_group()
 
 
-def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int, world: int) -> dict | None:
-    pc, master, t0 = ecfg.probe, rank == 0, time.perf_counter()
+@dataclass
+class Prepared:
+    """An evaluation ready to run: its images, encoders and their taps, the k-NN bank's rows, the probe method,
+    and the data, architecture, dim and seed it resolved (from the checkpoint unless given)."""
+    split: _Split
+    encoders: list[Probed]
+    layers: list[str]
+    taps: Taps
+    read: _Reader
+    bank_rows: torch.Tensor
+    method: str
+    data: str
+    arch: str
+    dim: int
+    seed: int
+    run: dict  # the checkpoint's config ({} without one)
+    semi: dict | None = None  # the result of the run's own label head (semi-supervised NAT), rank 0
+
+
+def prepare(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int = 0,
+            world: int = 1) -> Prepared | None:
+    """Load the checkpoint's encoder and build the baselines in ``wanted`` (:func:`check_settings`), on the
+    checkpoint's data, architecture and seed (unless ``ecfg`` gives them) and the layers of ``--layer``.
+
+    Returns:
+        :class:`Prepared`; None on ranks other than 0 when the probe is L-BFGS (rank 0 runs it alone).
+    """
+    pc, master = ecfg.probe, rank == 0
     trained, c = None, {}
     if ecfg.checkpoint:
         trained, c = _load_encoder(ecfg.checkpoint)
@@ -610,22 +658,49 @@ def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: i
     taps = Taps(encoders, in_shape, info.small_input, pc.grid, device)
     read = _Reader(info, pc.batch_size, device, ecfg.workers, report=master)
     bank_rows = _bank_rows(split.train_idx, _bank_size(pc, n_train, taps), seed)
+    return Prepared(split, encoders, layers, taps, read, bank_rows, method, data, arch, dim, seed, c, semi)
+
+
+def probe_counts(prep: Prepared, pc: ProbeConfig, rank: int = 0, world: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prepared evaluation's probes (L-BFGS or SGD, and the k-NN).
+
+    Returns:
+        (Tensor[taps + 1, 4] counts: per tap linear top-1, linear top-5, k-NN top-1, k-NN top-5 correct, the
+        test images in the last row's first entry; Tensor[taps, classes, classes] the linear probes' per-class
+        counts, :func:`confusion`).
+    """
+    if prep.method == "sgd":
+        return _sgd_probe(prep.taps, prep.split, pc, prep.read, prep.split.info.num_classes, prep.bank_rows, rank,
+                          world, prep.seed)
+    return _lbfgs_probe(prep.taps, prep.split, pc, prep.read, prep.split.info.num_classes, prep.bank_rows)
+
+
+def _evaluate(ecfg: EvalConfig, wanted: list[str], device: torch.device, rank: int, world: int) -> dict | None:
+    pc, master, t0 = ecfg.probe, rank == 0, time.perf_counter()
+    prep = prepare(ecfg, wanted, device, rank, world)
+    if prep is None:
+        return None
+    info, taps, bank_rows, method = prep.split.info, prep.taps, prep.bank_rows, prep.method
+    layers, data, arch, dim, seed = prep.layers, prep.data, prep.arch, prep.dim, prep.seed
+    n_train = len(prep.split.train_idx)
     if master:
         bank_mb = len(bank_rows) * taps.bank_bytes_per_image / 2 ** 20
         print(f"{method} probe of {len(taps.heads)} (encoder, layer) pairs on {n_train} training images, "
               f"{world} process(es); k-NN bank {len(bank_rows)} images ({bank_mb:.0f} MiB)", flush=True)
-    probe = _sgd_probe if method == "sgd" else _lbfgs_probe
-    counts = probe(taps, split, pc, read, info.num_classes, bank_rows, rank, world, seed)
-    # a run with labels: the probes fit again on its labelled images only (the 1% / 10% evaluation)
-    labelled = _labelled_rows(ecfg.checkpoint, c, pc, split, seed)
+    counts, _ = probe_counts(prep, pc, rank, world)
+    # a run with labels (or --label-fraction): the probes fit again on the labelled images only (1% / 10%)
+    labelled = _labelled_rows(ecfg.checkpoint, prep.run, pc, prep.split, seed)
     if labelled is not None:
-        pc_l = dataclasses.replace(pc, probe_batch=min(pc.probe_batch, len(labelled)))
-        counts_l = probe(Taps(encoders, in_shape, info.small_input, pc.grid, device),
-                         dataclasses.replace(split, train_idx=labelled), pc_l, read, info.num_classes, labelled,
-                         rank, world, seed)
+        in_shape = (info.in_channels, info.image_size, info.image_size)
+        on_labels = dataclasses.replace(prep, split=dataclasses.replace(prep.split, train_idx=labelled),
+                                        taps=Taps(prep.encoders, in_shape, info.small_input, pc.grid, device),
+                                        bank_rows=labelled)
+        counts_l, _ = probe_counts(on_labels, dataclasses.replace(pc, probe_batch=min(pc.probe_batch, len(labelled))),
+                                   rank, world)
     if not master:
         return None
-    results = [semi] if semi is not None else []
+    results = [prep.semi] if prep.semi is not None else []
     results += _result_rows(taps, counts, pc, method, n_train, len(bank_rows), info.num_classes, "")
     if labelled is not None:
         results += _result_rows(taps, counts_l, pc, method, len(labelled), len(labelled), info.num_classes,

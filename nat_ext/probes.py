@@ -263,8 +263,20 @@ class KnnBank:
             part = self.feats[lo:lo + chunk].float()
             self.feats[lo:lo + chunk] = F.normalize((part - self.mean) / self.std, dim=1).to(torch.float16)
 
+    def normalize(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw features Tensor[M, dim] as the bank holds its own: standardised by the bank's statistics, unit
+        rows, float32 (call after :meth:`finish`)."""
+        return F.normalize((feats.float() - self.mean) / self.std, dim=1)
+
+    def neighbours(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` (at most the bank's size) nearest bank rows of each query by cosine similarity.
+
+        Args: queries Tensor[M, dim] raw features.
+        Returns: (Tensor[M, k] similarities, descending; Tensor[M, k] int64 bank rows), as :func:`knn_topk`.
+        """
+        return knn_topk(self.normalize(queries), self.feats, min(k, self.feats.shape[0]))
+
     def predict(self, queries: torch.Tensor, k: int, num_classes: int) -> torch.Tensor:
         """Args: queries Tensor[M, dim] raw features. Returns: Tensor[M, num_classes] votes."""
-        q = F.normalize((queries.float() - self.mean) / self.std, dim=1)
-        sim, idx = knn_topk(q, self.feats, min(k, self.feats.shape[0]))
+        sim, idx = self.neighbours(queries, k)
         return knn_votes(sim, self.labels[idx], num_classes)
