@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
-from .config import EvalConfig, ProbeConfig, build_parser, parse_config, setting
+from .config import COUNT, POSITIVE_INT, EvalConfig, ProbeConfig, build_parser, parse_config, setting, validate
 from .data import FASHION_MNIST_CLASSES
 from .eval import Prepared, _hold, check_settings, prepare, probe_counts
 from .models import build_model
@@ -59,7 +59,7 @@ TSNE_ITERS = 500  # t-SNE's iterations (scikit-learn's default 1000: the maps ha
 def _as_in_eval(name: str):
     """The setting ``name`` of :class:`EvalConfig`, the same default and help (one source per setting)."""
     f = {f.name: f for f in dataclasses.fields(EvalConfig)}[name]
-    return setting(f.default, f.metadata["help"])
+    return setting(f.default, f.metadata["help"], check=f.metadata.get("check"))
 
 
 def _analyze_probe() -> ProbeConfig:
@@ -73,13 +73,13 @@ class AnalyzeConfig:
     """Settings of ``nat-analyze`` (plain values); the probe settings are nat-eval's, unprefixed."""
     checkpoint: str = setting("", "checkpoint.pt from nat-train: its encoder, data, arch and seed")
     out: str = setting("", "output folder for the figures and analysis.json; default: the checkpoint's folder/analysis")
-    k: int = setting(8, "training neighbours shown per query in neighbours.png")
+    k: int = setting(8, "training neighbours shown per query in neighbours.png", check=POSITIVE_INT)
     per_class: int = setting(1, "test queries per class in neighbours.png (a seeded choice; at most 10 classes, "
-                                "a seeded subset of them when the data has more)")
+                                "a seeded subset of them when the data has more)", check=POSITIVE_INT)
     queries: int = setting(10_000, "test images (a seeded subset; all when fewer) whose neighbours give the purity "
-                                   "and whose features give the effective rank")
+                                   "and whose features give the effective rank", check=POSITIVE_INT)
     tsne_points: int = setting(2000, "test images in the t-SNE map (the first of a seeded order of the queries; "
-                                     "0: no map)")
+                                     "0: no map)", check=COUNT)
     device: str = _as_in_eval("device")
     workers: int = _as_in_eval("workers")
     skip_corrupt: bool = _as_in_eval("skip_corrupt")
@@ -93,14 +93,8 @@ def _eval_config(cfg: AnalyzeConfig) -> EvalConfig:
 
 def check_analyze_settings(cfg: AnalyzeConfig) -> None:
     """Raise ValueError naming the option for a setting out of range, before any work: analyze's own, nat-eval's
-    probe settings (:func:`nat_ext.eval.check_settings`), the checkpoint and the one layer to read."""
-    for name in ("k", "per_class", "queries"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} should be a positive integer, got {value}")
-    if cfg.tsne_points < 0:
-        raise ValueError(f"--tsne-points should be >= 0, got {cfg.tsne_points}")
-    check_settings(_eval_config(cfg))
+    probe settings (:func:`nat_ext.config.validate`), the checkpoint and the one layer to read."""
+    validate(cfg)  # analyze's own settings and nat-eval's probe settings, each by its rule
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required (a nat-train checkpoint.pt)")
     if not os.path.isfile(cfg.checkpoint):

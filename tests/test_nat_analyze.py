@@ -171,9 +171,9 @@ def test_without_sklearn_and_metrics_the_rest_is_written(runs, tmp_path, monkeyp
 @pytest.mark.parametrize("args, message", [
     (["--k", "0"], "--k should be a positive integer, got 0"),
     (["--per-class", "-1"], "--per-class should be a positive integer, got -1"),
-    (["--tsne-points", "-5"], "--tsne-points should be >= 0, got -5"),
-    (["--knn-bank", "0"], "knn_bank should be >= 1, got 0"),
-    (["--baselines", "random,noise"], r"baselines should be among"),
+    (["--tsne-points", "-5"], "--tsne-points should be an integer >= 0, got -5"),
+    (["--knn-bank", "0"], "--knn-bank should be a positive integer, got 0"),
+    (["--baselines", "random,noise"], r"--baselines should be a comma list of"),
     (["--layer", "conv9"], r"--layer should be one stage of \['conv1', 'conv2', 'conv3', 'conv4', 'pool'\]"),
     (["--layer", "all"], r"--layer should be one stage of .* \(nat-analyze reads one layer\), got 'all'"),
 ])
