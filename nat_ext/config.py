@@ -62,6 +62,7 @@ POSITIVE = Rule("a finite number > 0", lambda v: _finite(v) and v > 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _finite(v) and v >= 0)
 FRACTION = Rule("a number in (0, 1]", lambda v: _finite(v) and 0 < v <= 1)
 SHARE = Rule("a number in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
+FRACTION_OR_NONE = Rule("a number in (0, 1], or 0 for none", lambda v: _finite(v) and 0 <= v <= 1)
 MOMENTUM = Rule("a number in [0, 1)", lambda v: _finite(v) and 0 <= v < 1)
 
 
@@ -171,8 +172,7 @@ class ProbeConfig:
                                          "images only (the 1%% / 10%% linear evaluation; the same images as a "
                                          "nat-train --label-fraction run of the same seed); a checkpoint trained "
                                          "with labels uses its own labelled images; 0: no such rows",
-                                    check=Rule("a number in (0, 1], or 0 for none",
-                                               lambda v: _finite(v) and 0 <= v <= 1))
+                                    check=FRACTION_OR_NONE)
     val_labels: str = setting("", "label file of a flat DIR/val (ImageNet's devkit "
                                   "ILSVRC2012_validation_ground_truth.txt, with its meta.mat next to it, "
                                   "or a filename,label CSV)")
@@ -231,8 +231,7 @@ class Config:
                                 "each view's normalised outputs, per process (0: not computed)", check=NON_NEGATIVE)
     label_fraction: float = setting(0.0, "semi-supervised NAT: share of the training images (after --limit) whose "
                                          "labels the run uses, a seeded class-balanced subset, in (0, 1]; 0: none "
-                                         "(the paper's NAT)", check=Rule("a number in (0, 1], or 0 for none",
-                                                                          lambda v: _finite(v) and 0 <= v <= 1))
+                                         "(the paper's NAT)", check=FRACTION_OR_NONE)
     label_file: str = setting("", "semi-supervised NAT on an image folder: the labelled images, one file name per "
                                   "line (e.g. the published ImageNet 1%% / 10%% lists), instead of --label-fraction")
     label_loss: float = setting(1.0, "with labels: weight W of the cross-entropy of a linear classifier head on "

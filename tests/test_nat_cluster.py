@@ -2,6 +2,7 @@
 command continues it exactly (2 ranks under torchrun, loader workers on), ranks that disagree about
 the checkpoint or a changed world size are refused before a collective can hang, stuck loaders and
 faulting solvers end or change the run loudly, and the loader's figures are printed."""
+import functools
 import json
 import os
 import signal
@@ -133,23 +134,13 @@ def test_an_incompatible_run_is_refused_naming_every_difference(tmp_path, capsys
         nat_train.main(argv + ["--dim", "8", "--seed", "2"])
 
 
-def _resume_worker(rank, world, port, out):
+def _refusing_worker(rank, world, port, out, local_out=False, epochs=1):
     init_rank(rank, world, port)
-    # rank 1's --out holds no checkpoint (a node-local folder): both ranks must refuse, neither hang
-    folder = out if rank == 0 else out + "-local"
+    # local_out: rank 1's --out holds no checkpoint (a node-local folder); both ranks must refuse, neither hang
+    folder = out + "-local" if local_out and rank == 1 else out
     try:
-        nat_train.train(Config(data="synthetic:256", image_size=32, batch_size=32, dim=16, epochs=1, eval=False,
+        nat_train.train(Config(data="synthetic:256", image_size=32, batch_size=32, dim=16, epochs=epochs, eval=False,
                                workers=0, out=folder))
-    except SettingError as e:
-        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
-            f.write(str(e))
-
-
-def _world_worker(rank, world, port, out):
-    init_rank(rank, world, port)
-    try:
-        nat_train.train(Config(data="synthetic:256", image_size=32, batch_size=32, dim=16, epochs=2, eval=False,
-                               workers=0, out=out))
     except SettingError as e:
         with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
             f.write(str(e))
@@ -158,11 +149,11 @@ def _world_worker(rank, world, port, out):
 def test_ranks_that_see_another_checkpoint_or_a_changed_world_size_are_refused(tmp_path):
     nat_train.train(_tiny(tmp_path))  # one process wrote it
     out = str(tmp_path / "run")
-    run_processes(_world_worker, out, timeout=120)
+    run_processes(functools.partial(_refusing_worker, epochs=2), out, timeout=120)
     for r in (0, 1):
         assert "world size: checkpoint written by 1 processes, this run has 2" in open(f"{out}/error{r}.txt").read()
         os.unlink(f"{out}/error{r}.txt")
-    run_processes(_resume_worker, out, timeout=120)
+    run_processes(functools.partial(_refusing_worker, local_out=True), out, timeout=120)
     for r in (0, 1):
         message = open(f"{out}/error{r}.txt").read()
         assert "rank 0: epoch 1 step 0; rank 1: no checkpoint" in message and "shared" in message, message
