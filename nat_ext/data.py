@@ -670,12 +670,30 @@ class EpochBatches:
             yield [(self.epoch, i) for i in batch] if self.keys else list(batch)
 
 
+# seconds a loader worker outlives a SIGTERM: the rank it feeds needs no batch once it has agreed to stop,
+# but a worker that died of the signal would fail the rank (torch's SIGCHLD check) before it saved; under
+# SLURM's 30 s before SIGKILL
+WORKER_STOP_GRACE_S = 25
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)  # exit status 0: torch's worker check raises only for a signal or a failure status
+
+
+def _stop_later(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, _exit_quietly)
+    signal.alarm(WORKER_STOP_GRACE_S)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
-    """A loader worker's ``worker_init_fn``: SIGINT, SIGTERM and SIGUSR1 are the training loop's to
-    handle (SLURM and torchrun signal every process of the job at once); a worker that died of one
-    would fail the rank before it could checkpoint. The parent ends its workers as it exits."""
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    """A loader worker's ``worker_init_fn``: SIGINT and SIGUSR1 are the training loop's to handle, and a
+    SIGTERM ends the worker only :data:`WORKER_STOP_GRACE_S` later (SLURM and torchrun signal every
+    process of the job at once; a worker that died at once would fail the rank before it could
+    checkpoint). The parent ends its workers as it exits; when it cannot (a worker still busy), its
+    SIGTERM ends them after the grace period instead of never."""
+    for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_later)
 
 
 def make_loader(dataset: Dataset, batch_sampler, device: torch.device | str, workers: int | None = None,

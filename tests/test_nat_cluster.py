@@ -180,6 +180,22 @@ def test_a_stuck_read_ends_the_run_naming_rank_and_step():
             pass
 
 
+def test_a_shielded_worker_outlives_a_sigterm_then_exits_quietly(monkeypatch):
+    from nat_ext import data
+    monkeypatch.setattr(data, "WORKER_STOP_GRACE_S", 2)  # the forked worker reads it
+    sampler = EpochBatches(lambda e: [[0, 1], [2, 3], [6, 7]], keys=False)
+    loader = make_loader(_Stuck(), sampler, "cpu", workers=1, prefetch_factor=1, shield_workers=True)
+    sampler.set_epoch(0, 0)
+    batches = iter(loader)
+    next(batches)
+    worker = batches._workers[0]
+    os.kill(worker.pid, signal.SIGTERM)  # what SLURM sends every process of the step
+    time.sleep(1)
+    assert worker.is_alive(), "the worker died of the signal: its rank could not checkpoint"
+    worker.join(timeout=20)  # and it does not outlive its parent's shutdown (a SIGTERM) for ever
+    assert worker.exitcode == 0
+
+
 def test_a_full_dev_shm_is_refused_with_the_fix(tmp_path):
     with pytest.raises(RuntimeError, match="--shm-size"):
         check_shm(1 << 60, str(tmp_path))
