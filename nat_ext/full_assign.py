@@ -588,6 +588,28 @@ def _coarse_duals(rows: _Rows, src: _Source, comm: _Comm, watch: _Watch, k: int,
     return u, v
 
 
+def _proposals(cand: "_Candidates", v: Tensor | None, n: int, m: int) -> Tensor:
+    """A start for the first sparse solve: each row proposes its best candidate under the prices
+    v (zero: None) and each target takes its best proposer (ties: the lower row), the rest start
+    free (-1). Every pair is tight, so the solve keeps them all and augments only the free rows
+    (from a random init it kept none)."""
+    crow, col, cost = cand.csr()
+    rows = torch.repeat_interleave(torch.arange(n), crow.diff())
+    red = cost - v[col] if v is not None else cost
+    best = torch.full((n,), -math.inf, dtype=torch.float64).scatter_reduce(0, rows, red, "amax")
+    at = (red == best[rows]).nonzero().squeeze(1)
+    first = torch.full((n,), col.numel(), dtype=torch.int64).scatter_reduce(0, rows[at], at,
+                                                                            "amin")
+    wants, gain = col[first], red[first]
+    top = torch.full((m,), -math.inf, dtype=torch.float64).scatter_reduce(0, wants, gain, "amax")
+    ok = (gain == top[wants]).nonzero().squeeze(1)
+    winner = torch.full((m,), n, dtype=torch.int64).scatter_reduce(0, wants[ok], ok, "amin")
+    x = torch.full((n,), -1, dtype=torch.int64)
+    taken = (winner < n).nonzero().squeeze(1)
+    x[winner[taken]] = taken
+    return x
+
+
 def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm: _Comm,
                   watch: _Watch) -> tuple[Tensor, Tensor, Tensor]:
     """Rank 0 solves the sparse problem in a thread that the main thread watches (deadline, stop
@@ -662,6 +684,9 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
 
     def add(local: Tensor, cols: Tensor, scores: Tensor) -> int:
         """Adds pairs of this rank's rows everywhere; returns how many are new over all ranks."""
+        bad = torch.tensor([int(not bool(torch.isfinite(scores).all()))])
+        if int(comm.all_reduce(bad, "max")):  # every rank raises, none waits for the others
+            raise _not_finite_error()
         new_here = mine.add(local, cols, scores)
         if comm.world == 1:
             return new_here
@@ -706,6 +731,8 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
     info["time_candidates"] = time.perf_counter() - start
 
     u = v = None if v0 is None else v0.to(torch.float64)
+    if comm.rank == 0:
+        x = _proposals(cand, v, n, m)
     add_k, tol = max(k, 1), 0.0
     best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
     while True:
@@ -726,7 +753,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         um = u[lo:lo + nr]
         sel = (best > um + tol).nonzero().squeeze(1)
         info["rechecked_rows"].append(int(comm.all_reduce(torch.tensor([sel.numel()]))))
-        found_r, found_c, found_s = [], [], []
+        found_r, found_c, found_s, info_band = [], [], [], []
         exact_rows = torch.zeros(1, dtype=torch.int64)
 
         def price(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
@@ -742,21 +769,31 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                 part = sel[p0:p0 + per]
                 e = (_rank_error(rank_dtype, d) * rows.norms[part] * src.max_norm() +
                      4 * _EPS32 * (1.0 + um[part].abs() + float(vp.abs().max())))
+                # the band reaches `e` further down than a violation needs (so twice the ranking
+                # error below tol): what it leaves out is then provably `e` under tol, a margin
+                # by which the row's u may fall before the row needs another scan
                 lists = _scan(rows, src_p, sel=part, k=band, row_off=um[part], col_off=vp,
-                              row_thr=tol - e, held=_held_csr(mine, part) if skip_held else None,
+                              row_thr=tol - 2 * e,
+                              held=_held_csr(mine, part) if skip_held else None,
                               rank_dtype=rank_dtype, watch=watch)
                 count, idx, ex = lists.count.cpu(), lists.idx.cpu(), lists.exact.cpu()
                 rmax = lists.max.double().cpu()
                 if bool(rmax.isnan().any()):
                     raise _not_finite_error()
-                bound = um[part] + rmax + e
-                best[part] = bound if col_ids is None else torch.maximum(best[part], bound)
                 cols = idx if col_ids is None else \
                     torch.where(idx >= 0, col_ids[idx.clamp(min=0)], -1)
                 reduced = torch.where(cols >= 0, ex - um[part, None] - v[cols.clamp(min=0)],
                                       -math.inf)
                 viol = reduced > tol
                 has = viol.any(dim=1)
+                complete = count <= band
+                # bound on max_j s_ij - v_j over the pairs not held: a complete list knows its
+                # pairs exactly and the rest lie below tol - e; else the scan's maximum
+                bound = torch.where(complete, um[part] + torch.maximum(
+                    reduced.amax(dim=1) if band else torch.full_like(e, -math.inf), tol - e),
+                    um[part] + rmax + e)
+                best[part] = bound if col_ids is None else torch.maximum(best[part], bound)
+                info_band.append(float(count.double().mean()) if count.numel() else 0.0)
                 if bool(has.any()):
                     # each violating row's `add_k` most violating pairs
                     top = torch.where(viol, reduced, -math.inf).topk(min(add_k, band), dim=1)
@@ -764,7 +801,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                     found_r.append(part[:, None].expand_as(pick)[pick])
                     found_c.append(cols.gather(1, top.indices)[pick])
                     found_s.append(ex.gather(1, top.indices)[pick])
-                redo.append(part[(count > band) & ~has])
+                redo.append(part[~complete & ~has])
             return torch.cat(redo) if redo else sel[:0]
 
         def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None,
@@ -782,6 +819,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         if sel.numel():
             price_all(sel, src, None, True)
         info["exact_rows"].append(int(comm.all_reduce(exact_rows)))
+        info.setdefault("band_per_row", []).append(info_band[0] if info_band else 0.0)
         # (a price that fell by rounding alone, far below tol, needs no rescan)
         freed = torch.empty(0, dtype=torch.int64) if v_old is None else \
             (v < v_old - tol / 8).nonzero().squeeze(1)

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -27,7 +29,7 @@ constexpr const char* kOp = "_full_scan";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kRowBlock = 512;  // rows multiplied at once: the block's scores stay in the cache
 constexpr int64_t kColBlock = 2048;
-constexpr int64_t kLane = 16;  // columns tested at once before walking them one by one
+constexpr int64_t kStretch = 256;  // columns tested at once before walking them one by one
 
 // Inserts (val, id) into the list vals[0..len) (stride apart), kept in descending value and, at
 // equal values, ascending id (so the lists do not depend on how rows were split across threads),
@@ -64,60 +66,100 @@ struct ScanArgs {
   float* row_max;         // [nr]
 };
 
+// The branch-free loops of the ranking, compiled for AVX-512 and AVX2 beside the baseline (the
+// build targets plain x86-64, whose SSE2 left them at a third of the multiply's rate); the loader
+// picks the widest the CPU has.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define NAT_WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NAT_WIDE
+#endif
+
+// x[j] = s[j] - ro - co[j] in float (co nullable), s as bfloat16 bits, float or double.
+NAT_WIDE void offsets_bf16(const uint16_t* s, const float* co, float ro, float* x, int64_t n) {
+  if (co) {
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16) - ro - co[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::bit_cast<float>(static_cast<uint32_t>(s[j]) << 16) - ro;
+  }
+}
+NAT_WIDE void offsets_f32(const float* s, const float* co, float ro, float* x, int64_t n) {
+  if (co) {
+    for (int64_t j = 0; j < n; ++j) x[j] = s[j] - ro - co[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = s[j] - ro;
+  }
+}
+NAT_WIDE void offsets_f64(const double* s, const float* co, float ro, float* x, int64_t n) {
+  if (co) {
+    for (int64_t j = 0; j < n; ++j) x[j] = static_cast<float>(s[j]) - ro - co[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = static_cast<float>(s[j]) - ro;
+  }
+}
+inline void offsets(const at::BFloat16* s, const float* co, float ro, float* x, int64_t n) {
+  offsets_bf16(reinterpret_cast<const uint16_t*>(s), co, ro, x, n);
+}
+inline void offsets(const float* s, const float* co, float ro, float* x, int64_t n) {
+  offsets_f32(s, co, ro, x, n);
+}
+inline void offsets(const double* s, const float* co, float ro, float* x, int64_t n) {
+  offsets_f64(s, co, ro, x, n);
+}
+
+// The maximum of x and how many entries exceed thr. Finite-math so that GCC vectorises the
+// maximum (a NaN is counted apart, by count_nan: -inf entries, the held pairs, compare as usual).
+NAT_WIDE __attribute__((optimize("finite-math-only,no-signed-zeros")))
+float max_above(const float* x, int64_t n, float thr, int64_t* above) {
+  float best = kNegInf;
+  int32_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    best = x[j] > best ? x[j] : best;
+    count += x[j] > thr;
+  }
+  *above = count;
+  return best;
+}
+
+NAT_WIDE int64_t count_nan(const float* x, int64_t n) {
+  int32_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += x[j] != x[j];
+  return count;
+}
+
+// How many x[j] beat last[j] (the columns' current last entries).
+NAT_WIDE int64_t count_beating(const float* x, const float* last, int64_t n) {
+  int32_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += x[j] > last[j];
+  return count;
+}
+
 // Ranks one block of scores (rows i0.., columns c0 + [0, cb) of the tile) into the row lists and
-// into this task's column lists (cv/cr: [kc, mt], columns of the tile).
+// into this thread's column lists (cv/cr: [kc, mt], columns of the tile).
 template <typename T>
 void rank_block(const ScanArgs& a, const T* s, int64_t i0, int64_t rb, int64_t c0, int64_t cb,
                 int64_t* held_pos, float* x, float* cv, int64_t* cr) {
   for (int64_t r = 0; r < rb; ++r) {
     const int64_t i = i0 + r;
-    const T* srow = s + r * cb;
-    const float ro = a.row_off ? a.row_off[i] : 0.0f;
-    for (int64_t j = 0; j < cb; ++j) x[j] = static_cast<float>(srow[j]) - ro;
-    if (a.col_off) {
-      for (int64_t j = 0; j < cb; ++j) x[j] -= a.col_off[c0 + j];
-    }
+    offsets(s + r * cb, a.col_off ? a.col_off + c0 : nullptr, a.row_off ? a.row_off[i] : 0.0f,
+            x, cb);
     if (a.held_crow) {  // the row's held columns in this block: out of every ranking
       int64_t& p = held_pos[r];
       const int64_t end = a.held_crow[i + 1], lo = a.col0 + c0, hi = lo + cb;
       while (p < end && a.held_col[p] < lo) ++p;
       for (; p < end && a.held_col[p] < hi; ++p) x[a.held_col[p] - lo] = kNegInf;
     }
-    // maximum and count above the threshold: branch-free loops that vectorise
     const float thr = a.row_thr ? a.row_thr[i] : kNegInf;
-    float best[kLane];
-    int32_t above[kLane], nan[kLane];
-    for (int l = 0; l < kLane; ++l) {
-      best[l] = kNegInf;
-      above[l] = nan[l] = 0;
-    }
-    int64_t j = 0;
-    for (; j + kLane <= cb; j += kLane) {
-      for (int l = 0; l < kLane; ++l) {
-        const float v = x[j + l];
-        best[l] = v > best[l] ? v : best[l];
-        above[l] += v > thr;
-        nan[l] += v != v;
-      }
-    }
-    for (; j < cb; ++j) {
-      best[0] = x[j] > best[0] ? x[j] : best[0];
-      above[0] += x[j] > thr;
-      nan[0] += x[j] != x[j];
-    }
-    float bmax = kNegInf;
-    int64_t count = 0, nans = 0;
-    for (int l = 0; l < kLane; ++l) {
-      bmax = best[l] > bmax ? best[l] : bmax;
-      count += above[l];
-      nans += nan[l];
-    }
+    int64_t above = 0;
+    const float bmax = max_above(x, cb, thr, &above);
     // a NaN score (an overflowed product) sticks to the row's maximum: the caller raises on it
-    if (nans) a.row_max[i] = std::numeric_limits<float>::quiet_NaN();
+    if (count_nan(x, cb)) a.row_max[i] = std::numeric_limits<float>::quiet_NaN();
     else if (bmax > a.row_max[i]) a.row_max[i] = bmax;
-    a.row_count[i] += count;
+    a.row_count[i] += above;
     // the row's list: only values above its threshold and its current last entry
-    if (a.k > 0 && count > 0) {
+    if (a.k > 0 && above > 0) {
       float* vals = a.row_vals + i * a.k;
       int64_t* idx = a.row_idx + i * a.k;
       double* exact = a.row_exact + i * a.k;
@@ -131,18 +173,13 @@ void rank_block(const ScanArgs& a, const T* s, int64_t i0, int64_t rb, int64_t c
         }
       }
     }
-    // the columns' lists: a block of kLane columns is walked only when one beats its last entry
+    // the columns' lists: a stretch of kStretch columns is walked only when one beats its last
+    // entry (rare after the first rows)
     if (a.kc > 0) {
       const float* last = cv + (a.kc - 1) * a.mt + c0;
-      for (int64_t q = 0; q < cb; q += kLane) {
-        const int64_t e = std::min(cb, q + kLane);
-        bool any = false;
-        if (e - q == kLane) {
-          for (int l = 0; l < kLane; ++l) any |= x[q + l] > last[q + l];
-        } else {
-          any = true;
-        }
-        if (!any) continue;
+      for (int64_t q = 0; q < cb; q += kStretch) {
+        const int64_t e = std::min(cb, q + kStretch);
+        if (!count_beating(x + q, last + q, e - q)) continue;
         for (int64_t jj = q; jj < e; ++jj) {
           if (x[jj] > last[jj]) {
             insert_sorted(cv + c0 + jj, cr + c0 + jj, nullptr, a.kc, a.mt, x[jj], a.row0 + i);
