@@ -243,7 +243,7 @@ def _rank_error(rank_dtype: torch.dtype, d: int) -> float:
 _TILE = 1 << 15  # targets per tile of a pass: regenerated (or sliced) once per pass
 _BAND = 32  # pricing: pairs kept per row within the ranking error of a violation
 _LIST_BUDGET = 1 << 24  # list entries one rescan holds at once (rows x their band)
-_WARM_K = 4  # candidates per row under coarse prices, in multiples of k
+_WARM_K = 1  # candidates per row under coarse prices, in multiples of k (more made the first solve slower)
 _CROWD_ROWS = 1024  # rows sampled to tell whether the rows crowd onto the same targets
 _TORCH_SCAN = False  # tests set it to run the GPU's pass (torch ops) on the CPU
 
@@ -389,16 +389,26 @@ class _Watch:
 
 
 class _Rows:
-    """One rank's rows of a problem: feats (the answer's dtype), their ranking copy, global offset."""
+    """One rank's rows of a problem: feats (the answer's dtype), their global offset, and their
+    ranking copy f_i - mu in the ranking dtype. Any mu gives the same scores, s_ij = (f_i - mu) .
+    t_j + mu . t_j, the second term a per-target offset the passes add exactly; with mu the mean
+    row, the error of a low-precision product scales with |f_i - mu| instead of |f_i|, which on
+    near-parallel features (an untrained network's) is what lets bfloat16 decide at all."""
 
-    def __init__(self, feats: Tensor, row0: int, n: int, rank_dtype: torch.dtype):
+    def __init__(self, feats: Tensor, row0: int, n: int, rank_dtype: torch.dtype, mu: Tensor):
         self.f, self.row0, self.n, self.nr = feats, row0, n, feats.shape[0]
-        self.rank_dtype = rank_dtype
-        self.f_rank = feats if rank_dtype == feats.dtype else feats.to(rank_dtype)
+        self.rank_dtype, self.mu = rank_dtype, mu
+        self.f_rank = self.centred(None, rank_dtype)
         self.norms = feats.double().norm(dim=1).cpu() if self.nr else torch.zeros(0)
+        self.centred_norms = (feats.double() - mu).norm(dim=1).cpu() if self.nr else \
+            torch.zeros(0)
+
+    def centred(self, sel: Tensor | None, dtype: torch.dtype) -> Tensor:
+        f = self.f if sel is None else self.f[sel.to(self.f.device)]
+        return (f - self.mu.to(f.dtype)).to(dtype)
 
     def subset(self, local: Tensor, row0: int, n: int) -> "_Rows":
-        return _Rows(self.f[local.to(self.f.device)], row0, n, self.rank_dtype)
+        return _Rows(self.f[local.to(self.f.device)], row0, n, self.rank_dtype, self.mu)
 
 
 class _Lists:
@@ -427,7 +437,9 @@ def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, k
     device = rows.f.device
     rank_dtype = rank_dtype or rows.rank_dtype
     f = rows.f if sel is None else rows.f[sel.to(device)]
-    fr = f if rank_dtype == f.dtype else f.to(rank_dtype)
+    fr = rows.f_rank if sel is None and rank_dtype == rows.rank_dtype else \
+        rows.centred(sel, rank_dtype)
+    mu = rows.mu.to(device, torch.float64)
     nr = f.shape[0]
     out = _Lists(nr, k, src.m, kc, device)
     row0 = rows.row0 if sel is None else 0  # column lists only come from whole-shard scans
@@ -435,14 +447,16 @@ def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, k
         return out
     ro = None if row_off is None else row_off.to(device, torch.float32)
     thr = None if row_thr is None else row_thr.to(device, torch.float32)
-    co = None if col_off is None else col_off.to(device, torch.float32)
+    co = None if col_off is None else col_off.to(device, torch.float64)
     hc = None if held is None else tuple(h.to(device) for h in held)
     for c0, t in src.tiles():
         c1 = c0 + t.shape[0]
         tr = t if rank_dtype == t.dtype else t.to(rank_dtype)
+        # the centring's per-target term mu . t_j, exact, moved into the column offsets
+        shift = -(t.double() @ mu) if co is None else co[c0:c1] - t.double() @ mu
         cv, cr = out.col_vals[:, c0:c1], out.col_rows[:, c0:c1]
         cv_t, cr_t = cv.contiguous(), cr.contiguous()
-        args = (fr, tr, f, t, ro, None if co is None else co[c0:c1].contiguous(), thr,
+        args = (fr, tr, f, t, ro, shift.float().contiguous(), thr,
                 None if hc is None else hc[0], None if hc is None else hc[1], row0, c0,
                 out.vals, out.idx, out.exact, out.count, out.max, cv_t, cr_t)
         if device.type == "cpu" and not _TORCH_SCAN:
@@ -679,7 +693,6 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
     cand = mine if comm.world == 1 else _Candidates(n, m)  # every pair, on rank 0
     scale = comm.all_reduce(torch.tensor([float(rows.norms.max()) if nr else 0.0],
                                          dtype=torch.float64), "max").item() * src.max_norm()
-    err = _rank_error(rows.rank_dtype, d) * rows.norms * src.max_norm()  # per local row
     local_ids = torch.arange(nr)
 
     def add(local: Tensor, cols: Tensor, scores: Tensor) -> int:
@@ -735,6 +748,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         x = _proposals(cand, v, n, m)
     add_k, tol = max(k, 1), 0.0
     best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
+    price_dtype = [rows.rank_dtype]  # what the pricing passes rank in (see price_all)
     while True:
         t0 = time.perf_counter()
         info["rounds"] += 1
@@ -767,8 +781,9 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             per = max(1, _LIST_BUDGET // band)
             for p0 in range(0, sel.numel(), per):
                 part = sel[p0:p0 + per]
-                e = (_rank_error(rank_dtype, d) * rows.norms[part] * src.max_norm() +
-                     4 * _EPS32 * (1.0 + um[part].abs() + float(vp.abs().max())))
+                e = (_rank_error(rank_dtype, d) * rows.centred_norms[part] * src.max_norm() +
+                     4 * _EPS32 * (1.0 + rows.norms[part] * src.max_norm() + um[part].abs() +
+                                   float(vp.abs().max())))
                 # the band reaches `e` further down than a violation needs (so twice the ranking
                 # error below tol): what it leaves out is then provably `e` under tol, a margin
                 # by which the row's u may fall before the row needs another scan
@@ -808,7 +823,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                       skip_held: bool) -> None:
             # first in the ranking dtype (bfloat16: a wide band), then the rows whose band
             # overflowed in feats' dtype (a narrow one), with longer lists until none overflows
-            redo = price(sel, src_p, col_ids, skip_held, rows.rank_dtype, _BAND)
+            redo = price(sel, src_p, col_ids, skip_held, price_dtype[0], _BAND)
+            if col_ids is None and 2 * redo.numel() > sel.numel():
+                # most rows' bands overflowed: the ranking dtype is too coarse for these prices,
+                # so the next rounds rank in feats' dtype at once (one pass instead of two)
+                price_dtype[0] = rows.f.dtype
             band = max(4 * _BAND, 2 * add_k)
             while redo.numel():
                 exact_rows[0] += redo.numel()
@@ -882,7 +901,8 @@ def _run(feats: Tensor, row0: int, n: int, targets, init: Tensor | None, warm, c
     d = feats.shape[1]
     rank_dtype = candidate_dtype or _default_candidate_dtype(device, exact_dtype)
     src = _Source(targets, exact_dtype, device, tile=max(1, chunk_elems // max(d, 1)))
-    rows = _Rows(feats, row0, n, rank_dtype)
+    mu = comm.all_reduce(feats.double().sum(dim=0).cpu()) / max(n, 1)  # the mean row
+    rows = _Rows(feats, row0, n, rank_dtype, mu.to(device))
     watch = _Watch(comm, deadline, should_stop, start)
     info: dict = {}
     x, u, v = _solve(rows, src, init, warm, comm, watch, k=k, col_k=col_k, coarse=coarse,
@@ -894,7 +914,7 @@ def _run(feats: Tensor, row0: int, n: int, targets, init: Tensor | None, warm, c
 
 
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
-                return_duals: bool = False, *, k: int = 8, col_k: int = 2,
+                return_duals: bool = False, *, k: int = 16, col_k: int = 2,
                 chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
                 stats: dict | None = None, coarse: int = 4, coarse_min: int = 1024
                 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
@@ -961,7 +981,7 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
 def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
                    warm: tuple[Tensor, Tensor, Tensor] | None = None,
                    deadline: float | None = None, should_stop=None, group=None,
-                   stats: dict | None = None, k: int = 8, col_k: int = 2,
+                   stats: dict | None = None, k: int = 16, col_k: int = 2,
                    chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
                    coarse: int = 4, coarse_min: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
     """assign_full over rows split across the ranks of a process group: each rank passes its

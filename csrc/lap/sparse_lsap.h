@@ -149,6 +149,81 @@ inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
   return free_rows;
 }
 
+// One pass of augmenting row reduction (lsap.h's, on edge lists): each free row takes its cheapest
+// column, lowering that column's price until it ties with the row's second best, so the pair is
+// tight and every other matched pair stays its row's minimum (a lower price only makes a column
+// dearer to the others). The row it evicts is retried at once when the price moved, else
+// deferred; past kArrStepsPerRow steps per row the rest is left to the exact Dijkstra phase.
+// From the near-parallel features' coarse prices half the rows start free, and the Dijkstra
+// searches that each needed were most of the first solve. Returns the rows still free.
+inline std::vector<int64_t> sparse_row_reduction(const SparseProblem& p,
+                                                 std::vector<int64_t> free_rows,
+                                                 int64_t* col4row, SparseWorkspace& ws) {
+  double* v = ws.v.data();
+  const double* c = ws.c.data();
+  int64_t* row4col = ws.row4col.data();
+  const int64_t nfree = static_cast<int64_t>(free_rows.size());
+  std::vector<int64_t> later;
+  int64_t k = 0, steps = 0;
+  while (k < nfree) {
+    ++steps;
+    const int64_t i = free_rows[k++];
+    double u1 = kInf, u2 = kInf;
+    int64_t j1 = -1, j2 = -1, e1 = -1, e2 = -1;
+    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+      const int64_t j = p.col[e];
+      const double h = c[e] - v[j];
+      if (h < u1) {
+        if (j != j1) {
+          u2 = u1;
+          j2 = j1;
+          e2 = e1;
+        }
+        u1 = h;
+        j1 = j;
+        e1 = e;
+      } else if (h < u2 && j != j1) {
+        u2 = h;
+        j2 = j;
+        e2 = e;
+      }
+    }
+    if (j1 < 0) {  // no edge: left to the Dijkstra phase, which reports it infeasible
+      later.push_back(i);
+      continue;
+    }
+    int64_t i0 = row4col[j1];
+    const double v1_new = v[j1] - (u2 - u1);
+    const bool lowers = j2 >= 0 && v1_new < v[j1];
+    if (steps < detail::kArrStepsPerRow * k) {
+      if (lowers) {
+        v[j1] = v1_new;
+      } else if (i0 >= 0 && j2 >= 0) {
+        j1 = j2;  // tie: take the equally cheap second column instead of evicting
+        e1 = e2;
+        i0 = row4col[j2];
+      }
+      if (i0 >= 0) {
+        if (lowers) {
+          free_rows[--k] = i0;
+        } else {
+          later.push_back(i0);
+        }
+      }
+    } else if (i0 >= 0) {
+      later.push_back(i0);
+    }
+    col4row[i] = j1;
+    row4col[j1] = i;
+    ws.edge4row[i] = e1;
+    if (i0 >= 0) {
+      col4row[i0] = -1;
+      ws.edge4row[i0] = -1;
+    }
+  }
+  return later;
+}
+
 // Dijkstra from free row f over reduced costs, then augment along the path found. Labels are
 // distances minus the reached row's u, as in lsap.h's augment: edges out of a matched row are
 // offset by its pair's reduced cost, so every step adds a non-negative amount.
@@ -244,7 +319,13 @@ inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, con
   if (!warm) {
     for (int64_t i = 0; i < n; ++i) col4row[i] = -1;
   }
-  const std::vector<int64_t> free_rows = detail::warm_start(p, col4row, ws);
+  std::vector<int64_t> free_rows = detail::warm_start(p, col4row, ws);
+  // Only where many rows start free (a first solve): on a re-solve after a few added edges its
+  // price moves set off more pricing rounds than its saved searches were worth.
+  const bool reduce = static_cast<int64_t>(free_rows.size()) * 8 > n;
+  for (int pass = 0; pass < 2 && reduce && !free_rows.empty(); ++pass) {
+    free_rows = detail::sparse_row_reduction(p, std::move(free_rows), col4row, ws);
+  }
   if (interrupted) *interrupted = false;
   for (size_t q = 0; q < free_rows.size(); ++q) {
     if (abort && q % 64 == 0 && __atomic_load_n(abort, __ATOMIC_RELAXED) != 0) {
