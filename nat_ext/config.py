@@ -195,9 +195,10 @@ class Config:
                                      "random assignment (the ablation)", check=COUNT)
     reassign_scope: str = setting("batch", "what a reassigning epoch re-solves: batch (the paper's: each "
                                            "batch's images swap their targets, every step) or dataset (once, "
-                                           "at the epoch start: the exact assignment of the whole training set "
-                                           "with nat_ext.assign_full on features extracted in eval mode, "
-                                           "unaugmented; the epoch then trains against those targets)",
+                                           "at the epoch start: the exact assignment of the whole training set, "
+                                           "solved by every rank together on its shard of features extracted "
+                                           "in eval mode, unaugmented; the epoch then trains against those "
+                                           "targets)",
                                   choices=REASSIGN_SCOPES)
     targets: str = setting("sphere", "target distribution: sphere (uniform on the unit sphere, the paper's), "
                                      "onehot (the k one-hot vectors e_0..e_k-1 of R^dim, each held by n/k images: "

@@ -11,7 +11,7 @@ at the epoch end), and the loss is summed on the device and read every
 ``--log-every`` steps. ``--sync-debug`` makes any host sync inside the step an error.
 
 ``--reassign-scope dataset`` replaces the per-batch reassignment by one exact assignment of
-the whole training set (``nat_ext.assign_full``) at the start of each reassigning epoch, on
+the whole training set (``nat_ext.full_assign.assign_sharded``) at the start of each reassigning epoch, on
 features extracted in eval mode without augmentation (:func:`nat_ext.reassign.dataset_features`), each
 rank its own shard, solved by every rank together (:func:`solve_dataset`): within ``--dataset-solve-budget``
 (past it the epoch reassigns in batch scope), stopping on a signal, and checkpointed as soon as it ends so that
@@ -458,8 +458,8 @@ def resumed_solve_line(record: dict | None, epoch: int) -> str:
     if record is None or record["epoch"] != epoch or record["outcome"] == "solved":
         seconds = f" in {record['seconds']:.1f} s" if record and record["epoch"] == epoch else ""
         return f"epoch {epoch + 1}: its dataset-wide assignment was solved{seconds} before the checkpoint; not solved again"
-    why = "stopped by a signal" if record["outcome"] == "stop" else "over --dataset-solve-budget"
-    return (f"epoch {epoch + 1}: its dataset-wide solve was {why} after {record['seconds']:.1f} s before the "
+    why = "stopped by a signal" if record["outcome"] == "stop" else "cut at --dataset-solve-budget"
+    return (f"epoch {epoch + 1}: its dataset-wide solve was {why} after {record['seconds']:.1f} s, before the "
             "checkpoint; not solved again: this epoch reassigns in batch scope, the next reassigning epoch solves")
 
 

@@ -74,6 +74,17 @@ def test_a_tiny_budget_falls_back_to_batch_scope_and_says_so(tmp_path, capsys):
     assert all(r["changed_frac"] > 0.3 and r["solve_budget"] == 1e-6 for r in rows), rows
     assert not any("objective" in r for r in rows), rows
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["dataset_solve"]["outcome"] == "budget"
+    # cut inside epoch 2 (16 steps an epoch), then resumed: the epoch goes on in batch scope, bit for bit
+    cut = str(tmp_path / "cut")
+    args = RUN + ["--epochs", "2", "--dataset-solve-budget", "1e-6", "--out", cut]
+    assert nat_train.main(args + ["--max-steps", "20"]) == 0
+    assert "at epoch 1 step 4" in capsys.readouterr().out
+    assert nat_train.main(args) == 0
+    assert "epoch 2: its dataset-wide solve" not in capsys.readouterr().out  # resumed mid-epoch: nothing to say
+    a, b = (load_checkpoint(os.path.join(p, "checkpoint.pt")) for p in (cut, out))
+    assert torch.equal(a["assignment"]["perm"], b["assignment"]["perm"])
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_two_ranks_survive_a_solve_longer_than_its_budget(tmp_path):
