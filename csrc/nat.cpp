@@ -54,20 +54,22 @@ TORCH_LIBRARY(nat, m) {
   // cost[crow[i]:crow[i+1]], n = crow.size(0) - 1 <= m columns. Optionally warm from a previous
   // matching (init_col4row, -1 for a free row) and prices (init_v, of the problem as posed).
   // Returns int64 col4row [n] and float64 duals u [n], v [m] certifying optimality over the
-  // edges (as linear_sum_assignment_with_duals's); raises ValueError when infeasible.
+  // edges (as linear_sum_assignment_with_duals's); raises ValueError when infeasible. abort: a
+  // CPU int32 [1] another thread may set non-zero to stop the solve early (the rows it had not
+  // matched come back -1).
   m.def(
       "sparse_linear_sum_assignment(Tensor crow, Tensor col, Tensor cost, int m, "
-      "bool maximize=False, Tensor? init_col4row=None, Tensor? init_v=None) -> "
-      "(Tensor col4row, Tensor u, Tensor v)");
-  // Internal to nat_ext.assign_full's candidate pass (CPU): for a chunk of scores [r, m] whose
-  // first row is row_offset, each row's k largest (values [r, k], columns [r, k], descending),
-  // and col_vals/col_rows [kc, m] (each column's kc largest so far, descending, and their rows)
-  // updated with the chunk.
+      "bool maximize=False, Tensor? init_col4row=None, Tensor? init_v=None, "
+      "Tensor? abort=None) -> (Tensor col4row, Tensor u, Tensor v)");
+  // Internal to nat_ext.assign_full's passes (CPU; csrc/cpu/full_scan_kernel.cpp): one fused
+  // pass of feats [r, d] against a tile of targets [t, d] (global columns col0..), ranking
+  // s_ij - row_off[i] - col_off[j] with the held pairs skipped, into each row's running list
+  // (row_vals/row_idx/row_exact [r, K]: the K largest above row_thr, with exact scores),
+  // count above row_thr, maximum, and each column's running top rows (col_vals/col_rows
+  // [kc, t], rows row0..). Updates the state tensors in place.
   m.def(
-      "_assign_full_candidates(Tensor scores, int k, Tensor col_vals, Tensor col_rows, "
-      "int row_offset) -> (Tensor row_vals, Tensor row_idx, Tensor col_vals_out, "
-      "Tensor col_rows_out)");
-  // Internal to assign_full's pricing filter (CPU): max_j (scores[r][j] - v[j]) per row, float64
-  // (NaN for a row holding a NaN).
-  m.def("_assign_full_row_max(Tensor scores, Tensor v) -> Tensor");
+      "_full_scan(Tensor feats, Tensor targets, Tensor? feats_exact, Tensor? targets_exact, "
+      "Tensor? row_off, Tensor? col_off, Tensor? row_thr, Tensor? held_crow, Tensor? held_col, "
+      "int row0, int col0, Tensor(a!) row_vals, Tensor(b!) row_idx, Tensor(c!) row_exact, "
+      "Tensor(d!) row_count, Tensor(e!) row_max, Tensor(f!) col_vals, Tensor(g!) col_rows) -> ()");
 }

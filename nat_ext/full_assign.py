@@ -47,7 +47,9 @@ lost tightness.
 
 import logging
 import math
+import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -62,7 +64,8 @@ _DTYPE_NAMES = {torch.int64: "Long", torch.float64: "Double"}  # as the C++ chec
 
 def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int,
                                  maximize: bool = False, init_col4row: Tensor | None = None,
-                                 init_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                 init_v: Tensor | None = None, abort: Tensor | None = None
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Solves one sparse assignment problem exactly, with its dual certificate (CPU only).
 
     Row i may take only the columns col[crow[i]:crow[i+1]], at costs cost[crow[i]:crow[i+1]].
@@ -76,6 +79,8 @@ def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int
         init_col4row: int64 Tensor[n], a previous matching to start from (-1: a free row); its
             pairs that are tight under init_v are kept.
         init_v: float64 Tensor[m], previous column prices of the problem as posed.
+        abort: int32 CPU Tensor[1] that another thread may set non-zero to stop the solve
+            early: the rows it had not matched then come back -1 (the op releases the GIL).
 
     Returns:
         (col4row, u, v): int64 Tensor[n] and float64 Tensor[n], Tensor[m] with u_i + v_j <= cost
@@ -85,7 +90,7 @@ def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int
         when no matching of every row uses the given edges.
     """
     return torch.ops.nat.sparse_linear_sum_assignment.default(crow, col, cost, m, maximize,
-                                                              init_col4row, init_v)
+                                                              init_col4row, init_v, abort)
 
 
 def _check_vector_fake(t: Tensor, name: str, dtype: torch.dtype, size=None) -> None:
@@ -102,7 +107,7 @@ def _check_vector_fake(t: Tensor, name: str, dtype: torch.dtype, size=None) -> N
 def _sparse_linear_sum_assignment_fake(crow: Tensor, col: Tensor, cost: Tensor, m: int,
                                        maximize: bool = False,
                                        init_col4row: Tensor | None = None,
-                                       init_v: Tensor | None = None):
+                                       init_v: Tensor | None = None, abort: Tensor | None = None):
     _check_vector_fake(crow, "crow", torch.int64)
     torch._check_value(crow.shape[0] >= 1,
                        lambda: f"{_OP}: crow should have n + 1 >= 1 entries, got 0")
@@ -145,10 +150,7 @@ def _check_inputs(feats: Any, targets: Any, init: Any, k: int, col_k: int,
     for name, t in (("feats", feats), ("targets", targets)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"assign_full: {name} contains NaN or infinite values")
-    for name, value, least in (("k", k, 1), ("col_k", col_k, 0), ("chunk_elems", chunk_elems, 1),
-                               ("coarse", coarse, 1), ("coarse_min", coarse_min, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"assign_full: {name} should be an int >= {least}, got {value!r}")
+    _check_k(k, col_k, chunk_elems, coarse, coarse_min)
     if init is None:
         return
     if not isinstance(init, Tensor):
@@ -167,15 +169,6 @@ def _check_inputs(feats: Any, targets: Any, init: Any, k: int, col_k: int,
                          f"[{int(init.min())}, {int(init.max())}]")
     if n and bool((torch.sort(init).values.diff() == 0).any()):
         raise ValueError("assign_full: init should be one-to-one, but a target appears twice")
-
-
-def _row_chunks(n: int, m: int, chunk_elems: int):
-    rows = max(1, min(n, chunk_elems // max(m, 1)))
-    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
-
-
-def _not_finite_error() -> ValueError:
-    return ValueError("assign_full: feats @ targets^T is not finite (the product overflowed)")
 
 
 class _Candidates:
@@ -222,40 +215,6 @@ def _unique_first(keys: Tensor) -> tuple[Tensor, Tensor]:
     return uniq, first
 
 
-class _Found:
-    """The violating pairs a pricing pass finds (on feats' device until pairs())."""
-
-    def __init__(self):
-        self.rows, self.cols, self.scores = [], [], []
-
-    def violating_rows(self) -> Tensor:
-        if not self.rows:
-            return torch.empty(0, dtype=torch.int64)
-        return torch.cat(self.rows).cpu().unique()
-
-    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.scores)
-
-
-class _Held:
-    """The candidate pairs of one round, to leave out of its pricing (CPU)."""
-
-    def __init__(self, crow: Tensor, col: Tensor):
-        self.crow, self.col = crow, col
-        self.edge_row = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
-        self.row_pos = torch.full((crow.numel() - 1,), -1, dtype=torch.int64)
-
-    def pairs(self, ids: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The pairs of rows `ids` (sorted), as (index into ids, column, or its index in the
-        column subset that `pos` maps to)."""
-        first, last = int(ids[0]), int(ids[-1])
-        span = slice(int(self.crow[first]), int(self.crow[last + 1]))
-        self.row_pos[ids] = torch.arange(ids.numel())
-        local = self.row_pos[self.edge_row[span]]
-        self.row_pos[ids] = -1
-        cols = self.col[span] if pos is None else pos[self.col[span]]
-        keep = (local >= 0) & (cols >= 0)
-        return local[keep], cols[keep]
 
 
 # |bf16 score - exact score| <= _BF16_ERROR |f_i| |t_j|: bfloat16 keeps 8 significant bits, so
@@ -264,121 +223,596 @@ class _Held:
 # (Cauchy-Schwarz), and the bfloat16 result by 2^-8 of that more: 0.0118 in all, rounded up.
 _BF16_ERROR = 0.0125
 
+
+# Error bounds of the ranking values the passes compare (|ranked - exact| for a pair), so that a
+# pair the pass drops provably does not violate the duals. A float32 dot product of d terms is
+# off by at most d eps32 |f_i| |t_j| (sequential accumulation; blocked BLAS sums do better), and
+# the pass subtracts the float32-rounded offsets: eps32 each on |s|, |u_i| and |v_j|.
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _rank_error(rank_dtype: torch.dtype, d: int) -> float:
+    """|ranked score - exact score| per unit of |f_i| |t_j| for scores ranked in rank_dtype."""
+    if rank_dtype == torch.bfloat16:
+        return _BF16_ERROR
+    if rank_dtype == torch.float32:
+        return (d + 2) * _EPS32
+    return 2 * _EPS32  # float64 scores, only rounded to float32 for the comparison
+
+
+_TILE = 1 << 15  # targets per tile of a pass: regenerated (or sliced) once per pass
+_BAND = 32  # pricing: pairs kept per row within the ranking error of a violation
+_LIST_BUDGET = 1 << 24  # list entries one rescan holds at once (rows x their band)
 _WARM_K = 4  # candidates per row under coarse prices, in multiples of k
+_CROWD_ROWS = 1024  # rows sampled to tell whether the rows crowd onto the same targets
+_TORCH_SCAN = False  # tests set it to run the GPU's pass (torch ops) on the CPU
 
 
-class _LowPrecision:
-    """feats and targets in bfloat16, for the pricing filter: a row whose bfloat16 bound clears
-    it needs no exact pass."""
+class SolveInterrupted(RuntimeError):
+    """The solve gave up before its certificate: ``reason`` is "budget" (its deadline passed) or
+    "stop" (``should_stop`` was true on some rank), after ``seconds``. Raised on every rank."""
 
-    def __init__(self, feats_lo: Tensor, targets_lo: Tensor, feats: Tensor, targets: Tensor):
-        self.feats, self.targets = feats_lo, targets_lo
-        self.fnorm = feats.double().norm(dim=1)
-        self.tnorm = targets.double().norm(dim=1)
-
-
-def _filter_rows(lo: _LowPrecision, rows: Tensor | None, cols: Tensor | None, u: Tensor,
-                 v: Tensor, tol: float, chunk_elems: int, held: _Held,
-                 best: Tensor) -> Tensor:
-    """The rows of rows x cols (None: all) that the bfloat16 scores cannot clear: max_j s_ij -
-    v_j over the pairs not held, plus the error bound, above u_i + tol (or NaN). Cleared rows
-    get that bound as best[i] (raised to it when cols is a subset). Returns CPU indices."""
-    t = lo.targets if cols is None else lo.targets[cols]
-    v64 = (v if cols is None else v[cols]).double()
-    tmax = float(lo.tnorm.max() if cols is None else lo.tnorm[cols].max())
-    pos = None
-    if cols is not None:
-        pos = torch.full((lo.targets.shape[0],), -1, dtype=torch.int64)
-        pos[cols] = torch.arange(cols.numel())
-    nrows = lo.feats.shape[0] if rows is None else rows.numel()
-    chunks = _row_chunks(nrows, t.shape[0], chunk_elems)
-    if not chunks:
-        return torch.empty(0, dtype=torch.int64)
-    buf = torch.empty(chunks[0][1] * t.shape[0], dtype=t.dtype)
-    left = []
-    for r0, r1 in chunks:
-        ids = torch.arange(r0, r1) if rows is None else rows[r0:r1]
-        s = torch.mm(lo.feats[ids], t.T, out=buf[:(r1 - r0) * t.shape[0]].view(r1 - r0, -1))
-        local, local_cols = held.pairs(ids, pos)
-        s.view(-1).index_fill_(0, local * s.shape[1] + local_cols, -math.inf)
-        upper = torch.ops.nat._assign_full_row_max(s, v64) + _BF16_ERROR * lo.fnorm[ids] * tmax
-        cleared = upper <= u[ids].double() + tol  # False for NaN
-        upper = upper.to(best.dtype)
-        best[ids] = torch.where(cleared, upper if cols is None else
-                                torch.maximum(best[ids], upper), best[ids])
-        left.append(ids[~cleared])
-    return torch.cat(left)
+    def __init__(self, reason: str, seconds: float):
+        super().__init__(f"the exact assignment gave up after {seconds:.1f}s: "
+                         f"{'its time budget ran out' if reason == 'budget' else 'asked to stop'}")
+        self.reason, self.seconds = reason, seconds
 
 
-def _price(feats: Tensor, targets: Tensor, rows: Tensor | None, cols: Tensor | None,
-           u: Tensor, v: Tensor, tol: float, add: int, chunk_elems: int,
-           held: _Held, best: Tensor, found: _Found) -> None:
-    """Streams the scores of rows x cols (None: all; CPU index tensors) in chunks, leaving out
-    the candidate pairs `held`, and records, for each row with a pair
-    s_ij > u_i + v_j + tol, its `add` pairs of largest s_ij - v_j that do. best[i] is raised to
-    at least the largest s_ij - v_j seen in row i."""
-    device = feats.device
-    t = targets if cols is None else targets[cols.to(device)]
-    vc = v if cols is None else v[cols.to(device)]
-    pos = None
-    if cols is not None:
-        pos = torch.full((targets.shape[0],), -1, dtype=torch.int64)
-        pos[cols] = torch.arange(cols.numel())
-    nrows = feats.shape[0] if rows is None else rows.numel()
-    chunks = _row_chunks(nrows, t.shape[0], chunk_elems)
-    if not chunks:
-        return
-    buf = torch.empty(chunks[0][1] * t.shape[0], dtype=feats.dtype, device=device)
-    for r0, r1 in chunks:
-        ids = torch.arange(r0, r1) if rows is None else rows[r0:r1]
-        ids_dev = ids.to(device)
-        # s_ij - v_j in one BLAS call, into a buffer reused across chunks (a fresh 64 MB result
-        # each chunk costs as much in page faults as the multiply); the scores of the pairs kept
-        # are recovered as reduced + v
-        reduced = torch.addmm(-vc, feats[r0:r1] if rows is None else feats[ids_dev], t.T,
-                              out=buf[:(r1 - r0) * t.shape[0]].view(r1 - r0, t.shape[0]))
-        local, local_cols = held.pairs(ids, pos)
-        reduced.view(-1).index_fill_(0, (local * reduced.shape[1] + local_cols).to(device),
-                                     -math.inf)
-        bound = u[ids_dev] + tol
-        row_best = reduced.amax(dim=1)
-        if bool(row_best.isnan().any()):
-            raise _not_finite_error()
-        best[ids_dev] = torch.maximum(best[ids_dev], row_best) if cols is not None else row_best
-        viol = (row_best > bound).nonzero().squeeze(1)
-        if not viol.numel():
-            continue
-        vals, idx = reduced[viol].topk(min(add, t.shape[0]), dim=1)
-        keep = vals > bound[viol, None]
-        found.rows.append(ids_dev[viol, None].expand_as(idx)[keep])
-        found.cols.append((idx if cols is None else cols.to(device)[idx])[keep])
-        found.scores.append((vals + vc[idx])[keep])
+class _Source:
+    """The targets of a problem, a tile at a time: slices of a dense Tensor, or rows regenerated
+    from a ``nat_ext.targets.Targets`` seed (never the whole table), optionally a subset `ids`."""
+
+    def __init__(self, targets, dtype: torch.dtype, device: torch.device,
+                 ids: Tensor | None = None, tile: int = _TILE):
+        self.base, self.dtype, self.device, self.ids, self.tile = targets, dtype, device, ids, tile
+        full = targets.shape[0] if isinstance(targets, Tensor) else targets.n
+        self.m = full if ids is None else ids.numel()
+        self.d = targets.shape[1] if isinstance(targets, Tensor) else targets.d
+
+    def subset(self, local: Tensor) -> "_Source":
+        return _Source(self.base, self.dtype, self.device,
+                       local if self.ids is None else self.ids[local.to(self.ids.device)],
+                       self.tile)
+
+    def take(self, local: Tensor) -> Tensor:
+        """The targets of the problem's columns `local`, [len, d] in dtype on device."""
+        cols = local if self.ids is None else self.ids[local.to(self.ids.device)]
+        if isinstance(self.base, Tensor):
+            return self.base.index_select(0, cols.to(self.base.device)).to(self.device, self.dtype)
+        return self.base.rows(cols.cpu()).to(self.device, self.dtype)
+
+    def tiles(self):
+        """(c0, Tensor[c, d]) for consecutive tiles of the problem's columns."""
+        for c0 in range(0, self.m, self.tile):
+            c1 = min(self.m, c0 + self.tile)
+            if self.ids is None and isinstance(self.base, Tensor):
+                yield c0, self.base[c0:c1].to(self.device, self.dtype)
+            else:
+                yield c0, self.take(torch.arange(c0, c1))
+
+    def max_norm(self) -> float:
+        if isinstance(self.base, Tensor):
+            t = self.base if self.ids is None else self.base[self.ids.to(self.base.device)]
+            return float(t.double().norm(dim=1).max()) if t.shape[0] else 0.0
+        return 1.0 + 1e-6  # Targets' rows are unit vectors, rounded to float32
 
 
-def _chunk_candidates(s: Tensor, k: int, col_best: Tensor, col_rows: Tensor, r0: int
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each row's top-k of the score chunk s (rows r0..), and each column's running top-kc rows
-    (col_best/col_rows [kc, m]) updated with it: one fused pass on the CPU (the op), torch.topk
-    elsewhere."""
-    if s.device.type == "cpu" and not _TORCH_TOPK:
-        return torch.ops.nat._assign_full_candidates.default(s, k, col_best, col_rows, r0)
-    vals, idx = s.topk(k, dim=1)
-    kc = col_best.shape[0]
+class _Comm:
+    """The few collectives of a sharded solve, on the CPU (gloo; a gloo group is made beside an
+    NCCL default group), and the store through which ranks wait for rank 0 without a collective
+    (a long sparse solve must not trip the process group's watchdog). One process: no-ops."""
+
+    _groups: dict = {}
+    _calls = 0
+
+    def __init__(self, group=None, local: bool = False):
+        import torch.distributed as dist
+        self.dist = dist
+        self.world = dist.get_world_size(group) if not local and dist.is_available() and \
+            dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if self.world > 1 else 0
+        self.group, self.store = group, None
+        if self.world > 1:
+            if dist.get_backend(group) != "gloo":
+                key = id(group)
+                if key not in _Comm._groups:
+                    _Comm._groups[key] = dist.new_group(backend="gloo")
+                self.group = _Comm._groups[key]
+            self.store = dist.distributed_c10d._get_default_store()
+        _Comm._calls += 1
+        self.prefix = f"nat_ext/assign_sharded/{_Comm._calls}"
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        if self.world > 1:
+            ops = {"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX,
+                   "min": self.dist.ReduceOp.MIN}
+            self.dist.all_reduce(t, op=ops[op], group=self.group)
+        return t
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            self.dist.broadcast(t, 0, group=self.group)
+        return t
+
+    def all_gather_ints(self, value: int) -> list[int]:
+        t = torch.zeros(self.world, dtype=torch.int64)
+        t[self.rank] = value
+        return [int(x) for x in self.all_reduce(t)]
+
+    def gather_to_root(self, parts: list[Tensor]) -> list[Tensor] | None:
+        """Concatenates each of `parts` (1-D, same length on a rank) over the ranks, on rank 0."""
+        if self.world == 1:
+            return parts
+        sizes = self.all_gather_ints(parts[0].numel())
+        most = max(sizes)
+        out = []
+        for p in parts:
+            padded = torch.zeros(most, dtype=p.dtype)
+            padded[:p.numel()] = p
+            bufs = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 \
+                else None
+            self.dist.gather(padded, bufs, dst=0, group=self.group)
+            if self.rank == 0:
+                out.append(torch.cat([b[:s] for b, s in zip(bufs, sizes)]))
+        return out if self.rank == 0 else None
+
+
+class _Watch:
+    """When to give up: the deadline (time.monotonic), a stop request on any rank (`should_stop`,
+    shared through the store). Every rank must agree: `agreed()` is a collective."""
+
+    def __init__(self, comm: _Comm, deadline: float | None, should_stop, start: float):
+        self.comm, self.deadline, self.should_stop, self.start = comm, deadline, should_stop, start
+        self.reason, self.solves = None, 0
+
+    def local(self) -> str | None:
+        """This rank's reason to give up now (cheap; polled inside passes and waits)."""
+        if self.reason:
+            return self.reason
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason = "budget"
+        elif self.should_stop is not None and self.should_stop():
+            self.reason = "stop"
+        elif self.comm.store is not None and self.comm.store.check([self.comm.prefix + "/stop"]):
+            self.reason = self.comm.store.get(self.comm.prefix + "/stop").decode()
+        if self.reason and self.comm.store is not None:
+            self.comm.store.set(self.comm.prefix + "/stop", self.reason)
+        return self.reason
+
+    def agreed(self) -> None:
+        """Raises SolveInterrupted on every rank when any rank gave up (a collective)."""
+        code = {None: 0, "budget": 1, "stop": 2}
+        flag = self.comm.all_reduce(torch.tensor([code[self.local()]]), "max")
+        if int(flag):
+            reason = "stop" if int(flag) == 2 else "budget"
+            raise SolveInterrupted(reason, time.perf_counter() - self.start)
+
+
+class _Rows:
+    """One rank's rows of a problem: feats (the answer's dtype), their ranking copy, global offset."""
+
+    def __init__(self, feats: Tensor, row0: int, n: int, rank_dtype: torch.dtype):
+        self.f, self.row0, self.n, self.nr = feats, row0, n, feats.shape[0]
+        self.rank_dtype = rank_dtype
+        self.f_rank = feats if rank_dtype == feats.dtype else feats.to(rank_dtype)
+        self.norms = feats.double().norm(dim=1).cpu() if self.nr else torch.zeros(0)
+
+    def subset(self, local: Tensor, row0: int, n: int) -> "_Rows":
+        return _Rows(self.f[local.to(self.f.device)], row0, n, self.rank_dtype)
+
+
+class _Lists:
+    """What one pass kept, per row of the scanned rows and per column of the problem."""
+
+    def __init__(self, nr: int, k: int, m: int, kc: int, device: torch.device):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.vals = torch.full((nr, k), -math.inf, **f32)
+        self.idx = torch.full((nr, k), -1, dtype=torch.int64, device=device)
+        self.exact = torch.full((nr, k), math.nan, dtype=torch.float64, device=device)
+        self.count = torch.zeros(nr, dtype=torch.int64, device=device)
+        self.max = torch.full((nr,), -math.inf, **f32)
+        self.col_vals = torch.full((kc, m), -math.inf, **f32)
+        self.col_rows = torch.full((kc, m), -1, dtype=torch.int64, device=device)
+
+
+def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, kc: int = 0,
+          row_off: Tensor | None = None, col_off: Tensor | None = None,
+          row_thr: Tensor | None = None, held: tuple[Tensor, Tensor] | None = None,
+          rank_dtype: torch.dtype | None = None, watch: _Watch | None = None) -> _Lists:
+    """One pass of rows (their local indices `sel`, None: all) against every target of `src`,
+    tile by tile: ranks r_ij = s_ij - row_off_i - col_off_j (float64 offsets, of the selected
+    rows and of src's columns), skipping the `held` pairs (CSR over the selected rows, sorted
+    columns), into each row's top-k above row_thr (with exact float64 scores), its count above
+    row_thr and its maximum, and each column's top-kc rows (global row ids)."""
+    device = rows.f.device
+    rank_dtype = rank_dtype or rows.rank_dtype
+    f = rows.f if sel is None else rows.f[sel.to(device)]
+    fr = f if rank_dtype == f.dtype else f.to(rank_dtype)
+    nr = f.shape[0]
+    out = _Lists(nr, k, src.m, kc, device)
+    row0 = rows.row0 if sel is None else 0  # column lists only come from whole-shard scans
+    if nr == 0:
+        return out
+    ro = None if row_off is None else row_off.to(device, torch.float32)
+    thr = None if row_thr is None else row_thr.to(device, torch.float32)
+    co = None if col_off is None else col_off.to(device, torch.float32)
+    hc = None if held is None else tuple(h.to(device) for h in held)
+    for c0, t in src.tiles():
+        c1 = c0 + t.shape[0]
+        tr = t if rank_dtype == t.dtype else t.to(rank_dtype)
+        cv, cr = out.col_vals[:, c0:c1], out.col_rows[:, c0:c1]
+        cv_t, cr_t = cv.contiguous(), cr.contiguous()
+        args = (fr, tr, f, t, ro, None if co is None else co[c0:c1].contiguous(), thr,
+                None if hc is None else hc[0], None if hc is None else hc[1], row0, c0,
+                out.vals, out.idx, out.exact, out.count, out.max, cv_t, cr_t)
+        if device.type == "cpu" and not _TORCH_SCAN:
+            torch.ops.nat._full_scan(*args)
+        else:
+            _scan_torch(*args)
+        cv.copy_(cv_t)
+        cr.copy_(cr_t)
+        if watch is not None and watch.local():
+            break  # the caller's agreement raises on every rank
+    return out
+
+
+def _scan_torch(f, t, fe, te, ro, co, thr, held_crow, held_col, row0, col0, vals, idx, exact,
+                count, rmax, col_vals, col_rows) -> None:
+    """_full_scan's semantics in torch ops: the GPU's pass (one tile at a time, all rows), and
+    the reference the CPU kernel is tested against."""
+    s = torch.mm(f, t.T).float()
+    if ro is not None:
+        s -= ro[:, None]
+    if co is not None:
+        s -= co[None, :]
+    nr, mt = s.shape
+    if held_crow is not None and held_col.numel():
+        row_of = torch.repeat_interleave(torch.arange(nr, device=s.device), held_crow.diff())
+        local = held_col - col0
+        inside = (local >= 0) & (local < mt)
+        s.view(-1).index_fill_(0, row_of[inside] * mt + local[inside], -math.inf)
+    nan = s.isnan().any(dim=1)
+    tile_max = torch.where(nan, math.nan, s.nan_to_num(nan=-math.inf).amax(dim=1))
+    rmax.copy_(torch.where(rmax.isnan() | (tile_max > rmax) | nan, tile_max, rmax))
+    cut = thr[:, None] if thr is not None else -math.inf
+    count += (s > cut).sum(dim=1)
+    k = vals.shape[1]
+    if k:
+        tv, ti = s.topk(min(k, mt), dim=1)
+        tv = torch.where(tv > cut, tv, -math.inf)
+        ti = torch.where(tv > -math.inf, ti + col0, -1)
+        allv = torch.cat([vals, tv], 1)
+        alli = torch.cat([idx, ti], 1)
+        alle = torch.cat([exact, torch.full_like(tv, math.nan, dtype=torch.float64)], 1)
+        # stable: equal values keep the earlier entry first, as the kernel does
+        order = torch.sort(allv, dim=1, descending=True, stable=True).indices[:, :k]
+        vals.copy_(allv.gather(1, order))
+        idx.copy_(alli.gather(1, order))
+        exact.copy_(alle.gather(1, order))
+        new = exact.isnan() & (idx >= col0) & (idx < col0 + mt)
+        r, q = new.nonzero(as_tuple=True)
+        if r.numel():
+            exact[r, q] = (fe[r].double() * te[idx[r, q] - col0].double()).sum(dim=1)
+    kc = col_vals.shape[0]
     if kc:
-        cvals, cidx = s.topk(min(kc, s.shape[0]), dim=0)
-        col_best, pick = torch.cat([col_best, cvals]).topk(kc, dim=0)
-        col_rows = torch.cat([col_rows, cidx + r0]).gather(0, pick)
-    return vals, idx, col_best, col_rows
+        cvals, crows = s.topk(min(kc, nr), dim=0)
+        allv = torch.cat([col_vals, cvals])
+        allr = torch.cat([col_rows, crows + row0])
+        order = torch.sort(allv, dim=0, descending=True, stable=True).indices[:kc]
+        col_vals.copy_(allv.gather(0, order))
+        col_rows.copy_(allr.gather(0, order))
 
 
-@torch.library.register_fake("nat::_assign_full_candidates")
-def _assign_full_candidates_fake(scores: Tensor, k: int, col_vals: Tensor, col_rows: Tensor,
-                                 row_offset: int):
-    torch._check_value(scores.dim() == 2, lambda: f"_assign_full_candidates: scores should be a "
-                       f"2-D tensor, got {scores.dim()}-D")
-    rows = scores.shape[0]
-    return (scores.new_empty(rows, k), scores.new_empty(rows, k, dtype=torch.int64),
-            torch.empty_like(col_vals), torch.empty_like(col_rows))
+def _pair_scores(rows: _Rows, src: _Source, local_rows: Tensor, cols: Tensor,
+                 step: int = 1 << 16) -> Tensor:
+    """f_i . t_j in float64 for the pairs (this rank's local row, problem column)."""
+    out = torch.empty(local_rows.numel(), dtype=torch.float64)
+    dev = rows.f.device
+    for p0 in range(0, local_rows.numel(), step):
+        r = local_rows[p0:p0 + step].to(dev)
+        t = src.take(cols[p0:p0 + step])
+        out[p0:p0 + step] = (rows.f[r].double() * t.double()).sum(dim=1).cpu()
+    return out
+
+
+def _held_csr(mine: "_Candidates", sel: Tensor | None) -> tuple[Tensor, Tensor]:
+    """This rank's candidate pairs as CSR over the rows `sel` (None: all), columns sorted."""
+    crow, col, _ = mine.csr()
+    if sel is None:
+        return crow, col
+    starts, ends = crow[sel], crow[sel + 1]
+    lens = ends - starts
+    sub_crow = torch.zeros(sel.numel() + 1, dtype=torch.int64)
+    sub_crow[1:] = torch.cumsum(lens, 0)
+    pos = torch.repeat_interleave(starts - sub_crow[:-1], lens) + torch.arange(int(sub_crow[-1]))
+    return sub_crow, col[pos]
+
+
+def _crowded(rows: _Rows, src: _Source, comm: _Comm) -> tuple[bool, int, int]:
+    """Whether a seeded sample of rows' favourite targets are mostly shared: fewer distinct
+    favourites than half of what independent uniform picks would give. Near-parallel features
+    (an untrained network's) crowd; then the coarse duals pay for themselves many times over,
+    while on spread features the first solve is faster from zero prices (its errors are local,
+    not a global shift)."""
+    n, m = rows.n, src.m
+    g = torch.Generator().manual_seed(n * 1000003 + m + 1)
+    sample = torch.randperm(n, generator=g)[:min(n, _CROWD_ROWS)]
+    mine = sample[(sample >= rows.row0) & (sample < rows.row0 + rows.nr)] - rows.row0
+    lists = _scan(rows, src, sel=mine.sort().values, k=1)
+    favourites = comm.gather_to_root([lists.idx[:, 0].cpu()])
+    crowded = torch.zeros(3, dtype=torch.int64)
+    if comm.rank == 0:
+        distinct = int(favourites[0].unique().numel())
+        # independent uniform favourites would name m (1 - exp(-r / m)) distinct targets
+        expected = m * -math.expm1(-sample.numel() / m)
+        crowded[:] = torch.tensor([int(2 * distinct < expected), distinct, sample.numel()])
+    comm.broadcast(crowded)
+    return bool(crowded[0]), int(crowded[1]), int(crowded[2])
+
+
+def _pick(lists_idx: Tensor, lists_vals: Tensor, avoid: Tensor) -> Tensor:
+    """Per row (or column) of 2-entry lists: the first value whose index is not `avoid`."""
+    first_ok = lists_idx[:, 0] != avoid
+    return torch.where(first_ok, lists_vals[:, 0], lists_vals[:, 1]).double()
+
+
+def _coarse_duals(rows: _Rows, src: _Source, comm: _Comm, watch: _Watch, k: int, col_k: int,
+                  factor: int, least: int, info: dict) -> tuple[Tensor, Tensor]:
+    """Approximate duals (this rank's u, every target's v; float64 CPU) from the exact duals of a
+    random 1/factor subsample of rows and targets, extended to every row and target."""
+    n, m = rows.n, src.m
+    g = torch.Generator().manual_seed(n * 1000003 + m)
+    sample = torch.randperm(n, generator=g)[:max(1, n // factor)].sort().values
+    cols = torch.randperm(m, generator=g)[:max(sample.numel(), m // factor)].sort().values
+    mine = sample[(sample >= rows.row0) & (sample < rows.row0 + rows.nr)] - rows.row0
+    sub_row0 = int((sample < rows.row0).sum())
+    sub_rows = rows.subset(mine, sub_row0, sample.numel())
+    sub: dict = {}
+    x_r, u_r, v_c = _solve(sub_rows, src.subset(cols), None, None, comm, watch, k=k,
+                           col_k=col_k, coarse=factor, coarse_min=least, info=sub)
+    t0 = time.perf_counter()
+    # Every target is priced by the sampled rows, every row by the sampled targets, leaving out
+    # a sampled one's own partner: a partner fits it better than any other sample, so keeping it
+    # made the sampled targets dearer than the rest, and the first solve spent most of its time
+    # moving rows back to them.
+    partner_row = torch.full((m,), -1, dtype=torch.int64)  # global sampled-row id of a column
+    partner_row[cols[x_r]] = torch.arange(sample.numel())
+    by_col = _scan(sub_rows, src, kc=2, row_off=u_r[sub_row0:sub_row0 + mine.numel()])
+    cv, cr = by_col.col_vals.T.cpu(), by_col.col_rows.T.cpu()
+    v = comm.all_reduce(_pick(cr, cv, partner_row).nan_to_num(neginf=-1e300), "max")
+    by_row = _scan(rows, src.subset(cols), k=2, col_off=v_c)
+    partner_col = torch.full((rows.nr,), -1, dtype=torch.int64)
+    partner_col[mine] = x_r[sub_row0:sub_row0 + mine.numel()]
+    u = _pick(by_row.idx.cpu(), by_row.vals.cpu(), partner_col)
+    info["coarse"] = {"n": sample.numel(), "stats": sub, "time_extend": time.perf_counter() - t0}
+    return u, v
+
+
+def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm: _Comm,
+                  watch: _Watch) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank 0 solves the sparse problem in a thread that the main thread watches (deadline, stop
+    on any rank); the other ranks wait on the store, not in a collective. Every rank returns
+    (x, u, v), or raises SolveInterrupted on every rank."""
+    n = cand.n
+    done = comm.prefix + f"/solved/{watch.solves}"
+    watch.solves += 1
+    result: dict = {}
+    if comm.rank == 0:
+        abort = torch.zeros(1, dtype=torch.int32)
+        crow, col, cost = cand.csr()
+
+        def work():
+            try:
+                result["x"] = sparse_linear_sum_assignment(crow, col, cost, m, True, x, v,
+                                                           abort=abort)
+            except BaseException as e:  # re-raised in the main thread
+                result["error"] = e
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+            if thread.is_alive() and watch.local():
+                abort[0] = 1
+        if comm.store is not None:
+            comm.store.set(done, "error" if "error" in result else watch.reason or "ok")
+        if "error" in result:
+            raise result["error"]
+    else:
+        while True:
+            try:
+                comm.store.wait([done], timedelta(seconds=0.5))
+                break
+            except RuntimeError:  # not set yet: poll the stop request and wait again
+                watch.local()
+        state = comm.store.get(done).decode()
+        if state == "error":
+            raise RuntimeError(f"rank {comm.rank}: the sparse solve on rank 0 failed (see "
+                               f"rank 0's error)")
+    watch.agreed()  # every rank gives up together, or none
+    if comm.rank == 0:
+        x, u, v = result["x"]
+    else:
+        x = torch.empty(n, dtype=torch.int64)
+        u = torch.empty(n, dtype=torch.float64)
+        v = torch.empty(m, dtype=torch.float64)
+    for t in (x, u, v):
+        comm.broadcast(t)
+    return x, u, v
+
+
+def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, watch: _Watch,
+           *, k: int, col_k: int, coarse: int, coarse_min: int, info: dict
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Column generation over the ranks' rows (see the module docstring). init: Tensor[n] CPU or
+    None (the identity); warm: (x, u, v) of an earlier solve or None. Returns (x, u, v) on the
+    CPU, the same on every rank."""
+    start = time.perf_counter()
+    n, m, d = rows.n, src.m, src.d
+    lo, nr = rows.row0, rows.nr
+    info.update({"rounds": 0, "candidates_per_row": [], "violating_rows": [],
+                 "rechecked_rows": [], "exact_rows": [], "rechecked_cols": [],
+                 "time_candidates": 0.0, "time_solve": [], "time_pricing": []})
+    mine = _Candidates(nr, m)  # this rank's pairs (local rows): what its passes skip
+    cand = mine if comm.world == 1 else _Candidates(n, m)  # every pair, on rank 0
+    scale = comm.all_reduce(torch.tensor([float(rows.norms.max()) if nr else 0.0],
+                                         dtype=torch.float64), "max").item() * src.max_norm()
+    err = _rank_error(rows.rank_dtype, d) * rows.norms * src.max_norm()  # per local row
+    local_ids = torch.arange(nr)
+
+    def add(local: Tensor, cols: Tensor, scores: Tensor) -> int:
+        """Adds pairs of this rank's rows everywhere; returns how many are new over all ranks."""
+        new_here = mine.add(local, cols, scores)
+        if comm.world == 1:
+            return new_here
+        parts = comm.gather_to_root([local + lo, cols, scores])
+        new = torch.zeros(1, dtype=torch.int64)
+        if comm.rank == 0:
+            new[0] = cand.add(*parts)
+        return int(comm.broadcast(new))
+
+    x = torch.arange(n) if init is None else init.cpu().to(torch.int64)
+    u0 = v0 = None
+    if warm is not None:
+        # the previous solve's prices (and its matching, where no held one is given)
+        x = warm[0].cpu().to(torch.int64) if init is None else x
+        v0 = warm[2].cpu().to(torch.float64)
+        kk = 0
+    else:
+        kk = min(k, m)
+        if coarse > 1 and n >= coarse_min:
+            crowded, distinct, sampled = _crowded(rows, src, comm)
+            info["crowd"] = {"distinct": distinct, "sampled": sampled}
+            if crowded:
+                u0, v0 = _coarse_duals(rows, src, comm, watch, k, col_k, coarse, coarse_min, info)
+                kk = min(_WARM_K * k, m)
+    # the pairs every solve holds: the init (or warm) matching, so the sparse problem is feasible
+    held_x = x[lo:lo + nr]
+    if kk:
+        # candidates: each row's top-kk targets and each target's top-kc rows, ranked (under the
+        # coarse prices where there are some), scored exactly as the pass keeps them
+        lists = _scan(rows, src, k=kk, kc=min(col_k, n), row_off=u0, col_off=v0, watch=watch)
+        watch.agreed()
+        keep = lists.idx >= 0
+        add(local_ids[:, None].expand_as(lists.idx)[keep.cpu()], lists.idx[keep].cpu(),
+            lists.exact[keep].cpu())
+        cr = lists.col_rows.T.cpu()  # [m, kc], global rows (this rank's)
+        ok = cr >= 0
+        c_rows = cr[ok] - lo
+        c_cols = torch.arange(m)[:, None].expand_as(cr)[ok]
+        add(c_rows, c_cols, _pair_scores(rows, src, c_rows, c_cols))
+        del lists
+    add(local_ids, held_x, _pair_scores(rows, src, local_ids, held_x))
+    info["time_candidates"] = time.perf_counter() - start
+
+    u = v = None if v0 is None else v0.to(torch.float64)
+    add_k, tol = max(k, 1), 0.0
+    best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
+    while True:
+        t0 = time.perf_counter()
+        info["rounds"] += 1
+        info["candidates_per_row"].append(float(comm.broadcast(torch.tensor(
+            [cand.keys.numel() / n if comm.rank == 0 else 0.0], dtype=torch.float64))))
+        v_old = v
+        x, u, v = _sparse_solve(cand, m, x, v, comm, watch)
+        info["time_solve"].append(time.perf_counter() - t0)
+
+        # pricing: this rank's pairs outside the candidates with s_ij > u_i + v_j + tol. A row
+        # needs a scan only when its u fell below its bound from the last scan (v only rises
+        # between rounds, but on the columns a rectangular warm start frees, scanned apart).
+        t0 = time.perf_counter()
+        tol = max(tol, 4 * torch.finfo(rows.f.dtype).eps * (
+            math.sqrt(d) * scale + float(u.abs().max()) + float(v.abs().max())))
+        um = u[lo:lo + nr]
+        sel = (best > um + tol).nonzero().squeeze(1)
+        info["rechecked_rows"].append(int(comm.all_reduce(torch.tensor([sel.numel()]))))
+        found_r, found_c, found_s = [], [], []
+        exact_rows = torch.zeros(1, dtype=torch.int64)
+
+        def price(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
+                  rank_dtype: torch.dtype, band: int) -> Tensor:
+            """Scans rows `sel` against src_p (whose columns are col_ids, None: all), keeping
+            each row's `band` best pairs within the ranking error of a violation; records the
+            violating ones and each row's bound. Returns the rows to scan again: their band
+            overflowed its list and the list held no violation."""
+            vp = v if col_ids is None else v[col_ids]
+            redo = []
+            per = max(1, _LIST_BUDGET // band)
+            for p0 in range(0, sel.numel(), per):
+                part = sel[p0:p0 + per]
+                e = (_rank_error(rank_dtype, d) * rows.norms[part] * src.max_norm() +
+                     4 * _EPS32 * (1.0 + um[part].abs() + float(vp.abs().max())))
+                lists = _scan(rows, src_p, sel=part, k=band, row_off=um[part], col_off=vp,
+                              row_thr=tol - e, held=_held_csr(mine, part) if skip_held else None,
+                              rank_dtype=rank_dtype, watch=watch)
+                count, idx, ex = lists.count.cpu(), lists.idx.cpu(), lists.exact.cpu()
+                rmax = lists.max.double().cpu()
+                if bool(rmax.isnan().any()):
+                    raise _not_finite_error()
+                bound = um[part] + rmax + e
+                best[part] = bound if col_ids is None else torch.maximum(best[part], bound)
+                cols = idx if col_ids is None else \
+                    torch.where(idx >= 0, col_ids[idx.clamp(min=0)], -1)
+                reduced = torch.where(cols >= 0, ex - um[part, None] - v[cols.clamp(min=0)],
+                                      -math.inf)
+                viol = reduced > tol
+                has = viol.any(dim=1)
+                if bool(has.any()):
+                    # each violating row's `add_k` most violating pairs
+                    top = torch.where(viol, reduced, -math.inf).topk(min(add_k, band), dim=1)
+                    pick = top.values > tol
+                    found_r.append(part[:, None].expand_as(pick)[pick])
+                    found_c.append(cols.gather(1, top.indices)[pick])
+                    found_s.append(ex.gather(1, top.indices)[pick])
+                redo.append(part[(count > band) & ~has])
+            return torch.cat(redo) if redo else sel[:0]
+
+        def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None,
+                      skip_held: bool) -> None:
+            # first in the ranking dtype (bfloat16: a wide band), then the rows whose band
+            # overflowed in feats' dtype (a narrow one), with longer lists until none overflows
+            redo = price(sel, src_p, col_ids, skip_held, rows.rank_dtype, _BAND)
+            band = max(4 * _BAND, 2 * add_k)
+            while redo.numel():
+                exact_rows[0] += redo.numel()
+                band = min(src_p.m, band)
+                redo = price(redo, src_p, col_ids, skip_held, rows.f.dtype, band)
+                band *= 4
+
+        if sel.numel():
+            price_all(sel, src, None, True)
+        info["exact_rows"].append(int(comm.all_reduce(exact_rows)))
+        # (a price that fell by rounding alone, far below tol, needs no rescan)
+        freed = torch.empty(0, dtype=torch.int64) if v_old is None else \
+            (v < v_old - tol / 8).nonzero().squeeze(1)
+        if freed.numel() and nr:
+            # columns a warm start freed (their price fell): every row against them
+            price_all(local_ids, src.subset(freed), freed, False)
+        info["rechecked_cols"].append(int(freed.numel()))
+        watch.agreed()
+        if found_r:
+            fr, fc, fs = torch.cat(found_r), torch.cat(found_c), torch.cat(found_s)
+        else:
+            fr = fc = torch.empty(0, dtype=torch.int64)
+            fs = torch.empty(0, dtype=torch.float64)
+        nviol = int(comm.all_reduce(torch.tensor([fr.unique().numel()])))
+        info["violating_rows"].append(nviol)
+        new = add(fr, fc, fs)
+        info["time_pricing"].append(time.perf_counter() - t0)
+        log.debug("assign_full round %d: %.1f candidates/row, solve %.3fs, pricing %.3fs, "
+                  "%d violating rows, %d pairs added", info["rounds"],
+                  info["candidates_per_row"][-1], info["time_solve"][-1],
+                  info["time_pricing"][-1], nviol, new)
+        if not new:
+            break  # no pair violates the duals (or only pairs already held, by rounding)
+        add_k = min(2 * add_k, m)
+    info["tol"] = tol
+    info["time_total"] = time.perf_counter() - start
+    return x, u, v
+
+
+def _not_finite_error() -> ValueError:
+    return ValueError("assign_full: feats @ targets^T is not finite (the product overflowed)")
 
 
 def _default_candidate_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -390,94 +824,35 @@ def _default_candidate_dtype(device: torch.device, dtype: torch.dtype) -> torch.
     return dtype
 
 
-def _pair_scores(feats: Tensor, targets: Tensor, rows: Tensor, cols: Tensor,
-                 chunk_elems: int = 1 << 22) -> Tensor:
-    """feats[rows[p]] . targets[cols[p]] for every pair p, in feats' dtype, chunk by chunk."""
-    out = torch.empty(rows.numel(), dtype=feats.dtype, device=feats.device)
-    step = max(1, chunk_elems // feats.shape[1])
-    for p0 in range(0, rows.numel(), step):
-        r, c = rows[p0:p0 + step], cols[p0:p0 + step]
-        out[p0:p0 + step] = (feats[r] * targets[c]).sum(dim=1)
-    return out
+def _check_k(k: int, col_k: int, chunk_elems: int, coarse: int, coarse_min: int) -> None:
+    for name, value, least in (("k", k, 1), ("col_k", col_k, 0), ("chunk_elems", chunk_elems, 1),
+                               ("coarse", coarse, 1), ("coarse_min", coarse_min, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"assign_full: {name} should be an int >= {least}, got {value!r}")
 
 
-@torch.library.register_fake("nat::_assign_full_row_max")
-def _assign_full_row_max_fake(scores: Tensor, v: Tensor) -> Tensor:
-    torch._check_value(scores.dim() == 2, lambda: f"_assign_full_row_max: scores should be a "
-                       f"2-D tensor, got {scores.dim()}-D")
-    return v.new_empty(scores.shape[0])
-
-
-def _c_transform(a: Tensor, b: Tensor, w: Tensor, leave_out: Tensor,
-                 chunk_elems: int) -> Tensor:
-    """max_i (a_j . b_i - w_i) over i != leave_out[j] (-1: every i), for every row j of a
-    (float64 out), streamed in chunks of a."""
-    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
-    wneg = -w.to(a.dtype)
-    chunks = _row_chunks(a.shape[0], b.shape[0], chunk_elems)
-    buf = torch.empty(chunks[0][1] * b.shape[0], dtype=a.dtype, device=a.device)
-    for r0, r1 in chunks:
-        s = torch.addmm(wneg, a[r0:r1], b.T, out=buf[:(r1 - r0) * b.shape[0]].view(r1 - r0, -1))
-        skip = leave_out[r0:r1]
-        at = (skip >= 0).nonzero().squeeze(1)
-        s.view(-1).index_fill_(0, at * s.shape[1] + skip[at], -math.inf)
-        out[r0:r1] = s.amax(dim=1)
-    return out
-
-
-def _split(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x (float64) as two columns hi + lo in dtype, hi + lo = x to about dtype's eps squared."""
-    hi = x.to(dtype)
-    return torch.stack([hi, (x - hi.double()).to(dtype)], 1)
-
-
-_CROWD_ROWS = 1024  # rows sampled to tell whether the rows crowd onto the same targets
-
-
-def _crowded(feats: Tensor, targets: Tensor, chunk_elems: int) -> tuple[bool, int, int]:
-    """Whether a seeded sample of rows' favourite targets (raw scores) are mostly shared: fewer
-    distinct favourites than half of what independent uniform picks would give. Near-parallel
-    features (an untrained network's) crowd; then the coarse duals pay for themselves many times over, while on spread features
-    the first solve is faster from zero prices (its errors are local, not a global shift)."""
-    (n, _), m = feats.shape, targets.shape[0]
-    g = torch.Generator().manual_seed(n * 1000003 + m + 1)
-    rows = torch.randperm(n, generator=g)[:min(n, _CROWD_ROWS)].to(feats.device)
-    best = torch.cat([torch.mm(feats[rows[r0:r1]], targets.T).argmax(dim=1)
-                      for r0, r1 in _row_chunks(rows.numel(), m, chunk_elems)])
-    distinct = int(best.unique().numel())
-    # independent uniform favourites would name m (1 - exp(-r / m)) distinct targets
-    expected = m * -math.expm1(-rows.numel() / m)
-    return 2 * distinct < expected, distinct, int(rows.numel())
-
-
-def _coarse_duals(feats: Tensor, targets: Tensor, k: int, col_k: int, chunk_elems: int,
-                  candidate_dtype: torch.dtype | None, factor: int, least: int,
-                  info: dict) -> tuple[Tensor, Tensor]:
-    """Approximate duals (u[n], v[m], float64) from the exact duals of a random 1/factor
-    subsample of rows and targets, extended to every row and target by c-transforms."""
-    (n, _), m = feats.shape, targets.shape[0]
-    g = torch.Generator().manual_seed(n * 1000003 + m)
-    rows = torch.randperm(n, generator=g)[:max(1, n // factor)].sort().values.to(feats.device)
-    cols = torch.randperm(m, generator=g)[:max(rows.numel(), m // factor)].sort().values
-    cols = cols.to(feats.device)
-    sub: dict = {}
-    x_r, u_r, v_c = assign_full(feats[rows], targets[cols], return_duals=True, k=k,
-                                col_k=col_k, chunk_elems=chunk_elems,
-                                candidate_dtype=candidate_dtype, coarse=factor,
-                                coarse_min=least, stats=sub)
-    t0 = time.perf_counter()
-    # Every target is priced by the sampled rows, every row by the sampled targets, leaving out
-    # a sampled one's own partner: a partner fits it better than any other sample, so keeping it
-    # made the sampled targets dearer than the rest, and the first solve spent most of its time
-    # moving rows back to them.
-    keep_r = torch.full((m,), -1, dtype=torch.int64, device=feats.device)
-    keep_r[cols[x_r]] = torch.arange(rows.numel(), device=feats.device)
-    v = _c_transform(targets, feats[rows], u_r, keep_r, chunk_elems)
-    keep_c = torch.full((n,), -1, dtype=torch.int64, device=feats.device)
-    keep_c[rows] = x_r
-    u = _c_transform(feats, targets[cols], v_c, keep_c, chunk_elems)
-    info["coarse"] = {"n": rows.numel(), "stats": sub, "time_extend": time.perf_counter() - t0}
-    return u, v
+def _run(feats: Tensor, row0: int, n: int, targets, init: Tensor | None, warm, comm: _Comm,
+         deadline: float | None, should_stop, *, k: int, col_k: int, chunk_elems: int,
+         candidate_dtype: torch.dtype | None, coarse: int, coarse_min: int,
+         stats: dict | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The solve shared by assign_full (one process) and assign_sharded (this rank's rows)."""
+    start = time.perf_counter()
+    device = feats.device
+    # the exact scores are computed from float32 (or float64) values, never from bfloat16 ones
+    exact_dtype = feats.dtype if feats.dtype in (torch.float32, torch.float64) else torch.float32
+    feats = feats.to(exact_dtype).contiguous()
+    d = feats.shape[1]
+    rank_dtype = candidate_dtype or _default_candidate_dtype(device, exact_dtype)
+    src = _Source(targets, exact_dtype, device, tile=max(1, chunk_elems // max(d, 1)))
+    rows = _Rows(feats, row0, n, rank_dtype)
+    watch = _Watch(comm, deadline, should_stop, start)
+    info: dict = {}
+    x, u, v = _solve(rows, src, init, warm, comm, watch, k=k, col_k=col_k, coarse=coarse,
+                     coarse_min=coarse_min, info=info)
+    info["time_total"] = time.perf_counter() - start
+    if stats is not None:
+        stats.update(info)
+    return x, u, v
 
 
 def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
@@ -488,18 +863,17 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
     """The exact assignment of every feats row to its own target over the whole dataset,
     maximising sum_i feats_i . targets_c(i), without forming the n x m score matrix.
 
-    Column generation (see the module docstring): top-k candidates, an exact sparse solve with
-    duals, and pricing passes over the streamed scores until no pair violates the duals. Memory
-    O(n k + chunk_elems); time one streamed matmul per round plus the sparse solves.
+    Column generation (see the module docstring): top-k candidates from one fused pass, an
+    exact sparse solve with duals, and pricing passes until no pair violates the duals. Memory
+    O(n k + one tile of targets); time about two passes plus the sparse solves.
 
-    Exactness: the answer is the optimum of the scores as this function computes them (feats
-    @ targets^T, chunked, in feats' dtype). The stopping rule certifies u_i + v_j >= s_ij - tol
-    for every pair, with tol = 4 eps (sqrt(d) max|f_i| max|t_j| + max|u| + max|v|) and eps the
-    dtype's machine epsilon (about 1e-14 relative for float64, 1e-5 for float32 at d = 64):
-    pairs within rounding of the duals are not chased, so the total is optimal to within n tol.
-    (The CPU's bfloat16 pricing filter relies on oneDNN accumulating bfloat16 products in
-    float32, as its AVX512-BF16 kernels do; pass candidate_dtype=feats.dtype to avoid it.)
-    On CUDA with TF32 matmuls enabled, the scores are TF32's.
+    Exactness: every pair's score s_ij = feats_i . targets_j is certified against the returned
+    duals in float64 (from feats' values): s_ij <= u_i + v_j + tol for every pair, with equality
+    on the assigned pairs, tol = 4 eps (sqrt(d) max|f_i| max|t_j| + max|u| + max|v|) and eps
+    feats' machine epsilon (about 5e-6 for unit float32 vectors at d = 64); the passes rank in
+    bfloat16 (CPUs with native bfloat16) or feats' dtype and score exactly every pair within
+    the ranking's proven error of a violation. On CUDA with TF32 matmuls enabled, the ranking
+    is TF32's and its bound is float32's: disable TF32 for a proof.
 
     Args:
         feats: Tensor[n, d], float32 or float64, finite; CPU or CUDA.
@@ -508,22 +882,22 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
             on feats' device. Its pairs join the candidates (so the sparse problem is feasible)
             and warm the first solve. None: the identity, for feasibility only.
         return_duals: also return the certificate.
-        k: candidates per row from the top-k pass, and the first round's additions per
+        k: candidates per row from the first pass, and the first round's additions per
             violating row (doubled each round).
-        col_k: candidate rows per target from the top-k pass (each target's best rows).
-        chunk_elems: score entries computed at once (rows per chunk = chunk_elems // m).
-        candidate_dtype: the dtype the top-k pass ranks in (never the one the answer is
-            certified in). None: bfloat16 on CPUs with native bfloat16 matmul, else feats'.
+        col_k: candidate rows per target from the first pass (each target's best rows).
+        chunk_elems: target entries per tile of a pass (targets per tile = chunk_elems // d):
+            the memory one tile takes.
+        candidate_dtype: the dtype the passes rank in (never the one the answer is certified
+            in). None: bfloat16 on CPUs with native bfloat16 matmul, else feats'.
         stats: a dict to fill with rounds, candidates per row, violations and phase times (s);
             where the coarse duals were computed, "coarse" holds the subsample's size, its own
             stats and the time of the extension, and "crowd" the gate's sample.
         coarse: the subsample factor of the coarse duals (1: never use them). Where n >=
             coarse_min and a sample of rows crowds onto the same favourite targets (fewer
             distinct favourites than half of what independent picks give: near-parallel
-            features), the exact duals
-            of a random 1/coarse of the rows and targets (solved by this function, so
-            recursively), extended to every row and target, rank the first candidates by
-            reduced score (4k per row) and warm the first solve.
+            features), the exact duals of a random 1/coarse of the rows and targets (solved by
+            this function, so recursively), extended to every row and target, rank the first
+            candidates by reduced score (4k per row) and warm the first solve.
         coarse_min: the smallest n that computes coarse duals (the recursion's floor).
 
     Returns:
@@ -533,125 +907,73 @@ def assign_full(feats: Tensor, targets: Tensor, init: Tensor | None = None,
         and every unassigned target's v (0) at most every assigned one's.
     """
     _check_inputs(feats, targets, init, k, col_k, chunk_elems, coarse, coarse_min)
-    (n, d), m = feats.shape, targets.shape[0]
-    device, dtype = feats.device, feats.dtype
+    n, device = feats.shape[0], feats.device
     if n == 0:
         cols = torch.empty(0, dtype=torch.int64, device=device)
         f64 = dict(dtype=torch.float64, device=device)
-        return (cols, torch.empty(0, **f64), torch.zeros(m, **f64)) if return_duals else cols
-    start = time.perf_counter()
-    feats, targets = feats.contiguous(), targets.contiguous()
-    x0 = (torch.arange(n, device=device) if init is None else init.to(torch.int64))
-    chunks = _row_chunks(n, m, chunk_elems)
-    eps = torch.finfo(dtype).eps
-    # in float64: float32 norms of huge (finite) rows could overflow and make tol infinite
-    scale = float(feats.double().norm(dim=1).max()) * float(targets.double().norm(dim=1).max())
-    info: dict = {"rounds": 0, "candidates_per_row": [], "violating_rows": [],
-                  "rechecked_rows": [], "exact_rows": [], "rechecked_cols": [],
-                  "time_candidates": 0.0, "time_solve": [], "time_pricing": []}
-
-    # candidates: the top-k targets of each row, its pair in x0, and the top-kc rows of each
-    # target (so every target's price is set by the rows that want it most), ranked by scores in
-    # candidate_dtype; the scores the solver gets are then computed exactly, pair by pair
-    kk, kc = min(k, m), min(col_k, n)
-    cdt = candidate_dtype or _default_candidate_dtype(device, dtype)
-    u0 = v0 = None  # the coarse duals, where the rows crowd onto the same targets
-    if coarse > 1 and n >= coarse_min:
-        crowded, distinct, sampled = _crowded(feats, targets, chunk_elems)
-        info["crowd"] = {"distinct": distinct, "sampled": sampled}
-        if crowded:
-            u0, v0 = _coarse_duals(feats, targets, k, col_k, chunk_elems, candidate_dtype,
-                                   coarse, coarse_min, info)
-            kk = min(_WARM_K * k, m)
-    feats_c, targets_c = feats.to(cdt), targets.to(cdt)
-    if v0 is None:
-        rank_f, rank_t = feats_c, targets_c
-    else:
-        # rank by reduced scores s_ij - u_i - v_j: each dual enters as two extra columns (hi +
-        # lo in cdt), so the products carry it at about cdt's eps squared
-        ones = torch.ones(n, 2, dtype=cdt, device=device)
-        rank_f = torch.cat([feats_c, ones, -_split(u0, cdt)], 1)
-        rank_t = torch.cat([targets_c, -_split(v0, cdt),
-                            torch.ones(m, 2, dtype=cdt, device=device)], 1)
-    col_best = torch.full((kc, m), -math.inf, dtype=cdt, device=device)
-    col_rows = torch.zeros((kc, m), dtype=torch.int64, device=device)
-    buf = torch.empty(chunks[0][1] * m, dtype=cdt, device=device)
-    pair_rows, pair_cols = [], []
-    for r0, r1 in chunks:
-        s = torch.mm(rank_f[r0:r1], rank_t.T, out=buf[:(r1 - r0) * m].view(r1 - r0, m))
-        _, idx, col_best, col_rows = _chunk_candidates(s, kk, col_best, col_rows, r0)
-        pair_rows.append(torch.arange(r0, r1, device=device)[:, None].expand(-1, kk + 1))
-        pair_cols.append(torch.cat([idx, x0[r0:r1, None]], 1))
-    del buf
-    # the pricing filter needs the bfloat16 copies and the op that reads them (CPU)
-    lo = _LowPrecision(feats_c, targets_c, feats, targets) if \
-        cdt == torch.bfloat16 and device.type == "cpu" else None
-    del feats_c, targets_c, rank_f, rank_t
-    pair_rows.append(col_rows.T)
-    pair_cols.append(torch.arange(m, device=device)[:, None].expand(-1, kc))
-    pair_rows = torch.cat([r.flatten() for r in pair_rows])
-    pair_cols = torch.cat([c.flatten() for c in pair_cols])
-    pair_scores = _pair_scores(feats, targets, pair_rows, pair_cols)
-    if not bool(torch.isfinite(pair_scores).all()):
-        raise _not_finite_error()
-    cand = _Candidates(n, m)
-    cand.add(pair_rows, pair_cols, pair_scores)
-    del pair_rows, pair_cols, pair_scores
-    info["time_candidates"] = time.perf_counter() - start
-
-    x, u, v = x0.cpu(), None, None if v0 is None else v0.cpu()
-    add, tol = kk, 0.0
-    best = torch.full((n,), math.inf, dtype=dtype, device=device)
-    while True:
-        # sparse solve, warm from the previous round
-        t0 = time.perf_counter()
-        info["rounds"] += 1
-        info["candidates_per_row"].append(cand.keys.numel() / n)
-        v_old = v
-        crow, col, cost = cand.csr()
-        held = _Held(crow, col)
-        x, u, v = sparse_linear_sum_assignment(crow, col, cost, m, True, x, v)
-        info["time_solve"].append(time.perf_counter() - t0)
-
-        # pricing: the pairs outside the candidates whose score exceeds u_i + v_j. best[i]
-        # bounds s_ij - v_j over row i's other pairs as of its last scan; v only goes up
-        # between rounds (except on the columns freed by a warm start, scanned against every
-        # row), so a row needs a new scan only when its u fell below best - tol. The first
-        # round scans everything.
-        t0 = time.perf_counter()
-        tol = max(tol, 4 * eps * (math.sqrt(d) * scale + float(u.abs().max()) +
-                                  float(v.abs().max())))
-        u_dev, v_dev = u.to(device, dtype), v.to(device, dtype)
-        found = _Found()
-        rows = (best > u_dev + tol).nonzero().squeeze(1).cpu()
-        info["rechecked_rows"].append(int(rows.numel()))
-        if lo is not None:
-            rows = _filter_rows(lo, rows, None, u_dev, v_dev, tol, chunk_elems, held, best)
-        info["exact_rows"].append(int(rows.numel()))
-        _price(feats, targets, rows, None, u_dev, v_dev, tol, add, chunk_elems, held, best,
-               found)
-        cols = None if info["rounds"] == 1 else (v < v_old).nonzero().squeeze(1)
-        if cols is not None and cols.numel():
-            rows = None if lo is None else _filter_rows(lo, None, cols, u_dev, v_dev, tol,
-                                                        chunk_elems, held, best)
-            _price(feats, targets, rows, cols, u_dev, v_dev, tol, add, chunk_elems, held,
-                   best, found)
-        info["rechecked_cols"].append(0 if cols is None else int(cols.numel()))
-        nviol = found.violating_rows().numel()
-        info["violating_rows"].append(nviol)
-        new = cand.add(*found.pairs()) if nviol else 0
-        info["time_pricing"].append(time.perf_counter() - t0)
-        log.debug("assign_full round %d: %.1f candidates/row, solve %.3fs, pricing %.3fs, "
-                  "%d violating rows, %d pairs added", info["rounds"],
-                  info["candidates_per_row"][-1], info["time_solve"][-1],
-                  info["time_pricing"][-1], nviol, new)
-        if not new:
-            break  # no pair violates the duals (or only pairs already held, by rounding)
-        add = min(2 * add, m)
-    info["time_total"] = time.perf_counter() - start
-    if stats is not None:
-        stats.update(info)
+        return (cols, torch.empty(0, **f64), torch.zeros(targets.shape[0], **f64)) \
+            if return_duals else cols
+    x, u, v = _run(feats, 0, n, targets.contiguous(), init, None, _Comm(local=True), None, None,
+                   k=k, col_k=col_k, chunk_elems=chunk_elems, candidate_dtype=candidate_dtype,
+                   coarse=coarse, coarse_min=coarse_min, stats=stats)
     x = x.to(device)
-    if return_duals:
-        return x, u.to(device), v.to(device)
-    return x
+    return (x, u.to(device), v.to(device)) if return_duals else x
+
+
+def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
+                   warm: tuple[Tensor, Tensor, Tensor] | None = None,
+                   deadline: float | None = None, should_stop=None, group=None,
+                   stats: dict | None = None, k: int = 8, col_k: int = 2,
+                   chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
+                   coarse: int = 4, coarse_min: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """assign_full over rows split across the ranks of a process group: each rank passes its
+    own contiguous rows, which stay where they are; the targets come tile by tile (a Targets
+    regenerates them from its seed, so no rank holds the table). Call it on every rank.
+
+    Each rank scores its rows against every target; only candidate pairs (to rank 0) and duals
+    and the matching (from rank 0) travel. Rank 0 solves the sparse problem while the others
+    wait on the group's store, not in a collective, so a long solve cannot trip the watchdog.
+
+    Args:
+        feats: Tensor[r, d] (float32, float64 or bfloat16; bfloat16 is widened to float32 for
+            the exact scores), rows row0 .. row0 + r of the n; the ranks' rows tile [0, n).
+        row0: this rank's first row.
+        n: rows over all ranks (n <= m).
+        targets: Tensor[m, d] or nat_ext.targets.Targets, the same on every rank.
+        init: int64 Tensor[n], the held one-to-one assignment (the same on every rank).
+        warm: (col4row, u, v) returned by an earlier call: its prices start the solve, with
+            no candidate pass (init stays the held matching).
+        deadline: time.monotonic() after which the solve gives up: SolveInterrupted("budget").
+        should_stop: polled through the solve on every rank (every tile of a pass, every 0.2 s
+            of the sparse solve): true on any rank gives SolveInterrupted("stop") on every rank.
+        group: the process group (default: the default group; none: one process).
+        stats, k, col_k, chunk_elems, candidate_dtype, coarse, coarse_min: as assign_full.
+
+    Returns:
+        (col4row int64[n], u float64[n], v float64[m]) on the CPU, the same on every rank.
+    """
+    if not isinstance(feats, Tensor) or feats.dim() != 2 or not feats.is_floating_point():
+        raise ValueError(f"assign_sharded: feats should be a 2-D floating point Tensor, got "
+                         f"{type(feats).__name__} {getattr(feats, 'shape', '')}")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError("assign_sharded: feats contains NaN or infinite values")
+    m, d = (targets.shape if isinstance(targets, Tensor) else (targets.n, targets.d))
+    if d != feats.shape[1]:
+        raise ValueError(f"assign_sharded: targets should have the feature size d="
+                         f"{feats.shape[1]} of feats, got {d}")
+    if not isinstance(init, Tensor) or tuple(init.shape) != (n,) or n > m:
+        raise ValueError(f"assign_sharded: init should be a Tensor of shape ({n},) with n <= "
+                         f"m = {m}, got {getattr(init, 'shape', init)}")
+    _check_k(k, col_k, chunk_elems, coarse, coarse_min)
+    comm = _Comm(group)
+    spans = torch.tensor(comm.all_gather_ints(row0)), torch.tensor(
+        comm.all_gather_ints(feats.shape[0]))
+    order = spans[0].argsort()
+    starts, sizes = spans[0][order], spans[1][order]
+    if int(starts[0]) != 0 or bool((starts[1:] != (starts + sizes)[:-1]).any()) or \
+            int(starts[-1] + sizes[-1]) != n:
+        raise ValueError(f"assign_sharded: the ranks' rows should tile [0, {n}) without gaps or "
+                         f"overlaps, got (row0, rows) = {list(zip(spans[0].tolist(), spans[1].tolist()))}")
+    return _run(feats, row0, n, targets, init.cpu(), warm, comm, deadline, should_stop, k=k,
+                col_k=col_k, chunk_elems=chunk_elems, candidate_dtype=candidate_dtype,
+                coarse=coarse, coarse_min=coarse_min, stats=stats)

@@ -378,40 +378,96 @@ def test_device_mismatch():
         nat_ext.assign_full(f.cuda(), t.cuda(), init=torch.arange(6))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_candidate_pass_matches_topk(dtype):
-    # the fused CPU candidate op against torch.topk along both dimensions, chunk by chunk
-    g = torch.Generator().manual_seed(3)
-    s = torch.randn(50, 300, generator=g, dtype=dtype)
-    col_vals = torch.full((3, 300), -torch.inf, dtype=dtype)
-    col_rows = torch.zeros((3, 300), dtype=torch.int64)
-    for r0 in range(0, 50, 20):
-        vals, idx, col_vals, col_rows = torch.ops.nat._assign_full_candidates(
-            s[r0:r0 + 20], 5, col_vals, col_rows, r0)
-        ref = s[r0:r0 + 20].topk(5, dim=1)
-        assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
-    ref = s.topk(3, dim=0)
-    assert torch.equal(col_vals, ref.values) and torch.equal(col_rows, ref.indices)
-    torch.library.opcheck(torch.ops.nat._assign_full_candidates.default,
-                          (s[:20], 5, col_vals, col_rows, 0))
+def scan_problem(dtype, nr=700, m=5000, d=8, seed=0):
+    """Integer features and targets, offsets on a 1/4 grid: every score and ranking value is
+    exact in bfloat16, float32 and float64 alike, so the lists have one right answer (ties:
+    lower column, lower row first)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randint(-3, 4, (nr, d), generator=g).to(dtype)
+    t = torch.randint(-3, 4, (m, d), generator=g).to(dtype)
+    ro = torch.randint(-8, 9, (nr,), generator=g).float() / 4
+    co = torch.randint(-8, 9, (m,), generator=g).float() / 4
+    thr = torch.randint(-40, 20, (nr,), generator=g).float() / 4
+    held = [torch.randperm(m, generator=g)[:int(torch.randint(0, 30, (1,), generator=g))].sort()
+            .values for _ in range(nr)]
+    crow = torch.tensor([0] + [len(h) for h in held]).cumsum(0)
+    return f, t, ro, co, thr, (crow, torch.cat(held))
 
 
-def test_row_max_op():
-    g = torch.Generator().manual_seed(4)
-    s = torch.randn(30, 200, generator=g).bfloat16()
-    s[3, 7] = torch.nan
-    v = torch.randn(200, generator=g, dtype=torch.float64)
-    got = torch.ops.nat._assign_full_row_max(s, v)
-    ref = (s.double() - v).amax(dim=1)
-    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~got.isnan()],
-                                                                 ref[~ref.isnan()])
-    s[3, 7] = 0.0  # opcheck compares outputs without equal_nan
-    torch.library.opcheck(torch.ops.nat._assign_full_row_max.default, (s, v))
+def scan_reference(f, t, ro, co, thr, held, k, kc, row0):
+    r = f.double() @ t.double().T - ro.double()[:, None] - co.double()[None, :]
+    crow, col = held
+    rows = torch.repeat_interleave(torch.arange(f.shape[0]), crow.diff())
+    r[rows, col] = -torch.inf
+    above = r > thr.double()[:, None]
+    vals, idx = torch.sort(torch.where(above, r, -torch.inf), dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
+    idx = torch.where(vals > -torch.inf, idx, -1)
+    exact = (f.double() @ t.double().T).gather(1, idx.clamp(min=0))
+    cvals, crows = torch.sort(r, dim=0, descending=True, stable=True)
+    cvals, crows = cvals[:kc], crows[:kc] + row0
+    crows = torch.where(cvals > -torch.inf, crows, -1)
+    return vals.float(), idx, exact, above.sum(1), r.amax(1).float(), cvals.float(), crows
 
 
-def test_torch_topk_candidate_path(monkeypatch):
-    # the candidate path the GPU takes (torch.topk), run on the CPU
-    monkeypatch.setattr(nat_ext.full_assign, "_TORCH_TOPK", True)
+def run_scan(fn, f, t, ro, co, thr, held, k, kc, row0, tiles):
+    """The scan state after passing the tiles of t, as assign_full's passes do."""
+    from nat_ext.full_assign import _Lists
+    out = _Lists(f.shape[0], k, t.shape[0], kc, f.device)
+    fe = f.double() if f.dtype == torch.bfloat16 else f
+    for c0, c1 in tiles:
+        cv, cr = out.col_vals[:, c0:c1].contiguous(), out.col_rows[:, c0:c1].contiguous()
+        fn(f, t[c0:c1], fe, (t.double() if t.dtype == torch.bfloat16 else t)[c0:c1], ro,
+           co[c0:c1].contiguous(), thr, held[0], held[1], row0, c0, out.vals, out.idx, out.exact,
+           out.count, out.max, cv, cr)
+        out.col_vals[:, c0:c1], out.col_rows[:, c0:c1] = cv, cr
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_scan_kernel_against_dense_reference(dtype):
+    # the fused CPU pass (blocks of 512 rows x 2048 targets, two tiles, state carried between
+    # them) against a dense float64 computation written here: lists, counts, maxima, exact
+    # scores and column lists, ties included
+    f, t, ro, co, thr, held = scan_problem(dtype)
+    ref = scan_reference(f, t, ro, co, thr, held, 6, 3, 40)
+    got = run_scan(torch.ops.nat._full_scan, f, t, ro, co, thr, held, 6, 3, 40,
+                   [(0, 2600), (2600, 5000)])
+    names = ["vals", "idx", "exact", "count", "max", "col_vals", "col_rows"]
+    for name, want in zip(names, ref):
+        have = getattr(got, name)
+        assert torch.equal(torch.where(want.isnan(), 0, want) if want.is_floating_point() else want,
+                           torch.where(have.isnan(), 0, have) if have.is_floating_point() else have), name
+
+
+def test_scan_torch_path_against_dense_reference():
+    # the GPU's pass (torch ops), on the CPU: the same values; its columns may differ on ties
+    f, t, ro, co, thr, held = scan_problem(torch.float32, nr=300, m=1500)
+    from nat_ext.full_assign import _scan_torch
+    ref = scan_reference(f, t, ro, co, thr, held, 6, 3, 0)
+    got = run_scan(_scan_torch, f, t, ro, co, thr, held, 6, 3, 0, [(0, 700), (700, 1500)])
+    assert torch.equal(got.vals, ref[0]) and torch.equal(got.count, ref[3])
+    assert torch.equal(got.max, ref[4]) and torch.equal(got.col_vals, ref[5])
+    kept = got.idx >= 0
+    assert torch.equal(kept, ref[1] >= 0)
+    scores = (f.double() @ t.double().T).gather(1, got.idx.clamp(min=0))
+    assert torch.equal(got.exact[kept], scores[kept])
+
+
+def test_scan_kernel_nan_row_max():
+    # an overflowed product (inf - inf) marks the row's maximum NaN: the caller raises on it
+    f = torch.tensor([[1e30, 1e30], [1.0, 0.0]])
+    t = torch.tensor([[1e30, -1e30], [1.0, 1.0]])
+    got = run_scan(torch.ops.nat._full_scan, f, t, torch.zeros(2), torch.zeros(2),
+                   torch.full((2,), -torch.inf), (torch.zeros(3, dtype=torch.int64),
+                                                  torch.zeros(0, dtype=torch.int64)),
+                   1, 0, 0, [(0, 2)])
+    assert got.max[0].isnan() and got.max[1] == torch.tensor(1e30)
+
+
+def test_torch_scan_path(monkeypatch):
+    # the whole solve through the GPU's pass (torch ops), run on the CPU
+    monkeypatch.setattr(nat_ext.full_assign, "_TORCH_SCAN", True)
     for seed in range(3):
         f, t = random_problem(seed, 200, 230, 8)
         x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2)

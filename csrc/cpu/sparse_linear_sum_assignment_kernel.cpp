@@ -27,7 +27,7 @@ void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, i
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_sum_assignment_cpu(
     const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& cost_in, int64_t m,
     bool maximize, const std::optional<at::Tensor>& init_col4row,
-    const std::optional<at::Tensor>& init_v) {
+    const std::optional<at::Tensor>& init_v, const std::optional<at::Tensor>& abort) {
   check_vector(crow_in, "crow", at::kLong, -1);
   TORCH_CHECK_VALUE(crow_in.size(0) >= 1, kOp, ": crow should have n + 1 >= 1 entries, got 0");
   const int64_t n = crow_in.size(0) - 1;
@@ -73,11 +73,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_sum_assignment_cpu(
     v0 = init_v->contiguous();
     TORCH_CHECK_VALUE(at::isfinite(v0).all().item<bool>(), kOp, ": init_v should be finite");
   }
+  const int32_t* stop = nullptr;
+  if (abort.has_value()) {
+    TORCH_CHECK_VALUE(abort->numel() == 1 && abort->scalar_type() == at::kInt &&
+                          abort->device().is_cpu(),
+                      kOp, ": abort should be a CPU int32 tensor of one element, got ",
+                      abort->scalar_type(), " of shape ", abort->sizes());
+    stop = abort->const_data_ptr<int32_t>();  // read while another thread may set it
+  }
   const lap::SparseProblem problem{n, m, cr, cl, cs};
   lap::SparseWorkspace ws;
+  bool interrupted = false;
   const lap::Status status = lap::sparse_solve(
       problem, maximize, warm, v0.defined() ? v0.const_data_ptr<double>() : nullptr, x,
-      u.data_ptr<double>(), v.data_ptr<double>(), ws);
+      u.data_ptr<double>(), v.data_ptr<double>(), ws, stop, &interrupted);
   TORCH_CHECK_VALUE(status == lap::kSolved, kOp,
                     ": the problem is infeasible: no matching of every row uses only the given "
                     "edges");

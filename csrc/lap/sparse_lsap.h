@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstddef>
 #include <functional>
 #include <vector>
 
@@ -226,8 +227,12 @@ inline bool sparse_augment(const SparseProblem& p, int64_t f, int64_t* col4row,
 // (>= when maximising), equality on assigned pairs, and, when m > n or solving cold, unassigned
 // columns priced at 0 and every other column at most 0 (at least 0 when maximising); square
 // problems warm from v_init keep its offset. kInfeasible: no matching of every row.
+// `abort` (nullable): read between augmentations; once non-zero the solve returns kSolved early
+// with the rows it had not reached free (col4row -1) and *interrupted set: the caller's way to
+// honour a deadline or a stop request from another thread.
 inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, const double* v_init,
-                           int64_t* col4row, double* u, double* v_out, SparseWorkspace& ws) {
+                           int64_t* col4row, double* u, double* v_out, SparseWorkspace& ws,
+                           const int32_t* abort = nullptr, bool* interrupted = nullptr) {
   const int64_t n = p.n, m = p.m, nnz = p.crow[n];
   const double sign = maximize ? -1.0 : 1.0;
   ws.resize(n, m, nnz);
@@ -240,11 +245,16 @@ inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, con
     for (int64_t i = 0; i < n; ++i) col4row[i] = -1;
   }
   const std::vector<int64_t> free_rows = detail::warm_start(p, col4row, ws);
-  for (const int64_t f : free_rows) {
-    if (!detail::sparse_augment(p, f, col4row, ws)) return kInfeasible;
+  if (interrupted) *interrupted = false;
+  for (size_t q = 0; q < free_rows.size(); ++q) {
+    if (abort && q % 64 == 0 && __atomic_load_n(abort, __ATOMIC_RELAXED) != 0) {
+      if (interrupted) *interrupted = true;
+      break;
+    }
+    if (!detail::sparse_augment(p, free_rows[q], col4row, ws)) return kInfeasible;
   }
   for (int64_t i = 0; i < n; ++i) {
-    if (u) u[i] = sign * (ws.c[ws.edge4row[i]] - ws.v[col4row[i]]);
+    if (u) u[i] = col4row[i] < 0 ? 0.0 : sign * (ws.c[ws.edge4row[i]] - ws.v[col4row[i]]);
   }
   if (v_out) {
     for (int64_t j = 0; j < m; ++j) v_out[j] = sign * ws.v[j];
