@@ -195,9 +195,10 @@ class Config:
                                      "random assignment (the ablation)", check=COUNT)
     reassign_scope: str = setting("batch", "what a reassigning epoch re-solves: batch (the paper's: each "
                                            "batch's images swap their targets, every step) or dataset (once, "
-                                           "at the epoch start: the exact assignment of the whole training set "
-                                           "with nat_ext.assign_full on features extracted in eval mode, "
-                                           "unaugmented; the epoch then trains against those targets)",
+                                           "at the epoch start: the exact assignment of the whole training set, "
+                                           "solved by every rank together on its shard of features extracted "
+                                           "in eval mode, unaugmented; the epoch then trains against those "
+                                           "targets)",
                                   choices=REASSIGN_SCOPES)
     targets: str = setting("sphere", "target distribution: sphere (uniform on the unit sphere, the paper's), "
                                      "onehot (the k one-hot vectors e_0..e_k-1 of R^dim, each held by n/k images: "
@@ -271,10 +272,21 @@ class Config:
     lr_scale: str = setting("none", "none, or linear: lr x batch_size x processes / 256 (the global batch)",
                             choices=LR_SCALES)
     dist_timeout: int = setting(120, "process-group timeout in minutes: each collective waits at most this "
-                                     "long; must cover rank 0's dataset-wide solve, which the others wait for", check=POSITIVE_INT)
-    gather_dtype: str = setting("float32", "--reassign-scope dataset: dtype of the features gathered to rank 0 "
-                                           "(bfloat16 halves the transfer and the buffer; the solve widens "
-                                           "them to float32)", choices=GATHER_DTYPES)
+                                     "long (the dataset-wide solve does not count against it: while rank 0 "
+                                     "solves the sparse problem the others poll the process group's store, "
+                                     "not a collective)", check=POSITIVE_INT)
+    gather_dtype: str = setting("float32", "--reassign-scope dataset: dtype in which each rank holds its own shard "
+                                           "of the extracted features (n / processes rows; bfloat16 halves it). "
+                                           "Nothing is gathered any more: the name is kept from when the shards "
+                                           "went to rank 0", choices=GATHER_DTYPES, aliases=("shard-dtype",))
+    dataset_solve_budget: float = setting(0.0, "--reassign-scope dataset: seconds the exact solve may take "
+                                               "(counted from its start, after the extraction; the solver checks "
+                                               "the deadline itself); past it the epoch falls back to batch-scope "
+                                               "reassignment with a warning and dataset_solve 'budget' in "
+                                               "metrics.jsonl. 0: no budget", check=NON_NEGATIVE)
+    extract_batch_size: int = setting(512, "images per forward pass, per process, of the passes over the whole "
+                                           "training set (--reassign-scope dataset's extraction, "
+                                           "--track-objective)", check=POSITIVE_INT)
     out: str = setting("runs/nat", "output folder", check=FOLDER)
     resume: bool = setting(True, "continue from OUT/checkpoint.pt when present (so the same command, e.g. a "
                                  "requeued job, continues the run; a finished run prints its evaluation); "

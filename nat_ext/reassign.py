@@ -6,10 +6,12 @@ Memory per rank scales with ``n``, not ``n x d`` (docs/imagenet.md has the table
 n = 1,281,167): the targets are never held as a table with ``--targets-from-seed`` (every pass
 over all of them regenerates them chunk by chunk, :meth:`nat_ext.targets.Targets.chunks`), the
 objective is summed batch by batch as the images are embedded, and the dataset-wide solve
-gathers the features to rank 0 only, where ``assign_full`` needs them with the dense targets.
+keeps each rank's shard of the features where it was made (``assign_sharded``: only candidate
+lists and duals travel between ranks).
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -21,13 +23,13 @@ from torch.utils.data import DataLoader, Subset
 from .align import sinkhorn_plan
 from .config import Config, SettingError, parse_crops
 from .data import collate, shard_rows
-from .full_assign import assign_full
+from .full_assign import SolveInterrupted, assign_sharded
 from .state import Assignment
 from .targets import CHUNK_ELEMS, Targets, check_target_set
 
 __all__ = ["reassigns_on", "target_generator", "target_set", "check_settings", "reassign", "align_batch",
-           "dataset_features", "dataset_objective", "centre_features", "assignment_objective",
-           "reassign_dataset"]
+           "dataset_features", "dataset_objective", "feature_mean", "centre_features", "assignment_objective",
+           "reassign_dataset", "TEST_SOLVE_SLEEP"]
 
 
 def reassigns_on(cfg: Config, epoch: int) -> bool:
@@ -186,46 +188,39 @@ def _embed(model: torch.nn.Module, dataset, lo: int, hi: int, batch_size: int, d
 @torch.no_grad()
 def dataset_features(model: torch.nn.Module, dataset, dim: int, batch_size: int, device: torch.device,
                      rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
-                     workers: int = 0, prepare: Callable | None = None) -> torch.Tensor | None:
-    """The embeddings of the whole training set, on rank 0: what the dataset-wide solve is given.
+                     workers: int = 0, prepare: Callable | None = None) -> torch.Tensor:
+    """This rank's shard of the training set's embeddings: what the dataset-wide solve is given.
 
     Eval mode (batch norm on its running statistics) and no augmentation: the features are a
     pure function of the weights, the same whatever the batch composition, and the pass changes
     no state (no running-statistics update, no draw from any generator), so training and exact
-    resume are unaffected. With several processes each rank embeds its contiguous shard of rows
-    and the shards are gathered to rank 0 only (in ``dtype``: bfloat16 halves the transfer and
-    rank 0's buffer), into one preallocated buffer. Leaves the model in eval mode (the loop sets
-    train mode at each epoch start).
+    resume are unaffected. Each rank embeds its contiguous shard of rows, rows ``lo..hi`` of
+    :func:`nat_ext.data.shard_rows`, and keeps it where it was made: nothing is gathered, no rank
+    holds more than ``ceil(n / world)`` rows. Leaves the model in eval mode (the loop sets train
+    mode at each epoch start).
 
     Args:
         model: the encoder (not the DDP wrapper: no collective inside the forward).
         dataset: the unaugmented training set, yielding (image, label, index); the rows of
             images it skips (``--skip-corrupt``) are zero, so they score 0 with every target.
         dim: the embedding dimension.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (``--extract-batch-size``).
         device: where the forward passes run.
         rank, world: process index and count.
-        dtype: of the gathered features (float32, or bfloat16).
+        dtype: of the shard (float32, or bfloat16: half the memory).
         workers: DataLoader worker processes of the pass.
         prepare: applied to each batch on the device before the model (uint8 data:
             ``nat_ext.presets.DeviceTransform`` without a generator, i.e. no flip).
 
     Returns:
-        on rank 0, Tensor[n, d] of ``dtype`` on ``device``, row i the embedding of image i;
-        None on the other ranks.
+        Tensor[hi - lo, d] of ``dtype`` on ``device``: row r the embedding of image ``lo + r``
+        (with one process, every image's: Tensor[n, d]).
     """
-    n = len(dataset)
-    lo, hi, shard = shard_rows(n, rank, world)
-    every = torch.zeros(world * shard if rank == 0 else shard, dim, dtype=dtype, device=device)
-    mine = every[:shard]  # skipped (unreadable) images keep a zero row
+    lo, hi, _ = shard_rows(len(dataset), rank, world)
+    mine = torch.zeros(hi - lo, dim, dtype=dtype, device=device)  # skipped (unreadable) images keep a zero row
     for idx, f in _embed(model, dataset, lo, hi, batch_size, device, workers, prepare):
         mine[idx - lo] = f.to(dtype)
-    if world > 1:
-        if rank == 0:  # rank 0's rows are in place; the others arrive into views of the same buffer
-            dist.gather(mine.clone(), list(every.split(shard)), dst=0)
-        else:
-            dist.gather(mine, None, dst=0)
-    return every[:n] if rank == 0 else None
+    return mine
 
 
 @torch.no_grad()
@@ -287,14 +282,52 @@ def assignment_objective(feats: torch.Tensor, targets: Targets | torch.Tensor, p
     return float(total)
 
 
-def centre_features(feats: torch.Tensor) -> torch.Tensor:
-    """``feats`` minus their mean row (taken in float64): what the dataset-wide solve is given.
+def feature_mean(feats: torch.Tensor, n: int | None = None, world: int = 1,
+                 chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+    """The mean row of the features of every rank: float64 Tensor[d] on ``feats``' device.
+
+    Each rank sums its shard in float64 chunk by chunk (no float64 copy of the shard), the sums
+    are all-reduced, and the total is divided by ``n``.
+
+    Args:
+        feats: Tensor[r, d] this rank's shard (with one process, every row).
+        n: the rows over all ranks (default ``feats.shape[0]``, one process).
+        world: number of processes; above 1 an ``all_reduce`` on the default group (call it on every rank).
+        chunk_elems: rows per chunk times d.
+    """
+    rows, d = feats.shape
+    step = max(1, chunk_elems // max(d, 1))
+    total = torch.zeros(d, dtype=torch.float64, device=feats.device)
+    for lo in range(0, rows, step):
+        total += feats[lo:lo + step].double().sum(0)
+    if world > 1:
+        dist.all_reduce(total)
+    return total / max(rows if n is None else n, 1)
+
+
+def centre_features(feats: torch.Tensor, mean: torch.Tensor | None = None, inplace: bool = False,
+                    chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+    """``feats`` minus their mean row (taken in float64, subtracted in ``feats``' dtype): what the
+    dataset-wide solve is given.
 
     Centring changes every one-to-one assignment's total by the same constant
     (``-mean . sum_j t_j``: every target is held once), so the optimum is the same; it halves the
-    candidates ``assign_full`` needs on the near-parallel features of an untrained network.
+    candidates the solve needs on the near-parallel features of an untrained network.
+
+    Args:
+        feats: Tensor[r, d] the features (with several processes: this rank's shard).
+        mean: float64 Tensor[d] the mean row to subtract (:func:`feature_mean`, all ranks'); None:
+            ``feats``' own.
+        inplace: subtract in place, chunk by chunk (no second copy of the shard), and return ``feats``.
+        chunk_elems: rows per chunk times d (``inplace``).
     """
-    return feats - feats.double().mean(0).to(feats.dtype)
+    mean = (feature_mean(feats, chunk_elems=chunk_elems) if mean is None else mean).to(feats.dtype)
+    if not inplace:
+        return feats - mean
+    step = max(1, chunk_elems // max(feats.shape[1], 1))
+    for lo in range(0, feats.shape[0], step):
+        feats[lo:lo + step] -= mean
+    return feats
 
 
 def _checksum(perm: torch.Tensor) -> torch.Tensor:
@@ -302,57 +335,127 @@ def _checksum(perm: torch.Tensor) -> torch.Tensor:
     return ((torch.arange(perm.numel(), device=perm.device) + 1) * perm).sum()
 
 
-def reassign_dataset(assignment: Assignment, targets: Targets | torch.Tensor, feats: torch.Tensor | None,
-                     rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
-    """The dataset-wide reassignment: the exact assignment of all n images to all n targets.
+def _same_on_every_rank(perm: torch.Tensor, which: str, rank: int, world: int) -> None:
+    # RuntimeError on every rank when the ranks' permutations differ (a diverged state)
+    if world == 1:
+        return
+    s = _checksum(perm).reshape(1)
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"rank {rank}: the {which} permutation differs between ranks "
+                           f"(checksums {int(lo)} vs {int(hi)}) in the dataset-wide reassignment")
 
-    Solved on rank 0 by ``nat_ext.assign_full`` from the held permutation (its pairs warm the
-    solve and keep the sparse problem feasible), in float32 (bfloat16 features are widened), with
-    the dense targets regenerated chunk by chunk into one table (rank 0 only; ``assign_full``
-    takes dense targets). With several processes rank 0 logs that it solves (the others wait at
-    the broadcast: the process-group timeout, ``--dist-timeout``, must cover the solve),
-    broadcasts the permutation, and every rank compares checksums of the held and the new
-    permutation with every other rank (RuntimeError on a mismatch) before applying it.
+
+def _objective_and_target_sum(feats: torch.Tensor, targets: Targets | torch.Tensor, perm: torch.Tensor,
+                              chunk_elems: int = CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    # (float64 Tensor[] sum_i f_i . t_perm(i), float64 Tensor[d] sum_i t_perm(i)) over feats' rows, chunk by chunk
+    total = torch.zeros((), dtype=torch.float64, device=feats.device)
+    tsum = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
+    perm = perm.to(feats.device)
+    if isinstance(targets, Targets):
+        chunks = targets.chunks(perm, dtype=feats.dtype, chunk_elems=chunk_elems)
+    else:
+        step = max(1, chunk_elems // max(feats.shape[1], 1))
+        chunks = ((lo, targets.index_select(0, perm[lo:lo + step].to(targets.device)).to(feats.device, feats.dtype))
+                  for lo in range(0, perm.numel(), step))
+    for lo, t in chunks:
+        t = t.to(feats.device).double()
+        total += (feats[lo:lo + t.shape[0]].double() * t).sum()
+        tsum += t.sum(0)
+    return total, tsum
+
+
+# test-only (documented in docs/training.md): seconds the dataset-wide solve waits before the solver, polling the
+# stop flag and the budget as the solver does, so a test can signal a run inside the solve deterministically
+TEST_SOLVE_SLEEP = "NAT_TEST_SOLVE_SLEEP"
+
+
+def _test_wait(seconds: float, should_stop: Callable[[], bool] | None, deadline: float | None,
+               device: torch.device, world: int) -> None:
+    t0 = time.monotonic()
+    stop = budget = False
+    while time.monotonic() - t0 < seconds and not (stop or budget):
+        time.sleep(0.05)
+        stop = should_stop is not None and should_stop()
+        budget = deadline is not None and time.monotonic() > deadline
+    flags = torch.tensor([int(stop), int(budget)], dtype=torch.int64, device=device)
+    if world > 1:  # the ranks agree, as the solver's own checks do
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.any():
+        raise SolveInterrupted("stop" if flags[0] else "budget", time.monotonic() - t0)
+
+
+def reassign_dataset(assignment: Assignment, targets: Targets | torch.Tensor, feats: torch.Tensor,
+                     rank: int = 0, world: int = 1, *, warm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     deadline: float | None = None, should_stop: Callable[[], bool] | None = None
+                     ) -> tuple[torch.Tensor, dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The dataset-wide reassignment: the exact assignment of all n images to all n targets,
+    every rank taking part with its own shard of the features.
+
+    Every rank centres its shard by the mean row of all ranks' (in place), then all call
+    :func:`nat_ext.full_assign.assign_sharded` together from the held permutation (its pairs
+    keep the sparse problem feasible) and, when given, the previous solve's matching and prices.
+    Nothing of size ``n x d`` exists on any rank: the targets are regenerated tile by tile,
+    the objective is summed shard by shard and all-reduced. Before the solve and after it every
+    rank compares checksums of the held and the new permutation with every other rank
+    (RuntimeError on a mismatch, on every rank).
 
     Args:
         assignment: the permutation, on the training device.
         targets: the run's targets, or Tensor[n, d] every target.
-        feats: on rank 0, Tensor[n, d] every image's embedding (:func:`dataset_features`);
-            ignored elsewhere.
+        feats: Tensor[hi - lo, d] this rank's shard (:func:`dataset_features`: rows ``lo..hi`` of
+            :func:`nat_ext.data.shard_rows`; with one process every row). Centred in place.
         rank, world: process index and count.
+        warm: the previous solve's ``(col4row, u, v)``, or None (a cold solve).
+        deadline: ``time.monotonic()`` value past which the solve gives up
+            (``--dataset-solve-budget``), or None.
+        should_stop: polled during the solve (the run's stop flag).
 
     Returns:
         (Tensor[] int64 images whose target changed, dict with ``objective_held`` and
-        ``objective`` (sum_i f_i . t_P(i) before and after, rank 0's; 0.0 elsewhere), ``rounds``
-        and ``solve_seconds``).
+        ``objective`` (sum_i f_i . t_P(i) before and after, all ranks'), ``rounds``,
+        ``solve_seconds`` and ``warm``, the new ``(col4row int64[n], u float64[n], v float64[m])``
+        on the CPU, the same on every rank).
+
+    Raises:
+        nat_ext.full_assign.SolveInterrupted: on every rank, past the deadline (``reason``
+            "budget") or when ``should_stop()`` turned True on some rank ("stop"); the held
+            permutation is then unchanged.
     """
     t0 = time.perf_counter()
+    n = assignment.n
+    lo, hi, _ = shard_rows(n, rank, world)
+    if feats.dim() != 2 or feats.shape[0] != hi - lo:
+        raise ValueError(f"feats should be rank {rank}'s shard, Tensor[{hi - lo}, d] (rows {lo}..{hi} of {n}), "
+                         f"got {tuple(feats.shape)}")
     held = assignment.perm.clone()
-    stats: dict = {}
-    info = {"objective_held": 0.0, "objective": 0.0}
-    if rank == 0:
-        if world > 1:
-            print(f"rank 0: solving the exact assignment of {held.numel()} images; the other "
-                  f"{world - 1} ranks wait at the broadcast", flush=True)
-        feats = feats.float() if feats.dtype not in (torch.float32, torch.float64) else feats
-        table = targets.full(feats.dtype) if isinstance(targets, Targets) else targets.to(feats.dtype)
-        centred = centre_features(feats)
-        new = assign_full(centred, table, init=held, stats=stats)
-        del centred, table
-        info = {"objective_held": assignment_objective(feats, targets, held),
-                "objective": assignment_objective(feats, targets, new)}
-    else:
-        new = torch.empty_like(held)
+    _same_on_every_rank(held, "held", rank, world)
+    # the held objective and the sum of all targets (each is held once), on the uncentred shard
+    sums = _objective_and_target_sum(feats, targets, held[lo:hi])
+    sums = torch.cat([sums[0].reshape(1), sums[1]])
+    mean = feature_mean(feats, n, world)
     if world > 1:
-        dist.broadcast(new, 0)
-        sums = torch.stack([_checksum(held), _checksum(new)])
-        lo, hi = sums.clone(), sums.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            which = "held" if lo[0] != hi[0] else "new"
-            raise RuntimeError(f"rank {rank}: the {which} permutation differs between ranks "
-                               f"(checksums {lo.tolist()} vs {hi.tolist()}) in the dataset-wide reassignment")
-    info.update(rounds=int(stats.get("rounds", 0)), solve_seconds=time.perf_counter() - t0)
-    changed = assignment.update(torch.arange(held.numel(), device=held.device), new)
-    return changed, info
+        dist.all_reduce(sums)
+    objective_held, target_sum = float(sums[0]), sums[1:]
+    centre_features(feats, mean, inplace=True)
+    # what centring took off every assignment's total (with the mean as subtracted, in feats' dtype)
+    offset = float(mean.to(feats.dtype).double() @ target_sum)
+    stats: dict = {}
+    wait = float(os.environ.get(TEST_SOLVE_SLEEP, "0") or 0)
+    if wait > 0:
+        _test_wait(wait, should_stop, deadline, feats.device, world)
+    col4row, u, v = assign_sharded(feats, lo, n, targets, held.cpu(), warm=warm, deadline=deadline,
+                                   should_stop=should_stop, stats=stats)
+    new = col4row.to(held.device)
+    _same_on_every_rank(new, "new", rank, world)
+    centred = torch.tensor([_objective_and_target_sum(feats, targets, new[lo:hi])[0]], dtype=torch.float64,
+                           device=feats.device)
+    if world > 1:
+        dist.all_reduce(centred)
+    info = {"objective_held": objective_held, "objective": float(centred) + offset,
+            "rounds": int(stats.get("rounds", 0)), "warm": warm is not None,
+            "solve_seconds": time.perf_counter() - t0}
+    changed = assignment.update(torch.arange(n, device=held.device), new)
+    return changed, info, (col4row, u, v)

@@ -201,9 +201,9 @@ def set_rng_state(state: dict, aug_gen: torch.Generator) -> None:
 def setup_processes(cfg: Config) -> tuple[torch.device, int, int]:
     """(device, rank, world); joins the process group when launched by torchrun.
 
-    The group's timeout is ``--dist-timeout`` minutes: every collective waits at most that long,
-    and the other ranks wait at the broadcast while rank 0 alone solves the dataset-wide
-    assignment, so it must cover that solve (NCCL's default, 10 minutes, does not at scale).
+    The group's timeout is ``--dist-timeout`` minutes: every collective waits at most that long.
+    The dataset-wide solve does not count against it: while rank 0 solves the sparse problem the
+    other ranks poll the process group's store (``nat_ext.full_assign.assign_sharded``).
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if cfg.device == "auto":
@@ -317,8 +317,9 @@ def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.G
     they check they see the same checkpoint, and each restores its own random state.
 
     Returns:
-        the checkpoint's progress: epoch, step, global_step, epoch_stats, train_seconds; None
-        when there is no checkpoint.
+        the checkpoint's progress: epoch, step, global_step, epoch_stats, train_seconds, the
+        labelled set and the last dataset-wide solve's record (``dataset_solve``, None in
+        checkpoints written before it existed); None when there is no checkpoint.
 
     Raises:
         SettingError: naming every setting that differs from the checkpoint's run.
@@ -355,7 +356,7 @@ def resume(cfg: Config, path: str, run_info: dict, parts: dict, aug_gen: torch.G
         part.load_state_dict(ck[name])
     set_rng_state(ck.get("rng_ranks", [ck["rng"]] * world)[rank], aug_gen)
     return {**{k: ck[k] for k in ("epoch", "step", "global_step", "epoch_stats", "train_seconds")},
-            "labelled": ck.get("labelled")}
+            "labelled": ck.get("labelled"), "dataset_solve": ck.get("dataset_solve")}
 
 
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json", "tb")

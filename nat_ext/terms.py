@@ -76,8 +76,9 @@ class Term:
     weight = 1.0
     head: nn.Module | None = None
 
-    def start_epoch(self, epoch: int, reassigning: bool) -> None:
-        """Called before each epoch's first step."""
+    def start_epoch(self, epoch: int, reassigning: bool, scope: str | None = None) -> None:
+        """Called before each epoch's first step; ``scope`` is what the epoch reassigns in when it does
+        (``--reassign-scope``, or batch where the dataset-wide solve fell back); None: the setting's."""
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(images for the head, their labels), or None for a term without a head."""
@@ -122,8 +123,8 @@ class NatTerm(Term):
         self.n_local, self.generator, self.per_batch = n_local, generator, False
         self.crops_from_raw = crops_from_raw  # in-memory data: crop the raw batch, else the first view
 
-    def start_epoch(self, epoch: int, reassigning: bool) -> None:
-        self.per_batch = reassigning and self.cfg.reassign_scope == "batch"
+    def start_epoch(self, epoch: int, reassigning: bool, scope: str | None = None) -> None:
+        self.per_batch = reassigning and (scope or self.cfg.reassign_scope) == "batch"
 
     def local_crops(self, batch: Batch) -> torch.Tensor | None:
         """Tensor[L b, C, s, s] the batch's local crops for the encoder, or None without ``--crops``."""

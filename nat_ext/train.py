@@ -11,8 +11,11 @@ at the epoch end), and the loss is summed on the device and read every
 ``--log-every`` steps. ``--sync-debug`` makes any host sync inside the step an error.
 
 ``--reassign-scope dataset`` replaces the per-batch reassignment by one exact assignment of
-the whole training set (``nat_ext.assign_full``) at the start of each reassigning epoch, on
-features extracted in eval mode without augmentation (:func:`nat_ext.reassign.dataset_features`).
+the whole training set (``nat_ext.full_assign.assign_sharded``) at the start of each reassigning epoch, on
+features extracted in eval mode without augmentation (:func:`nat_ext.reassign.dataset_features`), each
+rank its own shard, solved by every rank together (:func:`solve_dataset`): within ``--dataset-solve-budget``
+(past it the epoch reassigns in batch scope), stopping on a signal, and checkpointed as soon as it ends so that
+a resume does not solve again.
 
 The module holds the loop; NAT's reassignment steps are in :mod:`nat_ext.reassign`, the run
 plumbing (processes, signals, resume, schedule, outputs) in :mod:`nat_ext.run`. Their public
@@ -32,8 +35,10 @@ import torch.distributed as dist
 from .auxiliary import AuxNet, local_count, resolve_crops, stage_width
 from .checkpoint import save_checkpoint
 from .faults import SolverFaultError
+from .full_assign import SolveInterrupted
 from .config import Config, EvalConfig, SettingError, parse_config, progress, refuse, validate
-from .data import EpochBatches, batch_augment, check_shm, get_dataset, make_loader, resolve_workers, shm_needed
+from .data import (EpochBatches, batch_augment, check_shm, get_dataset, make_loader, resolve_workers, shard_rows,
+                   shm_needed)
 from .eval import default_layer, evaluate, report_tables
 from .models import build_model
 from .presets import DeviceTransform
@@ -165,6 +170,7 @@ def train(cfg: Config) -> dict:
         if aside:
             print(f"--no-resume: the previous run's files are now in {aside}", flush=True)
     start_step, global_step, train_seconds = at["step"], at["global_step"], at["train_seconds"]
+    solve_record = at.get("dataset_solve")  # the last dataset-wide solve: its epoch, outcome, matching and duals
     writer = prepare_out(cfg.out, run_info, at["epoch"]) if master else None
     # the run's one loader (persistent workers) over a sampler that follows the epoch
     sampler = EpochBatches(lambda e: epoch_batches(n, cfg.batch_size, cfg.seed, e, rank, world))
@@ -208,7 +214,8 @@ def train(cfg: Config) -> dict:
                                  epoch_stats=stats.state_dict() if stats else None,
                                  train_seconds=train_seconds, rng=rng[0], rng_ranks=rng, config=run_info,
                                  **({"labelled": labelled, "labelled_per_class": label_counts}
-                                    if labelled is not None else {})),
+                                    if labelled is not None else {}),
+                                 **({"dataset_solve": solve_record} if solve_record is not None else {})),
                             ckpt_path)
         if world > 1:
             dist.barrier()
@@ -228,21 +235,33 @@ def train(cfg: Config) -> dict:
             batches = sampler.batches()
             reassigning = reassigns_on(cfg, epoch)
             stats = EpochStats(device, at["epoch_stats"] if epoch == at["epoch"] else None)
-            # reassign over the whole dataset, once, at the epoch start (done already when resuming mid-epoch)
-            if reassigning and cfg.reassign_scope == "dataset" and start_step == 0:
-                t0 = time.perf_counter()
-                feats = dataset_features(model, plain, cfg.dim, cfg.probe.batch_size, device, rank, world,
-                                         dtype=getattr(torch, cfg.gather_dtype), prepare=finish)
-                t_extract = time.perf_counter() - t0
-                changed, stats.reassign_info = reassign_dataset(assignment, targets, feats, rank, world)
-                stats.changed += changed
-                stats.reassign_info["extract_seconds"] = t_extract
-                stats.assign_seconds += time.perf_counter() - t0
-                stats.seconds += time.perf_counter() - t0
-                del feats
-            per_batch = reassigning and cfg.reassign_scope == "batch"
+            # reassign over the whole dataset, once, at the epoch start (not again when the checkpoint has it)
+            scope = cfg.reassign_scope
+            if reassigning and cfg.reassign_scope == "dataset":
+                if solved_before(solve_record, epoch, start_step):
+                    outcome = solve_record["outcome"] if solve_record and solve_record["epoch"] == epoch else "solved"
+                    if master and start_step == 0:
+                        print(resumed_solve_line(solve_record, epoch), flush=True)
+                else:
+                    solve_record = solve_dataset(cfg, epoch, model, plain, finish, assignment, targets, device,
+                                                 rank, world, lambda: stop.signum != 0, solve_record, stats)
+                    outcome = solve_record["outcome"]
+                    if outcome == "budget" and master:
+                        print(f"warning: epoch {epoch + 1}: the dataset-wide solve passed its budget "
+                              f"({solve_record['seconds']:.1f} s spent, --dataset-solve-budget "
+                              f"{cfg.dataset_solve_budget:g} s); this epoch reassigns in batch scope instead",
+                              flush=True)
+                    checkpoint(epoch, 0, stats)  # the solve (or its outcome) is kept: a resume does not repeat it
+                    signum = stop.agreed()
+                    if outcome == "stop" or signum:
+                        return stopped(f"signal {signum} during the dataset-wide solve of epoch {epoch + 1}"
+                                       + (" (abandoned)" if outcome == "stop" else ""), signum, ckpt_path, epoch,
+                                       0, assignment, train_seconds, master)
+                if outcome != "solved":
+                    scope = "batch"
+            per_batch = reassigning and scope == "batch"
             for term in terms:
-                term.start_epoch(epoch, reassigning)
+                term.start_epoch(epoch, reassigning, scope)
             model.train()
             t_last = time.perf_counter()
             bar = progress(step_batches(loader, label_loader, rank, epoch, start_step), total=len(batches),
@@ -317,7 +336,7 @@ def train(cfg: Config) -> dict:
             if reassigning and cfg.track_objective:  # measurement only: not in the epoch's time
                 t0 = time.perf_counter()
                 row["objective_end"] = dataset_objective(model, plain, targets, assignment.perm,
-                                                         cfg.probe.batch_size, device, rank, world,
+                                                         cfg.extract_batch_size, device, rank, world,
                                                          prepare=finish)
                 row["objective_seconds"] = time.perf_counter() - t0
             train_seconds += stats.seconds
@@ -365,6 +384,83 @@ def train(cfg: Config) -> dict:
                 dist.destroy_process_group()
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
+
+
+# ----------------------------------------------------------------------------- the dataset-wide solve
+
+def solve_dataset(cfg: Config, epoch: int, model: torch.nn.Module, plain, finish, assignment: Assignment,
+                  targets: Targets, device: torch.device, rank: int, world: int, should_stop,
+                  previous: dict | None, stats: EpochStats) -> dict:
+    """An epoch's dataset-wide reassignment (``--reassign-scope dataset``), at its start: every rank
+    extracts its shard of the features (``--extract-batch-size``, ``--gather-dtype``), then all solve
+    together (:func:`nat_ext.reassign.reassign_dataset`), warm from the previous solve's matching and
+    prices when there was one, within ``--dataset-solve-budget`` and stopping on a signal.
+
+    Records the outcome in ``stats.reassign_info`` (``dataset_solve``: solved, budget or stop; the
+    seconds of the extraction and the solve) and the changed targets in ``stats.changed``.
+
+    Args:
+        previous: the last record this returned (the checkpoint's ``dataset_solve``), or None.
+        should_stop: the run's stop flag, polled by the solver.
+
+    Returns:
+        the record for the checkpoint's ``dataset_solve`` key: ``epoch``, ``outcome``, ``seconds``,
+        ``budget`` and, from the last solve that finished (this one or an earlier one), ``col4row``,
+        ``u``, ``v`` (CPU) and ``solved_epoch``.
+    """
+    t0 = time.perf_counter()
+    feats = dataset_features(model, plain, cfg.dim, cfg.extract_batch_size, device, rank, world,
+                             dtype=getattr(torch, cfg.gather_dtype), prepare=finish)
+    t_extract = time.perf_counter() - t0
+    lo, hi, _ = shard_rows(assignment.n, rank, world)
+    print(f"rank {rank}: extracted the features of images {lo}..{hi} in {t_extract:.1f} s "
+          f"({feats.numel() * feats.element_size() / 2 ** 20:.1f} MiB of {cfg.gather_dtype} on {device})", flush=True)
+    warm = None
+    record: dict = {"epoch": epoch, "budget": cfg.dataset_solve_budget}
+    if previous is not None and "col4row" in previous:
+        warm = (previous["col4row"], previous["u"], previous["v"])
+        record.update({k: previous[k] for k in ("col4row", "u", "v", "solved_epoch")})
+    if rank == 0:
+        print(f"epoch {epoch + 1}: solving the exact assignment of {assignment.n} images on {world} rank(s), "
+              + (f"warm from epoch {previous['solved_epoch'] + 1}'s solve" if warm else "cold")
+              + (f", budget {cfg.dataset_solve_budget:g} s" if cfg.dataset_solve_budget > 0 else ""), flush=True)
+    deadline = time.monotonic() + cfg.dataset_solve_budget if cfg.dataset_solve_budget > 0 else None
+    try:
+        changed, info, (col4row, u, v) = reassign_dataset(assignment, targets, feats, rank, world, warm=warm,
+                                                          deadline=deadline, should_stop=should_stop)
+    except SolveInterrupted as e:  # raised on every rank alike: the held permutation stays
+        info = {"dataset_solve": e.reason, "solve_seconds": e.seconds, "warm": warm is not None}
+        record.update(outcome=e.reason, seconds=e.seconds)
+    else:
+        info["dataset_solve"] = "solved"
+        stats.changed += changed
+        record.update(outcome="solved", seconds=info["solve_seconds"], col4row=col4row, u=u, v=v,
+                      solved_epoch=epoch)
+    del feats
+    info["extract_seconds"] = t_extract
+    if cfg.dataset_solve_budget > 0:
+        info["solve_budget"] = cfg.dataset_solve_budget
+    stats.reassign_info = info
+    stats.assign_seconds += time.perf_counter() - t0
+    stats.seconds += time.perf_counter() - t0
+    return record
+
+
+def solved_before(record: dict | None, epoch: int, start_step: int) -> bool:
+    """Whether the checkpoint already holds ``epoch``'s dataset-wide solve (or its abandonment): its
+    ``dataset_solve`` record names the epoch, or (checkpoints written before the record existed) the run
+    resumes inside the epoch, past the solve at its start."""
+    return (record is not None and record["epoch"] == epoch) or start_step > 0
+
+
+def resumed_solve_line(record: dict | None, epoch: int) -> str:
+    """What a resume at the start of an epoch whose dataset-wide solve the checkpoint holds says."""
+    if record is None or record["epoch"] != epoch or record["outcome"] == "solved":
+        seconds = f" in {record['seconds']:.1f} s" if record and record["epoch"] == epoch else ""
+        return f"epoch {epoch + 1}: its dataset-wide assignment was solved{seconds} before the checkpoint; not solved again"
+    why = "stopped by a signal" if record["outcome"] == "stop" else "cut at --dataset-solve-budget"
+    return (f"epoch {epoch + 1}: its dataset-wide solve was {why} after {record['seconds']:.1f} s, before the "
+            "checkpoint; not solved again: this epoch reassigns in batch scope, the next reassigning epoch solves")
 
 
 def _solver_fault_action(cfg: Config, faults: int, solves: int) -> str | None:

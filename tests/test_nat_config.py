@@ -88,6 +88,7 @@ BAD = {
              "--koleo": ["-1", "inf"], "--label-fraction": ["-0.01", "1.5", "nan"],
              "--label-loss": ["0", "-1", "nan"], "--label-batch": ["0"], "--nat-weight": ["-1", "nan"], "--crops": ["2", "3,1", "1,-1", "a,b"], "--workers": ["-7", "-2"],
              "--device": ["gpu", "cuda:x", "mps"], "--max-steps": ["-1"], "--dist-timeout": ["0", "-1"],
+             "--dataset-solve-budget": ["-1", "-1e-9", "nan", "inf"], "--extract-batch-size": ["0", "-4"],
              "--seed": ["-1"], "--limit": ["-3"], "--warmup-epochs": ["-1"], "--loader-timeout": ["-5"],
              "--solver-fault-share": ["-0.1", "1.5", "nan"], "--image-size": ["0"], "--log-every": ["-1"],
              "--data": ["synthetic:0", "synthetic:-4", "synthetic:x", ""], "--out": [""],
@@ -105,7 +106,9 @@ BAD[EvalConfig].update({"--" + k[len("--eval-"):]: v for k, v in BAD[Config].ite
 # The documented sentinels and edge values stay valid.
 GOOD = {Config: [["--workers", "-1"], ["--max-steps", "0"], ["--limit", "0"], ["--reassign-every", "0"],
                  ["--koleo", "0"], ["--rotation-fraction", "1"], ["--momentum", "0"], ["--weight-decay=0"], ["--crops", "2,4"],
-                 ["--device", "cuda:1"], ["--eval-knn-k", "0"], ["--eval-baselines", ""], ["--data", "/some/dir"]],
+                 ["--device", "cuda:1"], ["--eval-knn-k", "0"], ["--eval-baselines", ""], ["--data", "/some/dir"],
+                 ["--dataset-solve-budget", "0"], ["--dataset-solve-budget", "1e-6"], ["--extract-batch-size", "1"],
+                 ["--shard-dtype", "bfloat16"]],
         EvalConfig: [["--seed", "-1"], ["--dim", "0"], ["--workers", "-1"], ["--data", ""]]}
 
 
@@ -159,3 +162,12 @@ def test_supervised_baseline_takes_the_runs_whole_config():
     argv = to_argv(sup)
     assert "--image-size" in argv and "--skip-corrupt" in argv and "--no-eval" in argv
     assert config_from_dict(Config, {"probe": {"grid": 3}}).probe.grid == 3
+
+
+def test_the_dataset_solve_settings():
+    cfg = parse_config(Config, ["--dataset-solve-budget", "90", "--extract-batch-size", "64", "--shard-dtype", "bfloat16"])
+    assert (cfg.dataset_solve_budget, cfg.extract_batch_size, cfg.gather_dtype) == (90.0, 64, "bfloat16")
+    # the extraction's batch is its own setting: the probe's stays as it was
+    assert cfg.probe.batch_size == ProbeConfig().batch_size and Config().dataset_solve_budget == 0
+    assert parse_config(Config, ["--gather-dtype", "bfloat16"]).gather_dtype == "bfloat16"  # the old name
+    assert parse_config(Config, to_argv(cfg)) == cfg

@@ -34,8 +34,9 @@ def test_reassign_dataset_reaches_scipys_optimum(seed):
     targets = Targets(n, d, seed=seed).matrix
     state = Assignment(n, seed=seed)
     held = state.perm.clone()
-    changed, info = nat_train.reassign_dataset(state, targets, feats)
+    changed, info, (col4row, u, v) = nat_train.reassign_dataset(state, targets, feats.clone())  # centred in place
     state.check()
+    assert torch.equal(col4row, state.perm) and u.dtype == v.dtype == torch.float64, f"seed {seed}"
     scores = (feats.double() @ targets.double().T).numpy()
     rows, cols = linear_sum_assignment(scores, maximize=True)
     best = scores[rows, cols].sum()
@@ -43,9 +44,17 @@ def test_reassign_dataset_reaches_scipys_optimum(seed):
     assert info["objective"] == pytest.approx(nat_train.assignment_objective(feats, targets, state.perm))
     assert info["objective_held"] == pytest.approx(scores[torch.arange(n), held].sum(), rel=1e-9)
     assert int(changed) == int((state.perm != held).sum()) > 0, f"seed {seed}"
-    # from the optimum, a second solve changes nothing
-    changed, info2 = nat_train.reassign_dataset(state, targets, feats)
+    # from the optimum, a second solve (warm from the first one's matching and prices) changes nothing
+    changed, info2, _ = nat_train.reassign_dataset(state, targets, feats.clone(), warm=(col4row, u, v))
     assert int(changed) == 0 and info2["objective"] == pytest.approx(info["objective"]), f"seed {seed}"
+    assert info2["warm"] and not info["warm"]
+
+
+def test_a_shard_of_the_wrong_size_is_refused():
+    state = Assignment(10, seed=0)
+    with pytest.raises(ValueError, match=r"feats should be rank 1's shard, Tensor\[5, d\] \(rows 5..10 of 10\), "
+                                         r"got \(10, 4\)"):
+        nat_train.reassign_dataset(state, torch.zeros(10, 4), torch.zeros(10, 4), rank=1, world=2)
 
 
 def test_bad_scope_is_refused_before_training(tmp_path):
@@ -97,8 +106,8 @@ def test_tracking_the_objective_changes_nothing_in_batch_scope(tmp_path):
 def test_dataset_scope_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path):
     args = ["--limit", "1024", "--batch-size", "32", "--dim", "16", "--epochs", "3",
             "--reassign-every", "1", "--reassign-scope", "dataset", "--no-eval", "--seed", "5"]
-    # past epoch 2's dataset solve (well under a second at n = 1024), into its steps
-    a, b, out, ck = _cut_and_resume(args, tmp_path, settle=1.0)
+    # past epoch 2's dataset solve (its checkpoint holds it), into its steps
+    a, b, out, ck = _cut_and_resume(args, tmp_path, settle=0.2, ready=_solved_epoch(1))
     assert ck["epoch_stats"]["reassign_info"]["rounds"] >= 1, "the checkpoint lost the epoch's solve"
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -106,6 +115,17 @@ def test_dataset_scope_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert [r["epoch"] for r in ra] == [0, 1, 2]
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in (*ra, *rb)]
     assert strip[:3] == strip[3:], "resumed metrics differ from the uninterrupted run's"
+
+
+def _solved_epoch(epoch):
+    # a `ready` of _cut_and_resume: the checkpoint written right after `epoch`'s dataset-wide solve is in place
+    def ready(out):
+        try:
+            ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        except (RuntimeError, FileNotFoundError):  # (not yet there)
+            return False
+        return (ck.get("dataset_solve") or {}).get("epoch") == epoch
+    return ready
 
 
 def _train_worker(rank, world, port, out):
@@ -144,8 +164,8 @@ def _disagree_worker(rank, world, port, out):
     feats = F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(0)), dim=1)
     targets = Targets(n, d, seed=0).matrix
     state = Assignment(n, seed=rank)  # rank 1 holds another permutation: the state has diverged
-    try:
-        nat_train.reassign_dataset(state, targets, feats, rank, world)
+    try:  # each rank its own shard, as dataset_features gives it
+        nat_train.reassign_dataset(state, targets, feats[rank * 32:(rank + 1) * 32].clone(), rank, world)
         msg = "no error"
     except RuntimeError as e:
         msg = str(e)

@@ -76,13 +76,19 @@ def _wait_for(path, proc, timeout=90):
         time.sleep(0.05)
 
 
-def _cut_and_resume(args, tmp_path, settle=0.3):
+def _cut_and_resume(args, tmp_path, settle=0.3, ready=None):
     """Run ``args`` twice: uninterrupted (ref) and SIGTERM'd mid-epoch 2 then resumed (cut).
+    The signal is sent ``settle`` seconds after the first checkpoint is written (batch scope: at the end of
+    epoch 1) and ``ready(out)`` turns true (a dataset-scope run checkpoints after each solve too).
     Returns the two final checkpoints (cut, ref) and the cut run's output folder."""
     ref = _spawn(args + ["--out", str(tmp_path / "ref")], tmp_path)
     out = str(tmp_path / "cut")
     proc = _spawn(args + ["--out", out], tmp_path)
-    _wait_for(os.path.join(out, "checkpoint.pt"), proc)  # written at the end of epoch 1
+    _wait_for(os.path.join(out, "checkpoint.pt"), proc)
+    deadline = time.time() + 90
+    while ready is not None and not ready(out):
+        assert proc.poll() is None and time.time() < deadline, "the run never got ready to be cut"
+        time.sleep(0.02)
     time.sleep(settle)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
