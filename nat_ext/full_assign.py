@@ -263,8 +263,9 @@ class _Source:
     from a ``nat_ext.targets.Targets`` seed (never the whole table), optionally a subset `ids`."""
 
     def __init__(self, targets, dtype: torch.dtype, device: torch.device,
-                 ids: Tensor | None = None, tile: int = _TILE):
+                 ids: Tensor | None = None, tile: int = _TILE, w: Tensor | None = None):
         self.base, self.dtype, self.device, self.ids, self.tile = targets, dtype, device, ids, tile
+        self.w = w  # a per-column term subtracted from every score (float64 CPU, or None)
         full = targets.shape[0] if isinstance(targets, Tensor) else targets.n
         self.m = full if ids is None else ids.numel()
         self.d = targets.shape[1] if isinstance(targets, Tensor) else targets.d
@@ -272,7 +273,7 @@ class _Source:
     def subset(self, local: Tensor) -> "_Source":
         return _Source(self.base, self.dtype, self.device,
                        local if self.ids is None else self.ids[local.to(self.ids.device)],
-                       self.tile)
+                       self.tile, None if self.w is None else self.w[local.cpu()])
 
     def take(self, local: Tensor) -> Tensor:
         """The targets of the problem's columns `local`, [len, d] in dtype on device."""
@@ -449,11 +450,14 @@ def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, k
     thr = None if row_thr is None else row_thr.to(device, torch.float32)
     co = None if col_off is None else col_off.to(device, torch.float64)
     hc = None if held is None else tuple(h.to(device) for h in held)
+    w = None if src.w is None else src.w.to(device)
     for c0, t in src.tiles():
         c1 = c0 + t.shape[0]
         tr = t if rank_dtype == t.dtype else t.to(rank_dtype)
         # the centring's per-target term mu . t_j, exact, moved into the column offsets
         shift = -(t.double() @ mu) if co is None else co[c0:c1] - t.double() @ mu
+        if w is not None:
+            shift += w[c0:c1]
         cv, cr = out.col_vals[:, c0:c1], out.col_rows[:, c0:c1]
         cv_t, cr_t = cv.contiguous(), cr.contiguous()
         args = (fr, tr, f, t, ro, shift.float().contiguous(), thr,
@@ -467,6 +471,9 @@ def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, k
         cr.copy_(cr_t)
         if watch is not None and watch.local():
             break  # the caller's agreement raises on every rank
+    if w is not None and k:  # the problem's scores: the column term off the exact products
+        kept = out.idx >= 0
+        out.exact[kept] -= w[out.idx[kept]]
     return out
 
 
@@ -526,6 +533,8 @@ def _pair_scores(rows: _Rows, src: _Source, local_rows: Tensor, cols: Tensor,
         r = local_rows[p0:p0 + step].to(dev)
         t = src.take(cols[p0:p0 + step])
         out[p0:p0 + step] = (rows.f[r].double() * t.double()).sum(dim=1).cpu()
+    if src.w is not None:
+        out -= src.w[cols]
     return out
 
 
@@ -903,10 +912,20 @@ def _run(feats: Tensor, row0: int, n: int, targets, init: Tensor | None, warm, c
     src = _Source(targets, exact_dtype, device, tile=max(1, chunk_elems // max(d, 1)))
     mu = comm.all_reduce(feats.double().sum(dim=0).cpu()) / max(n, 1)  # the mean row
     rows = _Rows(feats, row0, n, rank_dtype, mu.to(device))
+    if n == src.m:
+        # Square: every target is taken once, so a per-target term changes every matching's
+        # total alike. Solving for s_ij - mu . t_j leaves the optimum as it is and takes away
+        # what near-parallel features share (their rows all rank the targets by mu . t_j and
+        # crowd onto the same few); v gets the term back at the end.
+        src.w = torch.cat([(t.double() @ rows.mu.double()).cpu() for _, t in src.tiles()])
+        if warm is not None:
+            warm = (warm[0], warm[1], warm[2].cpu().double() - src.w)
     watch = _Watch(comm, deadline, should_stop, start)
     info: dict = {}
     x, u, v = _solve(rows, src, init, warm, comm, watch, k=k, col_k=col_k, coarse=coarse,
                      coarse_min=coarse_min, info=info)
+    if src.w is not None:
+        v = v + src.w
     info["time_total"] = time.perf_counter() - start
     if stats is not None:
         stats.update(info)
