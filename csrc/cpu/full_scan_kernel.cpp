@@ -129,6 +129,12 @@ NAT_WIDE int64_t count_nan(const float* x, int64_t n) {
   return count;
 }
 
+NAT_WIDE int64_t count_above(const float* x, int64_t n, float cut) {
+  int32_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += x[j] > cut;
+  return count;
+}
+
 // How many x[j] beat last[j] (the columns' current last entries).
 NAT_WIDE int64_t count_beating(const float* x, const float* last, int64_t n) {
   int32_t count = 0;
@@ -164,8 +170,10 @@ void rank_block(const ScanArgs& a, const T* s, int64_t i0, int64_t rb, int64_t c
       int64_t* idx = a.row_idx + i * a.k;
       double* exact = a.row_exact + i * a.k;
       float cut = std::max(thr, vals[a.k - 1]);
-      if (bmax > cut) {
-        for (int64_t q = 0; q < cb; ++q) {
+      for (int64_t q0 = 0; q0 < cb && bmax > cut; q0 += kStretch) {
+        const int64_t e = std::min(cb, q0 + kStretch);
+        if (!count_above(x + q0, e - q0, cut)) continue;  // most stretches, once the list fills
+        for (int64_t q = q0; q < e; ++q) {
           if (x[q] > cut) {
             insert_sorted(vals, idx, exact, a.k, 1, x[q], a.col0 + c0 + q);
             cut = std::max(thr, vals[a.k - 1]);
