@@ -49,7 +49,6 @@ import logging
 import math
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -664,12 +663,10 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
         if "error" in result:
             raise result["error"]
     else:
-        while True:
-            try:
-                comm.store.wait([done], timedelta(seconds=0.5))
-                break
-            except RuntimeError:  # not set yet: poll the stop request and wait again
-                watch.local()
+        # poll (a timed store.wait logs a warning at every timeout), watching for a stop request
+        while not comm.store.check([done]):
+            watch.local()
+            time.sleep(0.2)
         state = comm.store.get(done).decode()
         if state == "error":
             raise RuntimeError(f"rank {comm.rank}: the sparse solve on rank 0 failed (see "
