@@ -40,6 +40,7 @@ def usage() -> dict:
 
 
 def total(f, t, x) -> float:
+    x = x.to(f.device)
     return float(sum((f[i:i + 65536].double() * t[x[i:i + 65536]].double()).sum()
                      for i in range(0, f.shape[0], 65536)))
 
@@ -52,13 +53,19 @@ def main() -> None:
     p.add_argument("--kind", default="spread", choices=["spread", "crowded"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--step", type=float, default=0.02, help="warm: how far the features move")
+    p.add_argument("--device", default="cpu", help="where the features and targets live (cuda: "
+                   "the passes run as torch ops on the GPU, the sparse solve on the CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import nat_ext
     from nat_ext.full_assign import assign_sharded
 
     f, t, init = inputs(args.rows, args.d, args.kind)
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the ranking's error bound is float32's
+        f, t, init = f.to(args.device), t.to(args.device), init.to(args.device)
     out: dict = {"mode": args.mode, "n": args.rows, "d": args.d, "kind": args.kind,
+                 "device": str(f.device),
                  "threads": args.threads, "torch": torch.__version__}
     if args.mode == "phases":
         st: dict = {}
@@ -78,7 +85,8 @@ def main() -> None:
         xw, _, _ = assign_sharded(f2, 0, args.rows, t, x0, warm=(x0, u0, v0), stats=warm)
         out["warm_seconds"] = time.perf_counter() - t0
         out.update(cold_total=total(f2, t, xc), warm_total=total(f2, t, xw),
-                   same_assignment=bool(torch.equal(xc, xw)), cold=cold, warm=warm, **usage())
+                   same_assignment=bool(torch.equal(xc.cpu(), xw.cpu())), cold=cold, warm=warm,
+                   **usage())
     else:
         import torch.distributed as dist
         world = int(os.environ.get("WORLD_SIZE", "1"))
