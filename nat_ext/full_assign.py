@@ -1,48 +1,43 @@
 """The exact NAT assignment over a whole dataset without the n x m score matrix:
-`assign_full`, and the sparse solver op it rests on, `sparse_linear_sum_assignment`.
+`assign_full` (one process), `assign_sharded` (rows split across ranks), and the sparse solver
+op they rest on, `sparse_linear_sum_assignment`.
 
 Route (column generation with a dual certificate as the stopping rule):
-1. candidates: one streamed pass of chunked matmuls keeps each row's top-k targets, each
-   target's top-col_k rows (so that every target's price is set by the rows that want it most;
-   without them nearly every row violated the first duals) and each row's target in `init` (the
-   identity when no init is given), so the sparse problem always has a perfect matching and
-   starts warm. The pass only ranks: on CPUs with native bfloat16 matmul it runs in bfloat16,
-   and the chosen pairs are scored exactly afterwards;
-2. solve the sparse problem exactly with duals (`nat::sparse_linear_sum_assignment`, shortest
-   augmenting paths over the candidate lists on the CPU, warm from the previous round's matching
-   and prices);
-3. price out: stream the scores again and look for pairs outside the candidates with
-   s_ij > u_i + v_j + tol. None: the duals certify the sparse optimum over all n x m pairs, so it
-   is the dense optimum. Some: add each violating row's most violating pairs (k of them in the
-   first round, twice as many each round after, so adversarial inputs need few rounds) and go
-   back to 2. Between rounds the prices only rise (but on the columns a rectangular warm start
-   frees, which are scanned against every row), so a row needs a new scan only when its u fell
-   below the bound kept from its last scan; on the CPU a bfloat16 pass with a proven error bound
-   (_BF16_ERROR) clears most of those before the exact pass.
-Near-parallel features (an untrained network's: every row ranks the targets alike) defeat step
-1: every row's top-k names the same few targets, and the rounds must grow the candidates to a
-tenth of all targets (n = 8192: 900 per row, 12 rounds; n = 60000 did not fit in 13 GB). There
-what a row needs is its top targets by reduced score s_ij - v_j under the optimum's prices (with
-those, 16-32 per row certify at once). So, where a sample of rows crowds onto the same
-favourite targets, step 1 first solves a random 1/4 of the rows and targets exactly (this
-function, so recursively, down to coarse_min), extends its duals to every target (v_j = max over
-the sampled rows of s_ij - u_i) and every row (likewise over the sampled targets), each leaving
-out a sampled point's own partner, ranks 4k candidates per row and col_k per target by
-s_ij - u_i - v_j, and warms the first solve with those prices. The rounds then only correct
-the sampling error. The duals enter the bfloat16 ranking pass as extra hi + lo columns, so
-they are not rounded to bfloat16. Spread features skip this: their first solve is faster from
-zero prices, whose errors are local, than from coarse ones, whose errors are smooth shifts that
-the augmenting paths must carry across the whole problem.
+1. candidates: one fused pass (`_scan`: the target tile in the outer loop, regenerated or
+   sliced once per pass; on the CPU `nat::_full_scan` multiplies a cache-sized block and ranks it
+   in place, on the GPU torch ops do it tile by tile) keeps each row's top-k targets, each
+   target's top-col_k rows (so that every target's price is set by the rows that want it most)
+   and each row's target in `init`, so the sparse problem always has a perfect matching. The pass
+   ranks in bfloat16 where the CPU multiplies it natively; the pairs it keeps get exact scores
+   (float64 sums of the float32 products) as it keeps them;
+2. solve the sparse problem exactly with duals (`nat::sparse_linear_sum_assignment`: shortest
+   augmenting paths over the candidate lists, warm from the previous round, after an augmenting
+   row reduction where many rows start free) on rank 0, in a thread the caller watches (a
+   deadline, a stop request), while the other ranks wait on the store;
+3. price out: each rank scans its rows again against the broadcast duals, keeping every pair
+   within the ranking's proven error bound (`_rank_error`) of a violation s_ij > u_i + v_j + tol,
+   scores those exactly, and sends the violating ones to rank 0 (k per row in the first round,
+   twice as many each round after). None anywhere: the duals certify the sparse optimum over
+   all n x m pairs, so it is the dense optimum. A row needs a new scan only when its u fell
+   below the bound its last scan proved; a price that fell (a rectangular warm start frees
+   columns) has its column scanned against every row.
+Two exact rewritings keep the ranking sharp: the ranking copy of the features is centred on the
+mean row (s_ij = (f_i - mu) . t_j + mu . t_j, the second term an exact per-target offset), so a
+bfloat16 product's error scales with |f_i - mu|; and a square problem solves for s_ij - mu . t_j
+(a per-target term changes every perfect matching's total alike), so near-parallel features (an
+untrained network's) no longer rank every target alike. Where rows still crowd onto the same
+favourite targets (rectangular problems), the first candidates are ranked under coarse duals:
+the exact duals of a random 1/4 of the rows and targets (this routine, recursively), extended to
+every row and target by c-transforms.
 Unassigned targets keep v = 0 and every assigned one has v >= 0 (the sparse solver's rectangular
-certificate), so m > n needs nothing more: a pair with an unassigned target is priced as any
-other.
+certificate), so m > n needs nothing more.
 
-Why this route: the dense scores never exist at once (memory O(n k + chunk x m)), each round
-costs at most one streamed matmul, which is what the dense solve's score computation costs
-anyway, and the certificate is checked on the very scores that define the problem. An
-epsilon-scaled auction would also give duals, but needs an exact finish anyway; the shortest
-augmenting paths are exact from the start and re-solve warm, touching only the rows whose pairs
-lost tightness.
+Why this route: the dense scores never exist (memory O(n k + one tile of targets) per rank), a
+round costs at most one pass at the multiply's rate, which is what the dense solve's score
+computation costs anyway, and the certificate is checked on the very scores that define the
+problem. An epsilon-scaled auction would also give duals but needs an exact finish anyway; the
+shortest augmenting paths are exact from the start and re-solve warm, touching only the rows
+whose pairs lost tightness.
 """
 
 import logging
