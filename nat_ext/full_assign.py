@@ -471,10 +471,27 @@ def _scan(rows: _Rows, src: _Source, *, sel: Tensor | None = None, k: int = 0, k
     return out
 
 
+_TORCH_BLOCK = 1 << 28  # scores of one block of the torch pass (1 GB in float32)
+
+
 def _scan_torch(f, t, fe, te, ro, co, thr, held_crow, held_col, row0, col0, vals, idx, exact,
                 count, rmax, col_vals, col_rows) -> None:
-    """_full_scan's semantics in torch ops: the GPU's pass (one tile at a time, all rows), and
-    the reference the CPU kernel is tested against."""
+    """_full_scan's semantics in torch ops: the GPU's pass, a block of rows against the tile at
+    a time (thousands of rows: the multiply stays compute-bound), and a second implementation
+    the CPU kernel is tested against."""
+    step = max(1, _TORCH_BLOCK // max(1, t.shape[0]))
+    for r0 in range(0, f.shape[0], step):
+        r1 = min(f.shape[0], r0 + step)
+        held = (None, None) if held_crow is None else (
+            held_crow[r0:r1 + 1] - held_crow[r0], held_col[int(held_crow[r0]):int(held_crow[r1])])
+        _scan_torch_block(f[r0:r1], t, fe[r0:r1], te, None if ro is None else ro[r0:r1], co,
+                          None if thr is None else thr[r0:r1], *held, row0 + r0, col0,
+                          vals[r0:r1], idx[r0:r1], exact[r0:r1], count[r0:r1], rmax[r0:r1],
+                          col_vals, col_rows)
+
+
+def _scan_torch_block(f, t, fe, te, ro, co, thr, held_crow, held_col, row0, col0, vals, idx,
+                      exact, count, rmax, col_vals, col_rows) -> None:
     s = torch.mm(f, t.T).float()
     if ro is not None:
         s -= ro[:, None]

@@ -440,8 +440,11 @@ def test_scan_kernel_against_dense_reference(dtype):
                            torch.where(have.isnan(), 0, have) if have.is_floating_point() else have), name
 
 
-def test_scan_torch_path_against_dense_reference():
-    # the GPU's pass (torch ops), on the CPU: the same values; its columns may differ on ties
+@pytest.mark.parametrize("block", [1 << 28, 1000, 50000])
+def test_scan_torch_path_against_dense_reference(block, monkeypatch):
+    # the GPU's pass (torch ops), on the CPU, in blocks of rows (one row, ~70, all): the same
+    # values; its columns may differ on ties
+    monkeypatch.setattr(nat_ext.full_assign, "_TORCH_BLOCK", block)
     f, t, ro, co, thr, held = scan_problem(torch.float32, nr=300, m=1500)
     from nat_ext.full_assign import _scan_torch
     ref = scan_reference(f, t, ro, co, thr, held, 6, 3, 0)
