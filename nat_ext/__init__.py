@@ -30,9 +30,9 @@ from .lsap import check_optimality, linear_sum_assignment  # noqa: E402
 from .ops import (assign, assign_ex, certify, cuda_fallback_count,  # noqa: E402
                   linear_sum_assignment_ex, solve_with_duals)
 from .scipy_patch import patch_scipy, scipy_is_patched, scipy_patched, unpatch_scipy  # noqa: E402
-from .full_assign import assign_full  # noqa: E402
+from .full_assign import SolveInterrupted, assign_full, assign_sharded  # noqa: E402
 
 __all__ = ["assign", "linear_sum_assignment", "solve_with_duals", "check_optimality", "assign_ex",
            "linear_sum_assignment_ex", "certify", "cuda_fallback_count", "patch_scipy",
            "unpatch_scipy", "scipy_is_patched",
-           "scipy_patched", "assign_full", "ops"]
+           "scipy_patched", "assign_full", "assign_sharded", "SolveInterrupted", "ops"]
