@@ -1,0 +1,137 @@
+"""nat_ext.assign_sharded over two gloo processes against one process (the same assignment, a
+certificate checked by a dense float64 pass written in test_assign_full), and its ways of giving
+up: a deadline, a stop request on one rank, the sparse op's abort flag."""
+import os
+import time
+
+import pytest
+import torch
+
+import nat_ext
+from conftest import init_rank, run_processes
+from test_assign_full import certificate_holds, dense_optimum, total
+
+
+def problems():
+    """(name, feats, targets, init, kwargs): spread and crowded, square and rectangular."""
+    g = torch.Generator().manual_seed(5)
+    unit = lambda a: torch.nn.functional.normalize(a, dim=1)  # noqa: E731
+    spread = unit(torch.randn(600, 16, generator=g, dtype=torch.float64))
+    base = torch.randn(1, 16, generator=g, dtype=torch.float64)
+    crowded = unit(base + 0.05 * torch.randn(500, 16, generator=g, dtype=torch.float64))
+    t_sq = unit(torch.randn(600, 16, generator=g, dtype=torch.float64))
+    t_rect = unit(torch.randn(560, 16, generator=g, dtype=torch.float64))
+    return [
+        ("spread square", spread, t_sq, torch.randperm(600, generator=g), {}),
+        # rectangular and crowded: the coarse duals' recursion runs across the ranks too
+        ("crowded rectangular", crowded, t_rect, torch.randperm(560, generator=g)[:500],
+         {"coarse_min": 64}),
+    ]
+
+
+def _solve_worker(rank, world, port, out):
+    init_rank(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    for i, (name, f, t, init, kw) in enumerate(problems()):
+        cut = f.shape[0] * 2 // 5  # uneven shards
+        lo, hi = (0, cut) if rank == 0 else (cut, f.shape[0])
+        st = {}
+        x, u, v = nat_ext.assign_sharded(f[lo:hi], lo, f.shape[0], t, init, stats=st, **kw)
+        torch.save({"x": x, "u": u, "v": v, "stats": st}, os.path.join(out, f"{i}_{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_give_the_one_process_answer(tmp_path):
+    run_processes(_solve_worker, str(tmp_path))
+    for i, (name, f, t, init, kw) in enumerate(problems()):
+        r0 = torch.load(tmp_path / f"{i}_0.pt", weights_only=False)
+        r1 = torch.load(tmp_path / f"{i}_1.pt", weights_only=False)
+        for key in "xuv":
+            assert torch.equal(r0[key], r1[key]), f"{name}: {key} differs between the ranks"
+        assert certificate_holds(f, t, r0["x"], r0["u"], r0["v"]), name
+        one = nat_ext.assign_full(f, t, init=init, **kw)
+        assert torch.equal(one, r0["x"]), f"{name}: not the one-process assignment"
+        assert total(f, t, r0["x"]) == pytest.approx(dense_optimum(f, t), rel=1e-12), name
+        if name.startswith("crowded"):
+            assert "coarse" in r0["stats"], f"{name}: the coarse path did not run"
+
+
+def _interrupt_worker(rank, world, port, out):
+    init_rank(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    name, f, t, init, kw = problems()[0]
+    lo, hi = (0, 300) if rank == 0 else (300, 600)
+    calls = [0]
+
+    def stop_on_rank_1_later():
+        calls[0] += 1
+        return rank == 1 and calls[0] > 3
+
+    got = {}
+    for case, kwargs in (("budget", {"deadline": time.monotonic() - 1.0}),
+                         ("stop", {"should_stop": stop_on_rank_1_later})):
+        try:
+            nat_ext.assign_sharded(f[lo:hi], lo, 600, t, init, **kwargs)
+            got[case] = "finished"
+        except nat_ext.SolveInterrupted as e:
+            got[case] = e.reason
+    torch.save(got, os.path.join(out, f"interrupt_{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_deadline_and_stop_end_the_solve_on_every_rank(tmp_path):
+    # a past deadline, and a stop request that only rank 1 sees (after a few polls): both ranks
+    # raise SolveInterrupted with the same reason, and neither hangs
+    run_processes(_interrupt_worker, str(tmp_path))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"interrupt_{rank}.pt", weights_only=False)
+        assert got == {"budget": "budget", "stop": "stop"}, (rank, got)
+
+
+def test_one_process_deadline_and_stop():
+    name, f, t, init, kw = problems()[0]
+    with pytest.raises(nat_ext.SolveInterrupted, match="time budget") as e:
+        nat_ext.assign_sharded(f, 0, 600, t, init, deadline=time.monotonic() - 1.0)
+    assert e.value.reason == "budget" and e.value.seconds >= 0
+    with pytest.raises(nat_ext.SolveInterrupted, match="asked to stop"):
+        nat_ext.assign_sharded(f, 0, 600, t, init, should_stop=lambda: True)
+
+
+def test_warm_start_gives_the_cold_answer():
+    # the previous solve's prices after the features moved: no candidate pass, the same optimum
+    name, f, t, init, kw = problems()[0]
+    x, u, v = nat_ext.assign_sharded(f, 0, 600, t, init)
+    g = torch.Generator().manual_seed(9)
+    f2 = torch.nn.functional.normalize(f + 0.02 * torch.randn(f.shape, generator=g,
+                                                              dtype=f.dtype), dim=1)
+    st = {}
+    xw, uw, vw = nat_ext.assign_sharded(f2, 0, 600, t, x, warm=(x, u, v), stats=st)
+    # no candidate pass: the first solve holds the matching alone
+    assert st["candidates_per_row"][0] == 1.0 and "crowd" not in st, st
+    assert certificate_holds(f2, t, xw, uw, vw)
+    assert torch.equal(xw, nat_ext.assign_full(f2, t, init=x))
+
+
+def test_shards_must_tile_the_rows():
+    name, f, t, init, kw = problems()[0]
+    with pytest.raises(ValueError, match="tile"):
+        nat_ext.assign_sharded(f[:500], 0, 600, t, init)
+    with pytest.raises(ValueError, match="init should be a Tensor of shape"):
+        nat_ext.assign_sharded(f, 0, 600, t, init[:10])
+
+
+def test_sparse_op_abort_flag():
+    # set before the call: no row is augmented (the rows come back -1); clear: solved
+    from nat_ext.full_assign import sparse_linear_sum_assignment
+    g = torch.Generator().manual_seed(2)
+    n, m, k = 200, 200, 6
+    col = torch.cat([torch.randperm(m, generator=g)[:k] for _ in range(n)])
+    col[torch.arange(n) * k] = torch.arange(n)  # a perfect matching exists
+    crow = torch.arange(0, n * k + 1, k)
+    cost = torch.rand(n * k, generator=g, dtype=torch.float64)
+    x, _, _ = sparse_linear_sum_assignment(crow, col, cost, m, abort=torch.ones(1, dtype=torch.int32))
+    assert (x < 0).any()
+    x, _, _ = sparse_linear_sum_assignment(crow, col, cost, m, abort=torch.zeros(1, dtype=torch.int32))
+    assert (x >= 0).all() and x.unique().numel() == n
+    with pytest.raises(ValueError, match="abort should be a CPU int32"):
+        sparse_linear_sum_assignment(crow, col, cost, m, abort=torch.ones(2))
