@@ -269,8 +269,15 @@ def assignment_objective(feats: torch.Tensor, targets: Targets | torch.Tensor, p
         perm: Tensor[n] int64, the target of each image.
         chunk_elems: rows per chunk times d.
     """
-    perm = perm.to(feats.device)
     total = torch.zeros((), dtype=torch.float64, device=feats.device)
+    for lo, t in _held_targets(feats, targets, perm, chunk_elems):
+        total += (feats[lo:lo + t.shape[0]].double() * t.double()).sum()
+    return float(total)
+
+
+def _held_targets(feats: torch.Tensor, targets: Targets | torch.Tensor, perm: torch.Tensor, chunk_elems: int):
+    # (offset, Tensor[c, d] in feats' dtype on feats' device): the targets perm gives feats' rows, chunk by chunk
+    perm = perm.to(feats.device)
     if isinstance(targets, Targets):
         chunks = targets.chunks(perm, dtype=feats.dtype, chunk_elems=chunk_elems)
     else:
@@ -278,8 +285,7 @@ def assignment_objective(feats: torch.Tensor, targets: Targets | torch.Tensor, p
         chunks = ((lo, targets.index_select(0, perm[lo:lo + step].to(targets.device)).to(feats.device, feats.dtype))
                   for lo in range(0, perm.numel(), step))
     for lo, t in chunks:
-        total += (feats[lo:lo + t.shape[0]].double() * t.to(feats.device).double()).sum()
-    return float(total)
+        yield lo, t.to(feats.device)
 
 
 def feature_mean(feats: torch.Tensor, n: int | None = None, world: int = 1,
@@ -353,15 +359,8 @@ def _objective_and_target_sum(feats: torch.Tensor, targets: Targets | torch.Tens
     # (float64 Tensor[] sum_i f_i . t_perm(i), float64 Tensor[d] sum_i t_perm(i)) over feats' rows, chunk by chunk
     total = torch.zeros((), dtype=torch.float64, device=feats.device)
     tsum = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
-    perm = perm.to(feats.device)
-    if isinstance(targets, Targets):
-        chunks = targets.chunks(perm, dtype=feats.dtype, chunk_elems=chunk_elems)
-    else:
-        step = max(1, chunk_elems // max(feats.shape[1], 1))
-        chunks = ((lo, targets.index_select(0, perm[lo:lo + step].to(targets.device)).to(feats.device, feats.dtype))
-                  for lo in range(0, perm.numel(), step))
-    for lo, t in chunks:
-        t = t.to(feats.device).double()
+    for lo, t in _held_targets(feats, targets, perm, chunk_elems):
+        t = t.double()
         total += (feats[lo:lo + t.shape[0]].double() * t).sum()
         tsum += t.sum(0)
     return total, tsum
