@@ -260,6 +260,7 @@ class _Source:
                  ids: Tensor | None = None, tile: int = _TILE, w: Tensor | None = None):
         self.base, self.dtype, self.device, self.ids, self.tile = targets, dtype, device, ids, tile
         self.w = w  # a per-column term subtracted from every score (float64 CPU, or None)
+        self._max_norm: float | None = None
         full = targets.shape[0] if isinstance(targets, Tensor) else targets.n
         self.m = full if ids is None else ids.numel()
         self.d = targets.shape[1] if isinstance(targets, Tensor) else targets.d
@@ -286,10 +287,14 @@ class _Source:
                 yield c0, self.take(torch.arange(c0, c1))
 
     def max_norm(self) -> float:
-        if isinstance(self.base, Tensor):
-            t = self.base if self.ids is None else self.base[self.ids.to(self.base.device)]
-            return float(t.double().norm(dim=1).max()) if t.shape[0] else 0.0
-        return 1.0 + 1e-6  # Targets' rows are unit vectors, rounded to float32
+        # once per source: the pricing asks for it every chunk of every round
+        if self._max_norm is None:
+            if isinstance(self.base, Tensor):
+                t = self.base if self.ids is None else self.base[self.ids.to(self.base.device)]
+                self._max_norm = float(t.double().norm(dim=1).max()) if t.shape[0] else 0.0
+            else:
+                self._max_norm = 1.0 + 1e-6  # Targets' rows are unit vectors, rounded to float32
+        return self._max_norm
 
 
 class _Comm:
