@@ -81,8 +81,20 @@ def train(cfg: Config) -> dict:
     """
     validate(cfg)  # before any process group or data: a bad setting fails at once
     cfg = resolve_crops(cfg)  # --crops G,L sets --views G
-    # processes, data, model, targets, optimizer
     device, rank, world = setup_processes(cfg)
+    try:
+        return _train_in_group(cfg, device, rank, world)
+    except BaseException:
+        # A refusal or failure before the loop's own teardown: leaving the group to interpreter
+        # exit aborts the process ("terminate called without an active exception") instead of
+        # letting it report the error.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
+    # data, model, targets, optimizer
     master = rank == 0
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
