@@ -272,6 +272,36 @@ def test_sparse_op_against_dense_solver(maximize):
         assert nat_ext.check_optimality(dense, xw, uw, vw, maximize=maximize), f"seed {seed}"
 
 
+def test_sparse_op_auction_on_torch_threads_matches_scipy_and_one_thread():
+    # 3,000 rows: the auction runs its phases on at::parallel_for and leaves rows to Dijkstra
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    n, m = 3000, 3100
+    g = torch.Generator().manual_seed(5)
+    crow = torch.arange(0, 9 * n + 1, 9)
+    col = torch.randint(0, m, (9 * n,), generator=g)
+    col[::9] = torch.randperm(m, generator=g)[:n]  # a perfect matching: feasible
+    cost = torch.rand(9 * n, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparse_linear_sum_assignment(crow, col, cost, m, True)
+        torch.set_num_threads(2)
+        two = sparse_linear_sum_assignment(crow, col, cost, m, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    x, u, v = two
+    rows = torch.repeat_interleave(torch.arange(n), crow.diff())
+    # a missing edge is never worth taking; of duplicate edges the better counts
+    dense = torch.full((n * m,), -1e9, dtype=torch.float64).scatter_reduce_(0, rows * m + col, cost, "amax")
+    dense = dense.view(n, m)
+    ri, ci = scipy_optimize.linear_sum_assignment(dense.numpy(), maximize=True)
+    assert float(dense[torch.arange(n), x].sum()) == pytest.approx(float(dense.numpy()[ri, ci].sum()), abs=1e-9)
+    assert float((cost - u[rows] - v[col]).max()) <= 1e-12  # dual feasible on every edge
+    assert torch.allclose(u + v[x], dense[torch.arange(n), x], atol=1e-12, rtol=0)  # tight pairs
+
+
 def test_sparse_op_opcheck():
     crow, col, cost = random_sparse(0, 10, 12, 2)
     torch.library.opcheck(torch.ops.nat.sparse_linear_sum_assignment.default,

@@ -2,6 +2,7 @@
 // by the host sparse solver core (lap/sparse_lsap.h), optionally warm from a previous matching
 // and prices. nat_ext.assign_full calls it once a pricing round.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -86,7 +87,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_sum_assignment_cpu(
   bool interrupted = false;
   const lap::Status status = lap::sparse_solve(
       problem, maximize, warm, v0.defined() ? v0.const_data_ptr<double>() : nullptr, x,
-      u.data_ptr<double>(), v.data_ptr<double>(), ws, stop, &interrupted);
+      u.data_ptr<double>(), v.data_ptr<double>(), ws, stop, &interrupted,
+      [](int64_t count, const std::function<void(int64_t, int64_t)>& body) {
+        at::parallel_for(0, count, 2048, body);
+      });
   TORCH_CHECK_VALUE(status == lap::kSolved, kOp,
                     ": the problem is infeasible: no matching of every row uses only the given "
                     "edges");

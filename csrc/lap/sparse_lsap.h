@@ -4,7 +4,9 @@
 //
 // Shortest augmenting paths (the Dijkstra phase of lsap.h's Jonker-Volgenant) over the edge
 // lists, with a binary heap instead of the dense sweep, so a step costs O(deg log) instead of
-// O(m). It can start warm from a previous matching and column prices (nat_ext.assign_full
+// O(m). Where many rows start free an epsilon-scaled Jacobi auction (auction_lsap.h's prepass,
+// on edge lists, its bids in parallel) first finds near-optimal prices: from a random start the
+// Dijkstra searches had to cross most of the graph (about 4,000 columns each at n = 131,072). It can start warm from a previous matching and column prices (nat_ext.assign_full
 // re-solves after adding edges): the matched pairs that are still tight are kept, the other
 // rows start free.
 //
@@ -18,9 +20,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstddef>
+#include <cmath>
 #include <functional>
 #include <vector>
 
+#include "lap/auction_lsap.h"  // order_key, the dense prepass this one follows
 #include "lap/lsap.h"  // kInf
 #include "lap/status.h"
 
@@ -69,6 +73,11 @@ struct SparseWorkspace {
     touched.clear();
   }
 };
+
+// A solve starts with the auction (sparse_auction) when more than n / kAuctionFreeDivisor rows
+// are free. At n = 131,072 (crowded features, assign_full's second solve) 4,796 free rows took
+// 2.4 s of Dijkstra alone and 1.1 s with the auction first; 1,692 rows took 0.5 s either way.
+constexpr int64_t kAuctionFreeDivisor = 64;
 
 namespace detail {
 
@@ -149,79 +158,178 @@ inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
   return free_rows;
 }
 
-// One pass of augmenting row reduction (lsap.h's, on edge lists): each free row takes its cheapest
-// column, lowering that column's price until it ties with the row's second best, so the pair is
-// tight and every other matched pair stays its row's minimum (a lower price only makes a column
-// dearer to the others). The row it evicts is retried at once when the price moved, else
-// deferred; past kArrStepsPerRow steps per row the rest is left to the exact Dijkstra phase.
-// From the near-parallel features' coarse prices half the rows start free, and the Dijkstra
-// searches that each needed were most of the first solve. Returns the rows still free.
-inline std::vector<int64_t> sparse_row_reduction(const SparseProblem& p,
-                                                 std::vector<int64_t> free_rows,
-                                                 int64_t* col4row, SparseWorkspace& ws) {
+// Runs body(begin, end) over [0, count), possibly on several threads (the kernel passes
+// at::parallel_for); null: one call on this thread.
+using ParallelFor = std::function<void(int64_t count, const std::function<void(int64_t, int64_t)>& body)>;
+
+inline void run_parallel(const ParallelFor& parallel_for, int64_t count,
+                         const std::function<void(int64_t, int64_t)>& body) {
+  if (count <= 0) return;
+  if (parallel_for) {
+    parallel_for(count, body);
+  } else {
+    body(0, count);
+  }
+}
+
+inline void atomic_min_key(uint64_t* slot, uint64_t key) {
+  uint64_t seen = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (key < seen &&
+         !__atomic_compare_exchange_n(slot, &seen, key, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+// The epsilon-scaled Jacobi auction of auction_lsap.h's prepass, on edge lists, as the start of a
+// first solve: every free row bids for its cheapest column at once (in parallel), each column
+// goes to its lowest price (ties to the lower row: the result does not depend on threads), and
+// Bellman-Ford sweeps over the edges then lower the matched columns' prices until their pairs
+// are tight. Nothing here needs to be exact: the caller keeps only the pairs that are tight by
+// Dijkstra's own arithmetic (warm_start) and the Dijkstra phase finishes. Returns the rows left
+// free by the auction (warm_start decides the rest).
+inline std::vector<int64_t> sparse_auction(const SparseProblem& p, std::vector<int64_t> free_rows,
+                                           int64_t* col4row, SparseWorkspace& ws,
+                                           const ParallelFor& parallel_for, const int32_t* abort) {
+  const int64_t n = p.n, m = p.m, nnz = p.crow[n];
   double* v = ws.v.data();
   const double* c = ws.c.data();
   int64_t* row4col = ws.row4col.data();
-  const int64_t nfree = static_cast<int64_t>(free_rows.size());
-  std::vector<int64_t> later;
-  int64_t k = 0, steps = 0;
-  while (k < nfree) {
-    ++steps;
-    const int64_t i = free_rows[k++];
-    double u1 = kInf, u2 = kInf;
-    int64_t j1 = -1, j2 = -1, e1 = -1, e2 = -1;
-    for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
-      const int64_t j = p.col[e];
-      const double h = c[e] - v[j];
-      if (h < u1) {
-        if (j != j1) {
-          u2 = u1;
-          j2 = j1;
-          e2 = e1;
-        }
-        u1 = h;
-        j1 = j;
-        e1 = e;
-      } else if (h < u2 && j != j1) {
-        u2 = h;
-        j2 = j;
-        e2 = e;
-      }
-    }
-    if (j1 < 0) {  // no edge: left to the Dijkstra phase, which reports it infeasible
-      later.push_back(i);
-      continue;
-    }
-    int64_t i0 = row4col[j1];
-    const double v1_new = v[j1] - (u2 - u1);
-    const bool lowers = j2 >= 0 && v1_new < v[j1];
-    if (steps < detail::kArrStepsPerRow * k) {
-      if (lowers) {
-        v[j1] = v1_new;
-      } else if (i0 >= 0 && j2 >= 0) {
-        j1 = j2;  // tie: take the equally cheap second column instead of evicting
-        e1 = e2;
-        i0 = row4col[j2];
-      }
-      if (i0 >= 0) {
-        if (lowers) {
-          free_rows[--k] = i0;
-        } else {
-          later.push_back(i0);
-        }
-      }
-    } else if (i0 >= 0) {
-      later.push_back(i0);
-    }
-    col4row[i] = j1;
-    row4col[j1] = i;
-    ws.edge4row[i] = e1;
-    if (i0 >= 0) {
-      col4row[i0] = -1;
-      ws.edge4row[i0] = -1;
-    }
+  int64_t* edge4row = ws.edge4row.data();
+  double lo = kInf, hi = -kInf;
+  for (int64_t e = 0; e < nnz; ++e) {
+    lo = std::min(lo, c[e]);
+    hi = std::max(hi, c[e]);
   }
-  return later;
+  const double range = hi - lo;
+  if (!(range > 0x1p-900 && std::max(std::fabs(lo), std::fabs(hi)) <= 0x1p900)) return free_rows;
+  std::vector<int64_t> no_edge;  // left to Dijkstra, which reports them infeasible
+  {
+    std::vector<int64_t> bidders;
+    for (const int64_t i : free_rows) (p.crow[i + 1] > p.crow[i] ? bidders : no_edge).push_back(i);
+    free_rows.swap(bidders);
+  }
+  int index_bits = 1;
+  while ((int64_t{1} << index_bits) < n) ++index_bits;
+  const uint64_t index_mask = (uint64_t{1} << index_bits) - 1;
+  std::vector<uint64_t> keys(m, kNoKey);
+  std::vector<int64_t> bid_col, bid_edge(n, -1), next, evicted;
+  std::vector<char> slack;
+  const double final_eps = std::ldexp(range, -kFinalEpsilonLog2) / static_cast<double>(n);
+  const int64_t stop_free = n / kStopDivisor;
+  const int64_t round_budget = n + 2000;
+  int64_t rounds = 0;
+  bool stopped = false;
+  double eps = range / kFirstEpsilonDivisor;
+  for (bool first = true, last = false; !last && !stopped; first = false) {
+    last = eps <= final_eps;
+    if (!first) {
+      // A new phase keeps the pairs that meet its smaller eps and frees the others.
+      slack.assign(n, 0);
+      run_parallel(parallel_for, n, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          if (col4row[i] >= 0) slack[i] = c[edge4row[i]] - v[col4row[i]] > row_min(p, c, v, i) + eps;
+        }
+      });
+      for (int64_t i = 0; i < n; ++i) {
+        if (!slack[i]) continue;
+        row4col[col4row[i]] = -1;
+        col4row[i] = -1;
+        edge4row[i] = -1;
+        free_rows.push_back(i);
+      }
+    }
+    while (static_cast<int64_t>(free_rows.size()) > stop_free && rounds < round_budget) {
+      if (abort && __atomic_load_n(abort, __ATOMIC_RELAXED) != 0) {
+        stopped = true;
+        break;
+      }
+      ++rounds;
+      const int64_t nf = static_cast<int64_t>(free_rows.size());
+      bid_col.resize(nf);
+      run_parallel(parallel_for, nf, [&](int64_t b, int64_t end) {
+        for (int64_t k = b; k < end; ++k) {
+          const int64_t i = free_rows[k];
+          double u1 = kInf, u2 = kInf;
+          int64_t j1 = -1, e1 = -1;
+          for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+            const int64_t j = p.col[e];
+            const double h = c[e] - v[j];
+            if (h < u1) {
+              if (j != j1) u2 = u1;
+              u1 = h;
+              j1 = j;
+              e1 = e;
+            } else if (h < u2 && j != j1) {
+              u2 = h;
+            }
+          }
+          // eps at least a few ulps of the price, so the rounded bid still lowers it
+          const double step = std::max(eps, std::ldexp(std::fabs(v[j1]), index_bits + 3 - 52));
+          const double gap = u2 < kInf ? u2 - u1 : 0.0;
+          const uint64_t price = (order_key(v[j1] - gap - step) + index_mask) & ~index_mask;
+          atomic_min_key(&keys[j1], price | static_cast<uint64_t>(i));
+          bid_col[k] = j1;
+          bid_edge[i] = e1;
+        }
+      });
+      evicted.clear();
+      for (int64_t k = 0; k < nf; ++k) {
+        const int64_t j = bid_col[k];
+        const uint64_t key = keys[j];
+        if (key == kNoKey) continue;  // settled by an earlier bid of this round
+        keys[j] = kNoKey;
+        const int64_t i = static_cast<int64_t>(key & index_mask);
+        const int64_t old = row4col[j];
+        if (old >= 0) {
+          col4row[old] = -1;
+          edge4row[old] = -1;
+          evicted.push_back(old);
+        }
+        row4col[j] = i;
+        col4row[i] = j;
+        edge4row[i] = bid_edge[i];
+        v[j] = from_order_key(key & ~index_mask);
+      }
+      next.clear();
+      for (const int64_t i : free_rows) {
+        if (col4row[i] < 0) next.push_back(i);
+      }
+      next.insert(next.end(), evicted.begin(), evicted.end());
+      free_rows.swap(next);
+    }
+    if (rounds >= round_budget) break;
+    eps = std::max(eps / kEpsilonFactor, final_eps);
+  }
+  // Bellman-Ford over the matched pairs: v[j] = min(v[j], c(i, j) - u[i]) for matched rows i and
+  // matched columns j, until nothing moves.
+  std::vector<double> u(n);
+  for (int sweep = 0; sweep < kMaxSweeps && !stopped; ++sweep) {
+    run_parallel(parallel_for, n, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) u[i] = col4row[i] >= 0 ? c[edge4row[i]] - v[col4row[i]] : kInf;
+    });
+    run_parallel(parallel_for, n, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        if (u[i] == kInf) continue;
+        for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+          const int64_t j = p.col[e];
+          const double lowered = c[e] - u[i];
+          if (row4col[j] >= 0 && lowered < v[j]) atomic_min_key(&keys[j], order_key(lowered));
+        }
+      }
+    });
+    bool changed = false;
+    for (int64_t j = 0; j < m; ++j) {
+      if (keys[j] == kNoKey) continue;
+      const double lowered = from_order_key(keys[j]);
+      keys[j] = kNoKey;
+      if (lowered < v[j]) {
+        v[j] = lowered;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  free_rows.insert(free_rows.end(), no_edge.begin(), no_edge.end());
+  return free_rows;
 }
 
 // Dijkstra from free row f over reduced costs, then augment along the path found. Labels are
@@ -307,7 +415,8 @@ inline bool sparse_augment(const SparseProblem& p, int64_t f, int64_t* col4row,
 // honour a deadline or a stop request from another thread.
 inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, const double* v_init,
                            int64_t* col4row, double* u, double* v_out, SparseWorkspace& ws,
-                           const int32_t* abort = nullptr, bool* interrupted = nullptr) {
+                           const int32_t* abort = nullptr, bool* interrupted = nullptr,
+                           const detail::ParallelFor& parallel_for = nullptr) {
   const int64_t n = p.n, m = p.m, nnz = p.crow[n];
   const double sign = maximize ? -1.0 : 1.0;
   ws.resize(n, m, nnz);
@@ -320,11 +429,13 @@ inline Status sparse_solve(const SparseProblem& p, bool maximize, bool warm, con
     for (int64_t i = 0; i < n; ++i) col4row[i] = -1;
   }
   std::vector<int64_t> free_rows = detail::warm_start(p, col4row, ws);
-  // Only where many rows start free (a first solve): on a re-solve after a few added edges its
-  // price moves set off more pricing rounds than its saved searches were worth.
-  const bool reduce = static_cast<int64_t>(free_rows.size()) * 8 > n;
-  for (int pass = 0; pass < 2 && reduce && !free_rows.empty(); ++pass) {
-    free_rows = detail::sparse_row_reduction(p, std::move(free_rows), col4row, ws);
+  // Where many rows start free (a first solve, or a re-solve after many edges came in) the
+  // auction prices them in near-linear time; from its prices the Dijkstra searches are short.
+  // A few free rows cost less than the auction's fixed cost (a pass over the edges per phase).
+  if (static_cast<int64_t>(free_rows.size()) * kAuctionFreeDivisor > n) {
+    detail::sparse_auction(p, std::move(free_rows), col4row, ws, parallel_for, abort);
+    std::fill(ws.row4col.begin(), ws.row4col.end(), -1);
+    free_rows = detail::warm_start(p, col4row, ws);  // only the pairs tight by Dijkstra's arithmetic
   }
   if (interrupted) *interrupted = false;
   for (size_t q = 0; q < free_rows.size(); ++q) {

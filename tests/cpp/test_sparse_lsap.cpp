@@ -1,10 +1,13 @@
 // The sparse solver core (lap/sparse_lsap.h) on its own, no torch: random sparse problems against
 // the dense solver (lap/lsap.h, missing edges as +inf), cold and warm from random matchings and
-// prices, with the certificate checked over the edges; and infeasibility. Built by CMakeLists.txt
+// prices, with the certificate checked over the edges; the auction's bids on three threads give
+// the same matching as on one; and infeasibility. Built by CMakeLists.txt
 // and run by ctest.
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "lap/lsap.h"
@@ -21,26 +24,41 @@ void expect(bool ok, const char* what, unsigned seed, bool warm) {
   }
 }
 
+// The kernel's at::parallel_for, on plain threads (as there, short ranges run inline).
+const nat::lap::detail::ParallelFor three_threads =
+    [](int64_t count, const std::function<void(int64_t, int64_t)>& body) {
+      if (count < 64) return body(0, count);
+      std::vector<std::thread> pool;
+      for (int64_t k = 0; k < 3; ++k) {
+        const int64_t b = count * k / 3, e = count * (k + 1) / 3;
+        if (b < e) pool.emplace_back(body, b, e);
+      }
+      for (std::thread& t : pool) t.join();
+    };
+
 struct Csr {
   int64_t n, m;
   std::vector<int64_t> crow, col;
   std::vector<double> cost;
 };
 
-// Row i gets a hidden perfect matching's edge (so it is feasible) and `degree` random ones.
-Csr random_csr(std::mt19937& rng, int64_t n, int64_t m, int degree) {
+// Row i gets a hidden perfect matching's edge (so it is feasible) and `degree` random ones;
+// costs small integers (many ties) or, with `real`, uniform doubles.
+Csr random_csr(std::mt19937& rng, int64_t n, int64_t m, int degree, bool real = false) {
   Csr p{n, m, {0}, {}, {}};
   std::vector<int64_t> perm(m);
   for (int64_t j = 0; j < m; ++j) perm[j] = j;
   std::shuffle(perm.begin(), perm.end(), rng);
   std::uniform_int_distribution<int64_t> pick(0, m - 1);
-  std::uniform_int_distribution<int> small(0, 9);  // small integers: many ties
+  std::uniform_int_distribution<int> small(0, 9);
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  auto draw = [&]() { return real ? uniform(rng) : static_cast<double>(small(rng)); };
   for (int64_t i = 0; i < n; ++i) {
     p.col.push_back(perm[i]);
-    p.cost.push_back(small(rng));
+    p.cost.push_back(draw());
     for (int e = 0; e < degree; ++e) {
       p.col.push_back(pick(rng));
-      p.cost.push_back(small(rng));
+      p.cost.push_back(draw());
     }
     p.crow.push_back(static_cast<int64_t>(p.col.size()));
   }
@@ -69,10 +87,14 @@ bool certificate_holds(const Csr& p, const std::vector<int64_t>& x, const std::v
   return true;
 }
 
+// Small cases (5-44 rows, integer costs); from seed 300 on, 1,500-2,500 rows with real costs, where
+// the auction runs several phases and leaves rows to Dijkstra.
 void run_case(unsigned seed) {
   std::mt19937 rng(seed);
-  const int64_t n = 5 + seed % 40, m = n + (seed % 3) * (seed % 7);
-  const Csr p = random_csr(rng, n, m, 1 + seed % 4);
+  const bool large = seed >= 300;
+  const int64_t n = large ? 1500 + 100 * (seed % 11) : 5 + seed % 40;
+  const int64_t m = n + (seed % 3) * (seed % 7) * (large ? 20 : 1);
+  const Csr p = random_csr(rng, n, m, large ? 4 + seed % 9 : 1 + seed % 4, large);
   std::vector<double> dense(n * m, nat::lap::kInf);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
@@ -98,6 +120,7 @@ void run_case(unsigned seed) {
       for (int64_t i = 0; i < n; ++i) x[i] = i % 3 ? perm[i] : -1;
       for (int64_t j = 0; j < m; ++j) v0[j] = normal(rng);
     }
+    const std::vector<int64_t> x_start = x;
     nat::lap::SparseWorkspace ws;
     const nat::lap::Status st = nat::lap::sparse_solve(sp, false, warm, warm ? v0.data() : nullptr,
                                                        x.data(), u.data(), v.data(), ws);
@@ -107,6 +130,15 @@ void run_case(unsigned seed) {
     for (int64_t i = 0; i < n; ++i) got += dense[i * m + x[i]];
     expect(std::fabs(got - optimum) <= 1e-9, "same optimum as the dense solver", seed, warm);
     expect(certificate_holds(p, x, u, v, m > n || !warm), "certificate", seed, warm);
+    std::vector<int64_t> x3 = x;
+    if (warm) {
+      for (int64_t i = 0; i < n; ++i) x3[i] = x_start[i];
+    }
+    std::vector<double> u3(n), v3(m);
+    nat::lap::SparseWorkspace ws3;
+    nat::lap::sparse_solve(sp, false, warm, warm ? v0.data() : nullptr, x3.data(), u3.data(),
+                           v3.data(), ws3, nullptr, nullptr, three_threads);
+    expect(x3 == x && u3 == u && v3 == v, "three threads give the one-thread solve", seed, warm);
   }
 }
 
@@ -126,7 +158,7 @@ void infeasible_case() {
 }  // namespace
 
 int main() {
-  for (unsigned seed = 0; seed < 300; ++seed) run_case(seed);
+  for (unsigned seed = 0; seed < 330; ++seed) run_case(seed);
   infeasible_case();
   std::printf("%s: %d failures\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
