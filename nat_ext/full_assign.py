@@ -11,8 +11,9 @@ Route (column generation with a dual certificate as the stopping rule):
    ranks in bfloat16 where the CPU multiplies it natively; the pairs it keeps get exact scores
    (float64 sums of the float32 products) as it keeps them;
 2. solve the sparse problem exactly with duals (`nat::sparse_linear_sum_assignment`: shortest
-   augmenting paths over the candidate lists, warm from the previous round, after an augmenting
-   row reduction where many rows start free) on rank 0, in a thread the caller watches (a
+   augmenting paths over the candidate lists, warm from the previous round, after an
+   epsilon-scaled auction on the torch threads where many rows start free) on rank 0, in a
+   thread the caller watches (a
    deadline, a stop request), while the other ranks wait on the store;
 3. price out: each rank scans its rows again against the broadcast duals, keeping every pair
    within the ranking's proven error bound (`_rank_error`) of a violation s_ij > u_i + v_j + tol,
@@ -78,7 +79,8 @@ def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int
 
     Returns:
         (col4row, u, v): int64 Tensor[n] and float64 Tensor[n], Tensor[m] with u_i + v_j <= cost
-        on every edge (>= when maximising), equality on the assigned pairs, and when m > n (or
+        on every edge (>= when maximising; to within 2^-42 (|cost| + |v_j|), the rounding that a
+        start's pairs may carry), equality on the assigned pairs, and when m > n (or
         without init_v) unassigned columns at v = 0 and every other column at v <= 0 (>= 0
         when maximising); square problems warm from init_v keep its offset. Raises ValueError
         when no matching of every row uses the given edges.

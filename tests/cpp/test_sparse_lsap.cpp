@@ -1,6 +1,7 @@
 // The sparse solver core (lap/sparse_lsap.h) on its own, no torch: random sparse problems against
 // the dense solver (lap/lsap.h, missing edges as +inf), cold and warm from random matchings and
-// prices, with the certificate checked over the edges; the auction's bids on three threads give
+// prices, with the certificate checked over the edges (and, without given prices, the least
+// prices against Bellman-Ford); the auction's bids on three threads give
 // the same matching as on one; and infeasibility. Built by CMakeLists.txt
 // and run by ctest.
 #include <cmath>
@@ -89,6 +90,30 @@ bool certificate_holds(const Csr& p, const std::vector<int64_t>& x, const std::v
 
 // Small cases (5-44 rows, integer costs); from seed 300 on, 1,500-2,500 rows with real costs, where
 // the auction runs several phases and leaves rows to Dijkstra.
+// The greatest prices v <= 0 under which every matched pair stays its row's minimum, by
+// Bellman-Ford from v = 0 (a cold solve starts with the auction and must return these, whichever
+// path found its matching).
+std::vector<double> least_prices_reference(const Csr& p, const std::vector<int64_t>& x) {
+  std::vector<double> v(p.m, 0.0), own(p.n);
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (int64_t i = 0; i < p.n; ++i) {
+      double pair = nat::lap::kInf;  // the cheapest edge (i, x[i])
+      for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+        if (p.col[e] == x[i]) pair = std::min(pair, p.cost[e]);
+      }
+      for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
+        const double bound = p.cost[e] - pair + v[x[i]];
+        if (bound < v[p.col[e]] - 1e-12) {
+          v[p.col[e]] = bound;
+          changed = true;
+        }
+      }
+    }
+  }
+  return v;
+}
+
 void run_case(unsigned seed) {
   std::mt19937 rng(seed);
   const bool large = seed >= 300;
@@ -122,22 +147,30 @@ void run_case(unsigned seed) {
     }
     const std::vector<int64_t> x_start = x;
     nat::lap::SparseWorkspace ws;
-    const nat::lap::Status st = nat::lap::sparse_solve(sp, false, warm, warm ? v0.data() : nullptr,
-                                                       x.data(), u.data(), v.data(), ws);
+    // even seeds warm from a matching alone (the auction runs), odd ones with prices too
+    const double* prices = warm && seed % 2 ? v0.data() : nullptr;
+    const nat::lap::Status st = nat::lap::sparse_solve(sp, false, warm, prices, x.data(), u.data(),
+                                                       v.data(), ws);
     expect(st == nat::lap::kSolved, "solved", seed, warm);
     if (st != nat::lap::kSolved) continue;
     double got = 0;
     for (int64_t i = 0; i < n; ++i) got += dense[i * m + x[i]];
     expect(std::fabs(got - optimum) <= 1e-9, "same optimum as the dense solver", seed, warm);
-    expect(certificate_holds(p, x, u, v, m > n || !warm), "certificate", seed, warm);
+    expect(certificate_holds(p, x, u, v, m > n || !prices), "certificate", seed, warm);
+    if (!prices) {
+      const std::vector<double> least = least_prices_reference(p, x);
+      bool same = true;
+      for (int64_t j = 0; j < m; ++j) same &= std::fabs(least[j] - v[j]) <= 1e-9;
+      expect(same, "a solve without prices returns the least prices", seed, warm);
+    }
     std::vector<int64_t> x3 = x;
     if (warm) {
       for (int64_t i = 0; i < n; ++i) x3[i] = x_start[i];
     }
     std::vector<double> u3(n), v3(m);
     nat::lap::SparseWorkspace ws3;
-    nat::lap::sparse_solve(sp, false, warm, warm ? v0.data() : nullptr, x3.data(), u3.data(),
-                           v3.data(), ws3, nullptr, nullptr, three_threads);
+    nat::lap::sparse_solve(sp, false, warm, prices, x3.data(), u3.data(), v3.data(), ws3, nullptr,
+                           nullptr, three_threads);
     expect(x3 == x && u3 == u && v3 == v, "three threads give the one-thread solve", seed, warm);
   }
 }
