@@ -102,7 +102,8 @@ def main() -> None:
                    rounds=st["rounds"], checksum=int(((torch.arange(args.rows) + 1) * x).sum()),
                    **usage())
         if world > 1:
-            dist.destroy_process_group()
+            from nat_ext.full_assign import close_process_group
+            close_process_group()
         if rank != 0:
             return
     print(json.dumps(out, default=float))

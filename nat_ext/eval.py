@@ -40,6 +40,7 @@ from .config import BASELINES, EvalConfig, ProbeConfig, SettingError, parse_conf
 from .data import DataInfo, collate, default_workers, get_dataset, shard_rows
 from .models import CONV_STAGES, Encoder, build_model
 from .presets import DeviceTransform
+from .full_assign import close_process_group
 from .probes import FeatureStats, KnnBank, LinearHeads, linear_probe, pool_features, probe_grid
 from .supervised import supervised_config, train_supervised
 
@@ -573,7 +574,7 @@ def evaluate(ecfg: EvalConfig) -> dict | None:
         return _evaluate(ecfg, wanted, device, rank, world)
     finally:
         if started:
-            dist.destroy_process_group()
+            close_process_group()
 
 
 @dataclass

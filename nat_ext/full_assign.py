@@ -57,6 +57,21 @@ _TORCH_TOPK = False  # tests set it to run the GPU's candidate path (torch.topk)
 _DTYPE_NAMES = {torch.int64: "Long", torch.float64: "Double"}  # as the C++ checks print them
 
 
+def close_process_group() -> None:
+    """``dist.destroy_process_group()``, after letting gloo's worker threads drop the tensors of the
+    last collectives. Under torch 2.6 the group's destructor joins those threads while holding the
+    GIL, and a worker freeing a tensor that Python no longer references needs the GIL: both wait
+    for ever (seen in CI in the sharded solve's tests; gdb: ~ProcessGroupGloo in thread 1, a
+    worker in ~TensorImpl waiting for the GIL). The sleep releases the GIL; no collective, so a
+    failing rank can call it too."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    time.sleep(0.2)
+    dist.destroy_process_group()
+
+
 def sparse_linear_sum_assignment(crow: Tensor, col: Tensor, cost: Tensor, m: int,
                                  maximize: bool = False, init_col4row: Tensor | None = None,
                                  init_v: Tensor | None = None, abort: Tensor | None = None

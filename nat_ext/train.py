@@ -44,9 +44,10 @@ from .models import build_model
 from .presets import DeviceTransform
 from .reassign import (align_batch, assignment_objective, centre_features, check_settings, dataset_features,
                        dataset_objective, reassign, reassign_dataset, reassigns_on, target_generator, target_set)
-from .run import (EpochStats, StopFlag, amp_settings, build_scheduler, continue_schedule, epoch_batches,
-                  gather_rng, held_perm, move_aside, no_sync_allowed, plot_metrics, prepare_out, resume, scaled_lr,
-                  setup_processes, stopped, write_summary)
+from .full_assign import close_process_group
+from .run import (EpochStats, StopFlag, amp_settings, build_scheduler, continue_schedule, epoch_batches, gather_rng,
+                  held_perm, move_aside, no_sync_allowed, plot_metrics, prepare_out, resume, scaled_lr, setup_processes,
+                  stopped, write_summary)
 from .labels import class_counts, dataset_labels, labelled_batches, labelled_set
 from .state import Assignment, cpu_assign
 from .terms import Batch, NatTerm, build_terms, total_loss
@@ -88,8 +89,7 @@ def train(cfg: Config) -> dict:
         # A refusal or failure before the loop's own teardown: leaving the group to interpreter
         # exit aborts the process ("terminate called without an active exception") instead of
         # letting it report the error.
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
         raise
 
 
@@ -383,7 +383,7 @@ def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) ->
         if writer is not None:
             writer.close()
         if world > 1 and not (finished and cfg.eval):
-            dist.destroy_process_group()
+            close_process_group()
 
     # evaluate: every rank shares the sgd probe; the L-BFGS probe is rank 0's (the others return None)
     result = None
@@ -393,7 +393,7 @@ def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) ->
                                          workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
         finally:
             if world > 1:
-                dist.destroy_process_group()
+                close_process_group()
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
 
@@ -530,7 +530,7 @@ def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_
                                          workers=cfg.workers, out=eval_path))
     finally:
         if world > 1:
-            dist.destroy_process_group()
+            close_process_group()
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": report}
 

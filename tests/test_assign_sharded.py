@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nat_ext
+from nat_ext.full_assign import close_process_group
 from conftest import init_rank, run_processes
 from test_assign_full import certificate_holds, dense_optimum, total
 
@@ -38,7 +39,7 @@ def _solve_worker(rank, world, port, out):
         st = {}
         x, u, v = nat_ext.assign_sharded(f[lo:hi], lo, f.shape[0], t, init, stats=st, **kw)
         torch.save({"x": x, "u": u, "v": v, "stats": st}, os.path.join(out, f"{i}_{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def test_two_ranks_give_the_one_process_answer(tmp_path):
@@ -78,7 +79,7 @@ def _interrupt_worker(rank, world, port, out):
         except nat_ext.SolveInterrupted as e:
             got[case] = e.reason
     torch.save(got, os.path.join(out, f"interrupt_{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def test_deadline_and_stop_end_the_solve_on_every_rank(tmp_path):

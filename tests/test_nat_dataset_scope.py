@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from nat_ext import train as nat_train
 from nat_ext.checkpoint import load_checkpoint
 from nat_ext.config import Config
+from nat_ext.full_assign import close_process_group
 from nat_ext.state import Assignment
 from nat_ext.targets import Targets
 
@@ -171,7 +172,7 @@ def _disagree_worker(rank, world, port, out):
         msg = str(e)
     with open(os.path.join(out, f"err{rank}.txt"), "w") as f:
         f.write(msg)
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_ranks_that_disagree_raise_on_every_rank(tmp_path):
