@@ -6,12 +6,14 @@
 // lists, with a binary heap instead of the dense sweep, so a step costs O(deg log) instead of
 // O(m). Where many rows start free an epsilon-scaled Jacobi auction (auction_lsap.h's prepass,
 // on edge lists, its bids in parallel) first finds near-optimal prices: from a random start the
-// Dijkstra searches had to cross most of the graph (about 4,000 columns each at n = 131,072). It can start warm from a previous matching and column prices (nat_ext.assign_full
+// Dijkstra searches had to cross most of the graph (about 4,000 columns each at n = 131,072).
+// It can start warm from a previous matching and column prices (nat_ext.assign_full
 // re-solves after adding edges): the matched pairs that are still tight are kept, the other
 // rows start free.
 //
 // The output carries the certificate of lsap.h, over the candidate edges: u[i] + v[j] <= c[i][j]
-// on every edge (to within kTightSlack of the magnitudes), equality on assigned pairs, v[j] == 0 on unassigned columns and v[j] <= 0
+// on every edge (to within kTightSlack of the magnitudes), equality on assigned pairs, v[j] == 0
+// on unassigned columns and v[j] <= 0
 // elsewhere. Columns without an edge stay unassigned at v = 0.
 //
 // Plain C++ on pointers and sizes: no torch, so the CPU kernel and a C++ test share it.
@@ -114,9 +116,9 @@ inline std::vector<int64_t> warm_start(const SparseProblem& p, int64_t* col4row,
     for (int64_t e = p.crow[i]; e < p.crow[i + 1]; ++e) {
       if (p.col[e] == j && (edge < 0 || c[e] < c[edge])) edge = e;
     }
-    if (edge < 0 || c[edge] - v[j] > row_min(p, c, v, i) + kTightSlack * (std::fabs(c[edge]) + std::fabs(v[j]))) {
-      continue;
-    }
+    if (edge < 0) continue;
+    const double slack = kTightSlack * (std::fabs(c[edge]) + std::fabs(v[j]));
+    if (c[edge] - v[j] > row_min(p, c, v, i) + slack) continue;
     col4row[i] = j;
     ws.row4col[j] = i;
     ws.edge4row[i] = edge;
@@ -227,7 +229,7 @@ inline void lower_to_tight(const SparseProblem& p, const int64_t* col4row, Spars
 }
 
 // The epsilon-scaled Jacobi auction of auction_lsap.h's prepass, on edge lists, as the start of a
-// first solve: every free row bids for its cheapest column at once (in parallel), each column
+// solve with many free rows: every free row bids for its cheapest column at once (in parallel), each column
 // goes to its lowest price (ties to the lower row: the result does not depend on threads), and
 // Bellman-Ford sweeps over the edges then lower the matched columns' prices until their pairs
 // are tight. Nothing here needs to be exact: the caller keeps only the pairs that are tight by
@@ -444,10 +446,10 @@ inline void least_prices(const SparseProblem& p, const std::vector<double>& top,
   std::make_heap(heap.begin(), heap.end(), later);
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), later);
-    const SparseHeapEntry top = heap.back();
+    const SparseHeapEntry entry = heap.back();
     heap.pop_back();
-    const int64_t k = top.j;
-    if (settled[k] || top.d != delta[k]) continue;
+    const int64_t k = entry.j;
+    if (settled[k] || entry.d != delta[k]) continue;
     settled[k] = 1;
     const int64_t i = row4col[k];
     if (i < 0) continue;
