@@ -85,12 +85,10 @@ def train(cfg: Config) -> dict:
     device, rank, world = setup_processes(cfg)
     try:
         return _train_in_group(cfg, device, rank, world)
-    except BaseException:
-        # A refusal or failure before the loop's own teardown: leaving the group to interpreter
-        # exit aborts the process ("terminate called without an active exception") instead of
-        # letting it report the error.
+    finally:
+        # on every way out (a refusal before the loop included: a group left to interpreter exit
+        # aborts the process, "terminate called without an active exception")
         close_process_group()
-        raise
 
 
 def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
@@ -235,7 +233,6 @@ def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) ->
     def max_steps_reached() -> bool:
         return cfg.max_steps > 0 and global_step >= cfg.max_steps
 
-    finished = False  # the loop ran to its end: the process group stays up for the evaluation
     try:
         if max_steps_reached():
             return stopped(f"--max-steps {cfg.max_steps} reached before this run", 0, ckpt_path, at["epoch"],
@@ -377,23 +374,16 @@ def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) ->
             if max_steps_reached() and epoch + 1 < cfg.epochs:
                 return stopped(f"--max-steps {cfg.max_steps} reached", 0, ckpt_path, epoch + 1, 0, assignment,
                                train_seconds, master)
-        finished = True
     finally:
         stop.restore(old_handlers)
         if writer is not None:
             writer.close()
-        if world > 1 and not (finished and cfg.eval):
-            close_process_group()
 
     # evaluate: every rank shares the sgd probe; the L-BFGS probe is rank 0's (the others return None)
     result = None
     if cfg.eval:
-        try:
-            result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
-                                         workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
-        finally:
-            if world > 1:
-                close_process_group()
+        result = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
+                                     workers=cfg.workers, out=os.path.join(cfg.out, "eval.json")))
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": result}
 
@@ -524,13 +514,9 @@ def _complete(cfg: Config, ckpt_path: str, assignment: Assignment | None, train_
     if master:
         print(f"the run in {cfg.out} is complete ({cfg.epochs} epochs)"
               + (f"; its evaluation ({eval_path}):\n{report_tables(report)}" if report else ""), flush=True)
-    try:
-        if report is None and cfg.eval:
-            report = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
-                                         workers=cfg.workers, out=eval_path))
-    finally:
-        if world > 1:
-            close_process_group()
+    if report is None and cfg.eval:
+        report = evaluate(EvalConfig(checkpoint=ckpt_path, probe=cfg.probe, device=str(device),
+                                     workers=cfg.workers, out=eval_path))
     return {"checkpoint": ckpt_path, "interrupted": 0, "perm": held_perm(assignment),
             "train_seconds": train_seconds, "eval": report}
 
