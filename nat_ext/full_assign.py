@@ -19,9 +19,14 @@ Route (column generation with a dual certificate as the stopping rule):
    within the ranking's proven error bound (`_rank_error`) of a violation s_ij > u_i + v_j + tol,
    scores those exactly, and sends the violating ones to rank 0 (k per row in the first round,
    twice as many each round after). None anywhere: the duals certify the sparse optimum over
-   all n x m pairs, so it is the dense optimum. A row needs a new scan only when its u fell
-   below the bound its last scan proved; a price that fell (a rectangular warm start frees
-   columns) has its column scanned against every row.
+   all n x m pairs, so it is the dense optimum. Each row keeps a bound on its pairs' values
+   under the prices of its last scan, so a pair can violate only on a column whose price has
+   risen by less than the row's deficit (its bound less its u): a row is rescanned against
+   those columns only (prices rise on most columns, so a round-1 rescan scores about 1% of
+   what a whole row would), or in full where that costs less.
+A warm solve (the previous solve's matching and prices, the features moved) makes one pass
+ranked under the old prices, each row's top-k with no column lists: its lists are the first
+candidates and its bounds certify every row whose value stays above them.
 Two exact rewritings keep the ranking sharp: the ranking copy of the features is centred on the
 mean row (s_ij = (f_i - mu) . t_j + mu . t_j, the second term an exact per-target offset), so a
 bfloat16 product's error scales with |f_i - mu|; and a square problem solves for s_ij - mu . t_j
@@ -302,6 +307,13 @@ class _Source:
                 yield c0, self.base[c0:c1].to(self.device, self.dtype)
             else:
                 yield c0, self.take(torch.arange(c0, c1))
+
+    @property
+    def regen_pairs(self) -> float:
+        """What making one target row for a pass costs, in scored pairs: regenerating it from
+        the seed (CPU Philox, ~2.5e6 values/s) against the fused pass (~0.5 CPU-ns a pair at
+        d = 64): about 5e4. Slicing a dense table: about nothing."""
+        return 0.0 if isinstance(self.base, Tensor) else 5e4
 
     def max_norm(self) -> float:
         # once per source: the pricing asks for it every chunk of every round
@@ -590,11 +602,9 @@ def _crowded(rows: _Rows, src: _Source, comm: _Comm) -> tuple[bool, int, int]:
     (an untrained network's) crowd; then the coarse duals pay for themselves many times over,
     while on spread features the first solve is faster from zero prices (its errors are local,
     not a global shift)."""
-    n, m = rows.n, src.m
-    g = torch.Generator().manual_seed(n * 1000003 + m + 1)
-    sample = torch.randperm(n, generator=g)[:min(n, _CROWD_ROWS)]
-    mine = sample[(sample >= rows.row0) & (sample < rows.row0 + rows.nr)] - rows.row0
-    lists = _scan(rows, src, sel=mine.sort().values, k=1)
+    m = src.m
+    sample, mine = _sample_rows(rows, m, 1)
+    lists = _scan(rows, src, sel=mine, k=1)
     favourites = comm.gather_to_root([lists.idx[:, 0].cpu()])
     crowded = torch.zeros(3, dtype=torch.int64)
     if comm.rank == 0:
@@ -604,6 +614,31 @@ def _crowded(rows: _Rows, src: _Source, comm: _Comm) -> tuple[bool, int, int]:
         crowded[:] = torch.tensor([int(2 * distinct < expected), distinct, sample.numel()])
     comm.broadcast(crowded)
     return bool(crowded[0]), int(crowded[1]), int(crowded[2])
+
+
+def _sample_rows(rows: _Rows, m: int, salt: int) -> tuple[Tensor, Tensor]:
+    """A seeded sample of min(n, _CROWD_ROWS) of the n rows, the same on every rank: (global
+    ids, this rank's local ids among them, sorted)."""
+    g = torch.Generator().manual_seed(rows.n * 1000003 + m + salt)
+    sample = torch.randperm(rows.n, generator=g)[:min(rows.n, _CROWD_ROWS)]
+    mine = sample[(sample >= rows.row0) & (sample < rows.row0 + rows.nr)] - rows.row0
+    return sample, mine.sort().values
+
+
+def _warm_cut(rows: _Rows, src: _Source, comm: _Comm, u0: Tensor, v0: Tensor,
+              k: int) -> float | None:
+    """The warm pass's cut on s_ij - u0_i - v0_j: the median over a seeded sample of rows of
+    their k-th best value. Without a cut a row's list fills from the first tiles on and takes
+    about k ln(m / k) entries over the pass, each a walk of its stretch; above the cut it takes
+    at most k (12 on average at n = 65,536), and the pass costs 0.75 of the uncut one."""
+    _, mine = _sample_rows(rows, src.m, 2)
+    lists = _scan(rows, src, sel=mine, k=k, row_off=u0[mine], col_off=v0)
+    vals = comm.gather_to_root([lists.vals[:, -1].double().cpu()])
+    cut = torch.zeros(1, dtype=torch.float32)  # the pass compares in float32: no rounding
+    if comm.rank == 0 and vals[0].numel():
+        cut[0] = vals[0].median()
+    cut = float(comm.broadcast(cut))
+    return cut if math.isfinite(cut) else None  # (an overflow: the pass itself reports it)
 
 
 def _pick(lists_idx: Tensor, lists_vals: Tensor, avoid: Tensor) -> Tensor:
@@ -717,6 +752,24 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
     return x, u, v
 
 
+def _plan_rescan(deficit: Tensor, rise: Tensor, regen_pairs: float) -> int:
+    """Which columns to rescan rows against: rows can violate only on columns whose price rose
+    by less than their deficit. Given the deficits and the sorted rises (of all m columns), picks
+    c: the rows whose deficit is at most rise[c] are rescanned against the c columns that rose
+    least, the others against every column. Minimises the pairs scored (a regenerated column
+    counted as regen_pairs); c = 0 rescans every row in full."""
+    m, ds = rise.numel(), deficit.sort().values
+    at = torch.linspace(0, ds.numel() - 1, 65).round().long()
+    cs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.searchsorted(rise, ds[at])]).unique()
+    cs = cs[cs < m]
+    n_full = (ds.numel() - torch.searchsorted(ds, rise[cs], right=True)).double()
+    n_part = ds.numel() - n_full
+    csd = cs.double()
+    cost = (torch.where(n_part > 0, csd * (n_part + regen_pairs), 0.0) +
+            torch.where(n_full > 0, m * (n_full + regen_pairs), 0.0))
+    return int(cs[cost.argmin()])
+
+
 def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, watch: _Watch,
            *, k: int, col_k: int, coarse: int, coarse_min: int, info: dict
            ) -> tuple[Tensor, Tensor, Tensor]:
@@ -727,7 +780,8 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
     n, m, d = rows.n, src.m, src.d
     lo, nr = rows.row0, rows.nr
     info.update({"rounds": 0, "candidates_per_row": [], "violating_rows": [],
-                 "rechecked_rows": [], "exact_rows": [], "rechecked_cols": [],
+                 "rechecked_rows": [], "exact_rows": [], "restricted_rows": [],
+                 "restricted_pairs": [],
                  "time_candidates": 0.0, "time_solve": [], "time_pricing": []})
     mine = _Candidates(nr, m)  # this rank's pairs (local rows): what its passes skip
     cand = mine if comm.world == 1 else _Candidates(n, m)  # every pair, on rank 0
@@ -753,7 +807,8 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
     u0 = v0 = None
     if warm is not None:
         # the previous solve's prices (and its matching, where no held one is given) rank the
-        # candidates by reduced score, as the coarse duals do: from the matching alone, each
+        # candidates by reduced score, as the coarse duals do, in one pass without column lists
+        # (the prices already say which rows want a target): from the matching alone, each
         # round added only what already violated and a warm solve took 35 rounds at n = 16384
         x = warm[0].cpu().to(torch.int64) if init is None else x
         v0 = warm[2].cpu().to(torch.float64)
@@ -772,10 +827,16 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
     if warm is not None:
         u0 = held_s - v0[held_x]  # the held pairs' values under the old prices
     best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
+    cut = None
+    if warm is not None and kk:
+        cut = _warm_cut(rows, src, comm, u0, v0, kk)
+        info["warm_cut"] = cut
     if kk:
         # candidates: each row's top-kk targets and each target's top-kc rows, ranked (under the
         # coarse prices where there are some), scored exactly as the pass keeps them
-        lists = _scan(rows, src, k=kk, kc=min(col_k, n), row_off=u0, col_off=v0, watch=watch)
+        lists = _scan(rows, src, k=kk, kc=0 if warm is not None else min(col_k, n),
+                      row_off=u0, col_off=v0, watch=watch,
+                      row_thr=None if cut is None else torch.full((nr,), cut))
         watch.agreed()
         # an overflowed product (inf, or NaN from inf - inf) leaves nothing the ranking can trust
         bad = torch.tensor([int(not bool(torch.isfinite(lists.max).all()))])
@@ -791,7 +852,9 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         add(c_rows, c_cols, _pair_scores(rows, src, c_rows, c_cols))
         # every pair the pass left out ranked at most as its row's last listed one, so round 1
         # rescans only the rows whose u fell below that (a warm solve: few)
-        last = lists.vals[:, -1].double().cpu()
+        last = lists.vals[:, -1].double().cpu()  # -inf where fewer than kk beat the cut
+        if cut is not None:
+            last = last.clamp(min=cut)
         uo = torch.zeros(nr, dtype=torch.float64) if u0 is None else u0.cpu()
         vmax = 0.0 if v0 is None or not m else float(v0.abs().max())
         e = (_rank_error(rows.rank_dtype, d) * rows.centred_norms * src.max_norm() +
@@ -806,45 +869,53 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         x = _proposals(cand, v, n, m)
     add_k, tol = max(k, 1), 0.0
     price_dtype = [rows.rank_dtype]  # what the pricing passes rank in (see price_all)
+    snaps = {0: v}  # the prices each row's bound in `best` was proved under, by round
+    ref = torch.zeros(nr, dtype=torch.int64)  # which of them, per row
     while True:
         t0 = time.perf_counter()
         info["rounds"] += 1
         info["candidates_per_row"].append(float(comm.broadcast(torch.tensor(
             [cand.keys.numel() / n if comm.rank == 0 else 0.0], dtype=torch.float64))))
-        v_old = v
         x, u, v = _sparse_solve(cand, m, x, v, comm, watch)
         info["time_solve"].append(time.perf_counter() - t0)
 
-        # pricing: this rank's pairs outside the candidates with s_ij > u_i + v_j + tol. A row
-        # needs a scan only when its u fell below its bound from the last scan (v only rises
-        # between rounds, but on the columns a rectangular warm start frees, scanned apart).
+        # pricing: this rank's pairs outside the candidates with s_ij > u_i + v_j + tol. Row
+        # i's bound best_i holds for s_ij - w_j over every pair it does not hold, w the prices
+        # when the bound was proved (snaps[ref_i]); a pair can now violate only on a column
+        # whose price rose by less than the row's deficit best_i - u_i - tol (v - w is
+        # negative where a rectangular warm start freed a column). Each such row is rescanned
+        # against those columns only or in full, whichever costs less (_plan_rescan).
         t0 = time.perf_counter()
         tol = max(tol, 4 * torch.finfo(rows.f.dtype).eps * (
             math.sqrt(d) * scale + float(u.abs().max()) + float(v.abs().max())))
         um = u[lo:lo + nr]
-        # (a price that fell by rounding alone, far below tol, needs no rescan)
-        freed = (v < v_old - tol / 8).nonzero().squeeze(1)
-        if 2 * freed.numel() > m:
-            best.fill_(math.inf)  # most prices fell (a shifted warm start): one whole pass
-            freed = freed[:0]
-        else:
-            # every price that did not fall rose by at least `rise`, so every row's bound falls
-            # by as much (a warm square solve often lifts all prices alike: without this, every
-            # row was rescanned every other round)
-            rose = (v - v_old)[v >= v_old - tol / 8]
-            if rose.numel():
-                best -= float(rose.min())
-        sel = (best > um + tol).nonzero().squeeze(1)
+        snaps[info["rounds"]] = v
+        full_parts, restricted = [], []
+        for r in ref.unique().tolist():
+            group = (ref == r).nonzero().squeeze(1)
+            rise, order = (v - snaps[r]).sort()
+            deficit = best[group] - um[group] - tol
+            need = deficit > rise[0]
+            group, deficit = group[need], deficit[need]
+            if not group.numel():
+                continue
+            c = _plan_rescan(deficit, rise, src.regen_pairs)
+            full = deficit > rise[c]
+            full_parts.append(group[full])
+            if c and not bool(full.all()):
+                restricted.append((group[~full], order[:c].sort().values, float(rise[c])))
+        sel = torch.cat(full_parts).sort().values if full_parts else local_ids[:0]
         info["rechecked_rows"].append(int(comm.all_reduce(torch.tensor([sel.numel()]))))
         found_r, found_c, found_s, info_band = [], [], [], []
         exact_rows = torch.zeros(1, dtype=torch.int64)
 
         def price(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
-                  rank_dtype: torch.dtype, band: int) -> Tensor:
+                  rank_dtype: torch.dtype, band: int, out: Tensor) -> Tensor:
             """Scans rows `sel` against src_p (whose columns are col_ids, None: all), keeping
             each row's `band` best pairs within the ranking error of a violation; records the
-            violating ones and each row's bound. Returns the rows to scan again: their band
-            overflowed its list and the list held no violation."""
+            violating ones and writes each row's bound under the current prices into out[sel].
+            Returns the rows to scan again: their band overflowed its list and the list held no
+            violation."""
             vp = v if col_ids is None else v[col_ids]
             redo = []
             per = max(1, _LIST_BUDGET // band)
@@ -871,12 +942,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                 viol = reduced > tol
                 has = viol.any(dim=1)
                 complete = count <= band
-                # bound on max_j s_ij - v_j over the pairs not held: a complete list knows its
+                # bound on max_j s_ij - v_j over the pairs scanned: a complete list knows its
                 # pairs exactly and the rest lie below tol - e; else the scan's maximum
-                bound = torch.where(complete, um[part] + torch.maximum(
+                out[part] = torch.where(complete, um[part] + torch.maximum(
                     reduced.amax(dim=1) if band else torch.full_like(e, -math.inf), tol - e),
                     um[part] + rmax + e)
-                best[part] = bound if col_ids is None else torch.maximum(best[part], bound)
                 info_band.append(float(count.double().mean()) if count.numel() else 0.0)
                 if bool(has.any()):
                     # each violating row's `add_k` most violating pairs
@@ -888,11 +958,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                 redo.append(part[~complete & ~has])
             return torch.cat(redo) if redo else sel[:0]
 
-        def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None,
-                      skip_held: bool) -> None:
+        def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
+                      out: Tensor) -> None:
             # first in the ranking dtype (bfloat16: a wide band), then the rows whose band
             # overflowed in feats' dtype (a narrow one), with longer lists until none overflows
-            redo = price(sel, src_p, col_ids, skip_held, price_dtype[0], _BAND)
+            redo = price(sel, src_p, col_ids, skip_held, price_dtype[0], _BAND, out)
             if col_ids is None and 2 * redo.numel() > sel.numel():
                 # most rows' bands overflowed: the ranking dtype is too coarse for these prices,
                 # so the next rounds rank in feats' dtype at once (one pass instead of two)
@@ -901,17 +971,28 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             while redo.numel():
                 exact_rows[0] += redo.numel()
                 band = min(src_p.m, band)
-                redo = price(redo, src_p, col_ids, skip_held, rows.f.dtype, band)
+                redo = price(redo, src_p, col_ids, skip_held, rows.f.dtype, band, out)
                 band *= 4
 
         if sel.numel():
-            price_all(sel, src, None, True)
+            price_all(sel, src, None, True, best)
+            ref[sel] = info["rounds"]
+        n_restricted = pairs_restricted = 0
+        for group, cols, cut in restricted:
+            # every column left out rose by at least `cut`, at least the row's deficit: its
+            # pairs lie at or below best - cut, which certifies them under the current prices
+            scanned = torch.empty(nr, dtype=torch.float64)
+            price_all(group, src.subset(cols), cols, False, scanned)
+            best[group] = torch.maximum(scanned[group], best[group] - cut)
+            ref[group] = info["rounds"]
+            n_restricted += group.numel()
+            pairs_restricted += group.numel() * cols.numel()
+        for r in [r for r in snaps if not bool((ref == r).any())]:
+            del snaps[r]
+        info["restricted_rows"].append(int(comm.all_reduce(torch.tensor([n_restricted]))))
+        info["restricted_pairs"].append(int(comm.all_reduce(torch.tensor([pairs_restricted]))))
         info["exact_rows"].append(int(comm.all_reduce(exact_rows)))
         info.setdefault("band_per_row", []).append(info_band[0] if info_band else 0.0)
-        if freed.numel() and nr:
-            # columns a warm start freed (their price fell): every row against them
-            price_all(local_ids, src.subset(freed), freed, False)
-        info["rechecked_cols"].append(int(freed.numel()))
         watch.agreed()
         if found_r:
             fr, fc, fs = torch.cat(found_r), torch.cat(found_c), torch.cat(found_s)
@@ -1075,8 +1156,8 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
         n: rows over all ranks (n <= m).
         targets: Tensor[m, d] or nat_ext.targets.Targets, the same on every rank.
         init: int64 Tensor[n], the held one-to-one assignment (the same on every rank).
-        warm: (col4row, u, v) returned by an earlier call: its prices start the solve, with
-            no candidate pass (init stays the held matching).
+        warm: (col4row, u, v) returned by an earlier call: its prices start the solve, and
+            the one full pass ranks under them (init stays the held matching).
         deadline: time.monotonic() after which the solve gives up: SolveInterrupted("budget").
         should_stop: polled through the solve on every rank (every tile of a pass, every 0.2 s
             of the sparse solve): true on any rank gives SolveInterrupted("stop") on every rank.

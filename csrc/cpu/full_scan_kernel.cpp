@@ -27,7 +27,7 @@ namespace {
 
 constexpr const char* kOp = "_full_scan";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kRowBlock = 512;  // rows multiplied at once: the block's scores stay in the cache
+constexpr int64_t kRowBlock = 2048;  // rows multiplied at once: the block's scores stay in the cache
 constexpr int64_t kColBlock = 2048;
 constexpr int64_t kStretch = 256;  // columns tested at once before walking them one by one
 
