@@ -611,6 +611,13 @@ def batch_augment(x: torch.Tensor, generator: torch.Generator | None = None,
 # ----------------------------------------------------------------------------- loading
 
 
+def usable_cpus() -> int:
+    """The cpus this process may run on (its affinity: a cluster's allocation), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_workers(local_world_size: int = 1, cpu_count: int | None = None) -> int:
     """Worker processes per rank by default: ``min(16, cpus // local_world_size - 1)``, 0 below 2 cpus a rank.
 
@@ -627,7 +634,7 @@ def default_workers(local_world_size: int = 1, cpu_count: int | None = None) -> 
         cpu_count: override the cpus found (tests).
     """
     if cpu_count is None:
-        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpu_count = usable_cpus()
     per_rank = cpu_count // max(1, local_world_size)
     return 0 if per_rank < 2 else min(16, per_rank - 1)
 

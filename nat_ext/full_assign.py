@@ -334,9 +334,10 @@ class _Comm:
     _groups: dict = {}
     _calls = 0
 
-    def __init__(self, group=None, local: bool = False):
+    def __init__(self, group=None, local: bool = False, solve_threads: int | None = None):
         import torch.distributed as dist
         self.dist = dist
+        self.solve_threads = solve_threads  # rank 0's torch threads in the sparse solve
         self.world = dist.get_world_size(group) if not local and dist.is_available() and \
             dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if self.world > 1 else 0
@@ -721,12 +722,19 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
             except BaseException as e:  # re-raised in the main thread
                 result["error"] = e
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-            if thread.is_alive() and watch.local():
-                abort[0] = 1
+        # the other ranks only wait meanwhile, so rank 0 may take their cores (a thread's first
+        # parallel region reads torch's setting: set it before the thread starts)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(comm.solve_threads or threads)
+        try:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.2)
+                if thread.is_alive() and watch.local():
+                    abort[0] = 1
+        finally:
+            torch.set_num_threads(threads)
         if comm.store is not None:
             comm.store.set(done, "error" if "error" in result else watch.reason or "ok")
         if "error" in result:
@@ -1140,7 +1148,8 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
                    deadline: float | None = None, should_stop=None, group=None,
                    stats: dict | None = None, k: int = 16, col_k: int = 2,
                    chunk_elems: int = 1 << 24, candidate_dtype: torch.dtype | None = None,
-                   coarse: int = 4, coarse_min: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+                   coarse: int = 4, coarse_min: int = 1024, solve_threads: int | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """assign_full over rows split across the ranks of a process group: each rank passes its
     own contiguous rows, which stay where they are; the targets come tile by tile (a Targets
     regenerates them from its seed, so no rank holds the table). Call it on every rank.
@@ -1163,6 +1172,9 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
             of the sparse solve): true on any rank gives SolveInterrupted("stop") on every rank.
         group: the process group (default: the default group; none: one process).
         stats, k, col_k, chunk_elems, candidate_dtype, coarse, coarse_min: as assign_full.
+        solve_threads: torch threads rank 0's sparse solve runs on (None: torch's setting).
+            Every other rank only waits meanwhile, so a launcher's one thread per rank
+            (torchrun sets OMP_NUM_THREADS=1) can be raised for the solve alone.
 
     Returns:
         (col4row int64[n], u float64[n], v float64[m]) on the CPU, the same on every rank.
@@ -1180,7 +1192,10 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
         raise ValueError(f"assign_sharded: init should be a Tensor of shape ({n},) with n <= "
                          f"m = {m}, got {getattr(init, 'shape', init)}")
     _check_k(k, col_k, chunk_elems, coarse, coarse_min)
-    comm = _Comm(group)
+    if solve_threads is not None and (not isinstance(solve_threads, int) or solve_threads < 1):
+        raise ValueError(f"assign_sharded: solve_threads should be a positive int or None, got "
+                         f"{solve_threads!r}")
+    comm = _Comm(group, solve_threads=solve_threads)
     spans = torch.tensor(comm.all_gather_ints(row0)), torch.tensor(
         comm.all_gather_ints(feats.shape[0]))
     order = spans[0].argsort()

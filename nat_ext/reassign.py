@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .align import sinkhorn_plan
 from .config import Config, SettingError, parse_crops
-from .data import collate, shard_rows
+from .data import collate, shard_rows, usable_cpus
 from .full_assign import SolveInterrupted, assign_sharded
 from .state import Assignment
 from .targets import CHUNK_ELEMS, Targets, check_target_set
@@ -445,8 +445,10 @@ def reassign_dataset(assignment: Assignment, targets: Targets | torch.Tensor, fe
     wait = float(os.environ.get(TEST_SOLVE_SLEEP, "0") or 0)
     if wait > 0:
         _test_wait(wait, should_stop, deadline, feats.device, world)
+    # the sparse solve runs on rank 0 while every rank waits: it takes every cpu rank 0 may use
+    # (torchrun leaves one thread per rank)
     col4row, u, v = assign_sharded(feats, lo, n, targets, held.cpu(), warm=warm, deadline=deadline,
-                                   should_stop=should_stop, stats=stats)
+                                   should_stop=should_stop, stats=stats, solve_threads=usable_cpus())
     new = col4row.to(held.device)
     _same_on_every_rank(new, "new", rank, world)
     centred = torch.tensor([_objective_and_target_sum(feats, targets, new[lo:hi])[0]], dtype=torch.float64,

@@ -38,7 +38,7 @@ from .faults import SolverFaultError
 from .full_assign import SolveInterrupted
 from .config import Config, EvalConfig, SettingError, parse_config, progress, refuse, validate
 from .data import (EpochBatches, batch_augment, check_shm, get_dataset, make_loader, resolve_workers, shard_rows,
-                   shm_needed)
+                   shm_needed, usable_cpus)
 from .eval import default_layer, evaluate, report_tables
 from .models import build_model
 from .presets import DeviceTransform
@@ -152,7 +152,7 @@ def _train_in_group(cfg: Config, device: torch.device, rank: int, world: int) ->
     print(f"rank {rank}: {workers} loader worker(s)", flush=True)
     if workers == 0 and device.type == "cuda" and not info.batch_augment:
         print(f"warning: rank {rank} decodes its images in the training process (0 loader workers, "
-              f"{len(os.sched_getaffinity(0))} cpus): the GPU will wait for data; give --workers", flush=True)
+              f"{usable_cpus()} cpus): the GPU will wait for data; give --workers", flush=True)
     if workers > 0:
         check_shm(shm_needed(workers, PREFETCH, cfg.batch_size * cfg.views * info.in_channels * cfg.image_size ** 2,
                              int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

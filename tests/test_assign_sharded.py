@@ -100,8 +100,35 @@ def test_one_process_deadline_and_stop():
         nat_ext.assign_sharded(f, 0, 600, t, init, should_stop=lambda: True)
 
 
+def test_solve_threads_apply_to_the_sparse_solve_only(monkeypatch):
+    # torchrun's one thread per rank, raised for rank 0's solve alone (the others only wait)
+    import nat_ext.full_assign as fa
+    seen = []
+    real = fa.sparse_linear_sum_assignment
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())  # in the solve's own thread
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "sparse_linear_sum_assignment", spy)
+    name, f, t, init, kw = problems()[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = nat_ext.assign_sharded(f, 0, 600, t, init, solve_threads=3)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen and all(s == 3 for s in seen), seen
+    assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="solve_threads should be a positive int"):
+            nat_ext.assign_sharded(f, 0, 600, t, init, solve_threads=bad)
+
+
 def test_warm_start_gives_the_cold_answer():
-    # the previous solve's prices after the features moved: no candidate pass, the same optimum
+    # the previous solve's prices after the features moved: one pass ranked under them, the
+    # same optimum
     name, f, t, init, kw = problems()[0]
     x, u, v = nat_ext.assign_sharded(f, 0, 600, t, init)
     g = torch.Generator().manual_seed(9)
