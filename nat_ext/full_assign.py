@@ -627,19 +627,31 @@ def _sample_rows(rows: _Rows, m: int, salt: int) -> tuple[Tensor, Tensor]:
 
 
 def _warm_cut(rows: _Rows, src: _Source, comm: _Comm, u0: Tensor, v0: Tensor,
-              k: int) -> float | None:
-    """The warm pass's cut on s_ij - u0_i - v0_j: the median over a seeded sample of rows of
-    their k-th best value. Without a cut a row's list fills from the first tiles on and takes
-    about k ln(m / k) entries over the pass, each a walk of its stretch; above the cut it takes
-    at most k (12 on average at n = 65,536), and the pass costs 0.75 of the uncut one."""
+              k: int) -> tuple[float | None, float]:
+    """Whether the old prices still rank the rows, and the warm pass's cut on s_ij - u0_i -
+    v0_j. A seeded sample of rows is ranked under them in float32: where most sampled rows have
+    a target better than their held one by more than the ranking's error, the features moved
+    too far (spread n = 262,144: at 0.02 N(0, I), 59% of rows, the warm solve took 1.1x the
+    cold one; at 0.005 N(0, I), 43%, 0.6x) and the cut is None: the cold route. Else the
+    cut is the sample's median k-th best value: without one a row's list fills from the first
+    tiles on and takes about k ln(m / k) entries over the pass, each a walk of its stretch;
+    above the cut it takes at most k (12 on average at n = 65,536), and the pass costs 0.75 of
+    the uncut one. Returns (cut, the share of the sample that moved)."""
     _, mine = _sample_rows(rows, src.m, 2)
-    lists = _scan(rows, src, sel=mine, k=k, row_off=u0[mine], col_off=v0)
-    vals = comm.gather_to_root([lists.vals[:, -1].double().cpu()])
-    cut = torch.zeros(1, dtype=torch.float32)  # the pass compares in float32: no rounding
-    if comm.rank == 0 and vals[0].numel():
-        cut[0] = vals[0].median()
-    cut = float(comm.broadcast(cut))
-    return cut if math.isfinite(cut) else None  # (an overflow: the pass itself reports it)
+    lists = _scan(rows, src, sel=mine, k=k, row_off=u0[mine], col_off=v0,
+                  rank_dtype=torch.float32)
+    e = _rank_error(torch.float32, src.d) * rows.centred_norms[mine] * src.max_norm() + \
+        4 * _EPS32 * (1.0 + rows.norms[mine] * src.max_norm() + u0[mine].abs() +
+                      float(v0.abs().max()))
+    moved = (lists.vals[:, 0].double().cpu() > e).double()
+    got = comm.gather_to_root([lists.vals[:, -1].double().cpu(), moved])
+    out = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+    if comm.rank == 0 and got[0].numel():
+        out[1] = got[1].mean()
+        if out[1] <= 0.5:
+            out[0] = float(got[0].median().float())  # the pass compares in float32: exact
+    cut, share = comm.broadcast(out).tolist()
+    return (cut if math.isfinite(cut) else None), share
 
 
 def _pick(lists_idx: Tensor, lists_vals: Tensor, avoid: Tensor) -> Tensor:
@@ -760,22 +772,31 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
     return x, u, v
 
 
-def _plan_rescan(deficit: Tensor, rise: Tensor, regen_pairs: float) -> int:
-    """Which columns to rescan rows against: rows can violate only on columns whose price rose
-    by less than their deficit. Given the deficits and the sorted rises (of all m columns), picks
-    c: the rows whose deficit is at most rise[c] are rescanned against the c columns that rose
-    least, the others against every column. Minimises the pairs scored (a regenerated column
-    counted as regen_pairs); c = 0 rescans every row in full."""
-    m, ds = rise.numel(), deficit.sort().values
-    at = torch.linspace(0, ds.numel() - 1, 65).round().long()
-    cs = torch.cat([torch.zeros(1, dtype=torch.int64), torch.searchsorted(rise, ds[at])]).unique()
-    cs = cs[cs < m]
-    n_full = (ds.numel() - torch.searchsorted(ds, rise[cs], right=True)).double()
-    n_part = ds.numel() - n_full
-    csd = cs.double()
-    cost = (torch.where(n_part > 0, csd * (n_part + regen_pairs), 0.0) +
-            torch.where(n_full > 0, m * (n_full + regen_pairs), 0.0))
-    return int(cs[cost.argmin()])
+def _plan_rescan(deficit: Tensor, rise: Tensor, regen_pairs: float,
+                 parts: int = 32) -> list[tuple[Tensor, int]]:
+    """How to rescan rows that can violate only on columns whose price rose by less than their
+    deficit. Splits the rows, by deficit, into runs (boundaries at `parts` quantiles, chosen by
+    dynamic programming), each rescanned against the c columns that rose least, c covering its
+    largest deficit; c = m is a full rescan. Minimises the pairs scored, a column made for a
+    run counted as regen_pairs. rise: all m columns' rises, sorted. Returns [(positions in
+    deficit, c)]."""
+    order = deficit.argsort()
+    ds = deficit[order]
+    ends = torch.linspace(0, ds.numel(), parts + 1).round().long().unique()
+    # a run ending at ends[b] needs every column that rose less than its largest deficit
+    cols = torch.searchsorted(rise, ds[ends[1:] - 1]).double()
+    best = torch.zeros(ends.numel(), dtype=torch.float64)
+    back = torch.zeros(ends.numel(), dtype=torch.int64)
+    for b in range(1, ends.numel()):
+        cost = best[:b] + ((ends[b] - ends[:b]).double() + regen_pairs) * cols[b - 1]
+        back[b] = cost.argmin()
+        best[b] = cost[back[b]]
+    runs, b = [], ends.numel() - 1
+    while b > 0:
+        a = int(back[b])
+        runs.append((order[ends[a]:ends[b]], int(cols[b - 1])))
+        b = a
+    return runs
 
 
 def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, watch: _Watch,
@@ -812,37 +833,35 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         return int(comm.broadcast(new))
 
     x = torch.arange(n) if init is None else init.cpu().to(torch.int64)
-    u0 = v0 = None
-    if warm is not None:
-        # the previous solve's prices (and its matching, where no held one is given) rank the
-        # candidates by reduced score, as the coarse duals do, in one pass without column lists
-        # (the prices already say which rows want a target): from the matching alone, each
-        # round added only what already violated and a warm solve took 35 rounds at n = 16384
-        x = warm[0].cpu().to(torch.int64) if init is None else x
-        v0 = warm[2].cpu().to(torch.float64)
-        kk = min(k, m)
-    else:
-        kk = min(k, m)
-        if coarse > 1 and n >= coarse_min:
-            crowded, distinct, sampled = _crowded(rows, src, comm)
-            info["crowd"] = {"distinct": distinct, "sampled": sampled}
-            if crowded:
-                u0, v0 = _coarse_duals(rows, src, comm, watch, k, col_k, coarse, coarse_min, info)
-                kk = min(_WARM_K * k, m)
+    if warm is not None and init is None:
+        x = warm[0].cpu().to(torch.int64)
     # the pairs every solve holds: the init (or warm) matching, so the sparse problem is feasible
     held_x = x[lo:lo + nr]
     held_s = _pair_scores(rows, src, local_ids, held_x)
-    if warm is not None:
-        u0 = held_s - v0[held_x]  # the held pairs' values under the old prices
-    best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
-    cut = None
+    u0 = v0 = cut = None
+    kk = min(k, m)
     if warm is not None and kk:
-        cut = _warm_cut(rows, src, comm, u0, v0, kk)
-        info["warm_cut"] = cut
+        # the previous solve's prices rank the candidates by reduced score, as the coarse duals
+        # do, in one pass without column lists (the prices already say which rows want a
+        # target), where they still hold: from the matching alone, each round added only what
+        # already violated and a warm solve took 35 rounds at n = 16384
+        v0 = warm[2].cpu().to(torch.float64)
+        u0 = held_s - v0[held_x]  # the held pairs' values under the old prices
+        cut, info["warm_moved"] = _warm_cut(rows, src, comm, u0, v0, kk)
+        info["warm"] = cut is not None
+        if cut is None:
+            u0 = v0 = None  # the cold route, from the held matching
+    if v0 is None and coarse > 1 and n >= coarse_min:
+        crowded, distinct, sampled = _crowded(rows, src, comm)
+        info["crowd"] = {"distinct": distinct, "sampled": sampled}
+        if crowded:
+            u0, v0 = _coarse_duals(rows, src, comm, watch, k, col_k, coarse, coarse_min, info)
+            kk = min(_WARM_K * k, m)
+    best = torch.full((nr,), math.inf, dtype=torch.float64)  # bound on max_j s_ij - v_j, non-held
     if kk:
         # candidates: each row's top-kk targets and each target's top-kc rows, ranked (under the
         # coarse prices where there are some), scored exactly as the pass keeps them
-        lists = _scan(rows, src, k=kk, kc=0 if warm is not None else min(col_k, n),
+        lists = _scan(rows, src, k=kk, kc=0 if cut is not None else min(col_k, n),
                       row_off=u0, col_off=v0, watch=watch,
                       row_thr=None if cut is None else torch.full((nr,), cut))
         watch.agreed()
@@ -891,8 +910,9 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         # i's bound best_i holds for s_ij - w_j over every pair it does not hold, w the prices
         # when the bound was proved (snaps[ref_i]); a pair can now violate only on a column
         # whose price rose by less than the row's deficit best_i - u_i - tol (v - w is
-        # negative where a rectangular warm start freed a column). Each such row is rescanned
-        # against those columns only or in full, whichever costs less (_plan_rescan).
+        # negative where a rectangular warm start freed a column). Rows are rescanned in runs
+        # of like deficits, each against the columns that rose less than its largest deficit
+        # (_plan_rescan), or in full.
         t0 = time.perf_counter()
         tol = max(tol, 4 * torch.finfo(rows.f.dtype).eps * (
             math.sqrt(d) * scale + float(u.abs().max()) + float(v.abs().max())))
@@ -907,11 +927,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             group, deficit = group[need], deficit[need]
             if not group.numel():
                 continue
-            c = _plan_rescan(deficit, rise, src.regen_pairs)
-            full = deficit > rise[c]
-            full_parts.append(group[full])
-            if c and not bool(full.all()):
-                restricted.append((group[~full], order[:c].sort().values, float(rise[c])))
+            for pos, c in _plan_rescan(deficit, rise, src.regen_pairs):
+                if c == m:
+                    full_parts.append(group[pos])
+                else:
+                    restricted.append((group[pos].sort().values, order[:c].sort().values))
         sel = torch.cat(full_parts).sort().values if full_parts else local_ids[:0]
         info["rechecked_rows"].append(int(comm.all_reduce(torch.tensor([sel.numel()]))))
         found_r, found_c, found_s, info_band = [], [], [], []
@@ -986,13 +1006,13 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             price_all(sel, src, None, True, best)
             ref[sel] = info["rounds"]
         n_restricted = pairs_restricted = 0
-        for group, cols, cut in restricted:
-            # every column left out rose by at least `cut`, at least the row's deficit: its
-            # pairs lie at or below best - cut, which certifies them under the current prices
-            scanned = torch.empty(nr, dtype=torch.float64)
+        scanned = torch.empty(nr, dtype=torch.float64)  # (bounds over a subset: not kept)
+        for group, cols in restricted:
+            # the columns left out rose by at least the rows' deficits: certified. The rows
+            # keep their bound and its prices: later rounds test the columns against the rises
+            # since then, which only grow (a bound moved to the current prices kept no margin,
+            # and the next round rescanned nearly every row against a third of the columns)
             price_all(group, src.subset(cols), cols, False, scanned)
-            best[group] = torch.maximum(scanned[group], best[group] - cut)
-            ref[group] = info["rounds"]
             n_restricted += group.numel()
             pairs_restricted += group.numel() * cols.numel()
         for r in [r for r in snaps if not bool((ref == r).any())]:

@@ -115,7 +115,7 @@ def test_solve_threads_apply_to_the_sparse_solve_only(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = nat_ext.assign_sharded(f, 0, 600, t, init, solve_threads=3)
+        x, _, _ = nat_ext.assign_sharded(f, 0, 600, t, init, solve_threads=3)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
