@@ -458,5 +458,7 @@ def reassign_dataset(assignment: Assignment, targets: Targets | torch.Tensor, fe
     info = {"objective_held": objective_held, "objective": float(centred) + offset,
             "rounds": int(stats.get("rounds", 0)), "warm": warm is not None,
             "solve_seconds": time.perf_counter() - t0}
+    if "warm_moved" in stats:  # whether the old prices ranked the pass, and why (assign_sharded)
+        info.update(warm_prices=bool(stats["warm"]), warm_moved=float(stats["warm_moved"]))
     changed = assignment.update(torch.arange(n, device=held.device), new)
     return changed, info, (col4row, u, v)

@@ -48,6 +48,9 @@ def test_two_ranks_each_extract_their_shard_and_match_one_process(tmp_path):
     rows = _rows(out)
     assert [r["dataset_solve"] for r in rows] == ["solved", "solved"], rows
     assert [r["warm"] for r in rows] == [False, True], rows
+    # whether the old prices ranked the second solve's pass, and the share of rows that moved
+    assert "warm_prices" not in rows[0] and isinstance(rows[1]["warm_prices"], bool), rows
+    assert 0.0 <= rows[1]["warm_moved"] <= 1.0, rows
     # the checkpoint keeps the last solve: its matching is the held permutation, its duals float64
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     rec = ck["dataset_solve"]
