@@ -27,7 +27,9 @@ namespace {
 
 constexpr const char* kOp = "_full_scan";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kRowBlock = 2048;  // rows multiplied at once: the block's scores stay in the cache
+// rows multiplied at once: the block's scores (2048 x 2048, 8 MB in bfloat16) stay in the last-level
+// cache; 512 rows a block took 0.33-0.41 wall-ns a score on 2 threads against 0.26-0.33 (k = 0)
+constexpr int64_t kRowBlock = 2048;
 constexpr int64_t kColBlock = 2048;
 constexpr int64_t kStretch = 256;  // columns tested at once before walking them one by one
 
