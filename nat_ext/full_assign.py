@@ -738,7 +738,9 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
         # the other ranks only wait meanwhile, so rank 0 may take their cores (a thread's first
         # parallel region reads torch's setting: set it before the thread starts)
         threads = torch.get_num_threads()
-        torch.set_num_threads(comm.solve_threads or threads)
+        change = comm.solve_threads is not None and comm.solve_threads != threads
+        if change:
+            torch.set_num_threads(comm.solve_threads)
         try:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
@@ -747,7 +749,8 @@ def _sparse_solve(cand: "_Candidates", m: int, x: Tensor, v: Tensor | None, comm
                 if thread.is_alive() and watch.local():
                     abort[0] = 1
         finally:
-            torch.set_num_threads(threads)
+            if change:
+                torch.set_num_threads(threads)
         if comm.store is not None:
             comm.store.set(done, "error" if "error" in result else watch.reason or "ok")
         if "error" in result:
