@@ -563,13 +563,24 @@ def test_scan_kernel_nan_row_max():
 
 
 def test_torch_scan_path(monkeypatch):
-    # the whole solve through the GPU's pass (torch ops), run on the CPU
+    # the whole solve through the GPU's pass (torch ops), run on the CPU: the cold route with its
+    # rescans against subsets of the columns, then a warm re-solve (a cut on the pass's lists)
     monkeypatch.setattr(nat_ext.full_assign, "_TORCH_SCAN", True)
+    restricted = 0
     for seed in range(3):
         f, t = random_problem(seed, 200, 230, 8)
-        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2)
+        st = {}
+        x, u, v = nat_ext.assign_full(f, t, return_duals=True, k=3, col_k=2, stats=st)
         assert certificate_holds(f, t, x, u, v), f"seed {seed}"
         assert total(f, t, x) == pytest.approx(dense_optimum(f, t), rel=1e-12), f"seed {seed}"
+        restricted += sum(st["restricted_rows"])
+        f2 = f + 0.05 * torch.randn(f.shape, generator=torch.Generator().manual_seed(seed),
+                                    dtype=f.dtype)
+        st = {}
+        xw, uw, vw = nat_ext.assign_sharded(f2, 0, 200, t, x, warm=(x, u, v), k=3, stats=st)
+        assert st["warm"] and certificate_holds(f2, t, xw, uw, vw), f"seed {seed}"
+        assert total(f2, t, xw) == pytest.approx(dense_optimum(f2, t), rel=1e-12), f"seed {seed}"
+    assert restricted > 0
 
 
 @pytest.mark.parametrize("m_extra", [0, 40])
