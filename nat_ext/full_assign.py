@@ -584,17 +584,31 @@ def _pair_scores(rows: _Rows, src: _Source, local_rows: Tensor, cols: Tensor,
     return out
 
 
-def _held_csr(mine: "_Candidates", sel: Tensor | None) -> tuple[Tensor, Tensor]:
-    """This rank's candidate pairs as CSR over the rows `sel` (None: all), columns sorted."""
+def _held_csr(mine: "_Candidates", sel: Tensor | None,
+              col_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """This rank's candidate pairs as CSR over the rows `sel` (None: all), columns sorted; with
+    col_ids (sorted problem columns: a scan of a subset), only the pairs in those columns, as
+    positions in col_ids."""
     crow, col, _ = mine.csr()
-    if sel is None:
+    if sel is None and col_ids is None:
         return crow, col
+    sel = torch.arange(crow.numel() - 1) if sel is None else sel
     starts, ends = crow[sel], crow[sel + 1]
     lens = ends - starts
     sub_crow = torch.zeros(sel.numel() + 1, dtype=torch.int64)
     sub_crow[1:] = torch.cumsum(lens, 0)
     pos = torch.repeat_interleave(starts - sub_crow[:-1], lens) + torch.arange(int(sub_crow[-1]))
-    return sub_crow, col[pos]
+    sub_col = col[pos]
+    if col_ids is None:
+        return sub_crow, sub_col
+    if not col_ids.numel():
+        return torch.zeros(sel.numel() + 1, dtype=torch.int64), sub_col[:0]
+    at = torch.searchsorted(col_ids, sub_col).clamp(max=col_ids.numel() - 1)
+    keep = col_ids[at] == sub_col
+    row_of = torch.repeat_interleave(torch.arange(sel.numel()), lens)
+    kept_crow = torch.zeros(sel.numel() + 1, dtype=torch.int64)
+    kept_crow[1:] = torch.cumsum(torch.bincount(row_of[keep], minlength=sel.numel()), 0)
+    return kept_crow, at[keep]
 
 
 def _crowded(rows: _Rows, src: _Source, comm: _Comm) -> tuple[bool, int, int]:
@@ -786,7 +800,7 @@ def _plan_rescan(deficit: Tensor, rise: Tensor, regen_pairs: float,
     deficit, c)]."""
     order = deficit.argsort()
     ds = deficit[order]
-    ends = torch.linspace(0, ds.numel(), parts + 1).round().long().unique()
+    ends = (torch.arange(parts + 1) * ds.numel() // parts).unique()  # integers: exact at any n
     # a run ending at ends[b] needs every column that rose less than its largest deficit
     cols = torch.searchsorted(rise, ds[ends[1:] - 1]).double()
     best = torch.zeros(ends.numel(), dtype=torch.float64)
@@ -867,7 +881,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         # coarse prices where there are some), scored exactly as the pass keeps them
         lists = _scan(rows, src, k=kk, kc=0 if cut is not None else min(col_k, n),
                       row_off=u0, col_off=v0, watch=watch,
-                      row_thr=None if cut is None else torch.full((nr,), cut))
+                      row_thr=None if cut is None else torch.full((nr,), cut, dtype=torch.float32))
         watch.agreed()
         # an overflowed product (inf, or NaN from inf - inf) leaves nothing the ranking can trust
         bad = torch.tensor([int(not bool(torch.isfinite(lists.max).all()))])
@@ -941,7 +955,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
         found_r, found_c, found_s, info_band = [], [], [], []
         exact_rows = torch.zeros(1, dtype=torch.int64)
 
-        def price(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
+        def price(sel: Tensor, src_p: _Source, col_ids: Tensor | None,
                   rank_dtype: torch.dtype, band: int, out: Tensor) -> Tensor:
             """Scans rows `sel` against src_p (whose columns are col_ids, None: all), keeping
             each row's `band` best pairs within the ranking error of a violation; records the
@@ -961,7 +975,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                 # by which the row's u may fall before the row needs another scan
                 lists = _scan(rows, src_p, sel=part, k=band, row_off=um[part], col_off=vp,
                               row_thr=tol - 2 * e,
-                              held=_held_csr(mine, part) if skip_held else None,
+                              held=_held_csr(mine, part, col_ids),
                               rank_dtype=rank_dtype, watch=watch)
                 count, idx, ex = lists.count.cpu(), lists.idx.cpu(), lists.exact.cpu()
                 rmax = lists.max.double().cpu()
@@ -990,11 +1004,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
                 redo.append(part[~complete & ~has])
             return torch.cat(redo) if redo else sel[:0]
 
-        def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None, skip_held: bool,
+        def price_all(sel: Tensor, src_p: _Source, col_ids: Tensor | None,
                       out: Tensor) -> None:
             # first in the ranking dtype (bfloat16: a wide band), then the rows whose band
             # overflowed in feats' dtype (a narrow one), with longer lists until none overflows
-            redo = price(sel, src_p, col_ids, skip_held, price_dtype[0], _BAND, out)
+            redo = price(sel, src_p, col_ids, price_dtype[0], _BAND, out)
             if col_ids is None and 2 * redo.numel() > sel.numel():
                 # most rows' bands overflowed: the ranking dtype is too coarse for these prices,
                 # so the next rounds rank in feats' dtype at once (one pass instead of two)
@@ -1003,11 +1017,11 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             while redo.numel():
                 exact_rows[0] += redo.numel()
                 band = min(src_p.m, band)
-                redo = price(redo, src_p, col_ids, skip_held, rows.f.dtype, band, out)
+                redo = price(redo, src_p, col_ids, rows.f.dtype, band, out)
                 band *= 4
 
         if sel.numel():
-            price_all(sel, src, None, True, best)
+            price_all(sel, src, None, best)
             ref[sel] = info["rounds"]
         n_restricted = pairs_restricted = 0
         scanned = torch.empty(nr, dtype=torch.float64)  # (bounds over a subset: not kept)
@@ -1016,7 +1030,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             # keep their bound and its prices: later rounds test the columns against the rises
             # since then, which only grow (a bound moved to the current prices kept no margin,
             # and the next round rescanned nearly every row against a third of the columns)
-            price_all(group, src.subset(cols), cols, False, scanned)
+            price_all(group, src.subset(cols), cols, scanned)
             n_restricted += group.numel()
             pairs_restricted += group.numel() * cols.numel()
         for r in [r for r in snaps if not bool((ref == r).any())]:
@@ -1216,7 +1230,8 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
         raise ValueError(f"assign_sharded: init should be a Tensor of shape ({n},) with n <= "
                          f"m = {m}, got {getattr(init, 'shape', init)}")
     _check_k(k, col_k, chunk_elems, coarse, coarse_min)
-    if solve_threads is not None and (not isinstance(solve_threads, int) or solve_threads < 1):
+    if solve_threads is not None and (isinstance(solve_threads, bool) or
+                                      not isinstance(solve_threads, int) or solve_threads < 1):
         raise ValueError(f"assign_sharded: solve_threads should be a positive int or None, got "
                          f"{solve_threads!r}")
     comm = _Comm(group, solve_threads=solve_threads)

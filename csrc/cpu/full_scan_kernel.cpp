@@ -27,8 +27,9 @@ namespace {
 
 constexpr const char* kOp = "_full_scan";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// rows multiplied at once: the block's scores (2048 x 2048, 8 MB in bfloat16) stay in the last-level
-// cache; 512 rows a block took 0.33-0.41 wall-ns a score on 2 threads against 0.26-0.33 (k = 0)
+// rows multiplied at once: the block's scores (2048 x 2048, 8 MB in bfloat16) stay in the
+// last-level cache; 512 rows a block took 0.33-0.41 wall-ns a score on 2 threads against
+// 0.26-0.33 (k = 0)
 constexpr int64_t kRowBlock = 2048;
 constexpr int64_t kColBlock = 2048;
 constexpr int64_t kStretch = 256;  // columns tested at once before walking them one by one
@@ -233,7 +234,8 @@ void scan(const ScanArgs& a, const at::Tensor& feats, const at::Tensor& targets,
     crs[t].assign(a.kc * a.mt, -1);
   }
   std::vector<int64_t> held_pos(kRowBlock);
-  at::Tensor buf = at::empty({kRowBlock * kColBlock}, feats.options());
+  at::Tensor buf =
+      at::empty({std::min(kRowBlock, a.nr) * std::min(kColBlock, a.mt)}, feats.options());
   for (int64_t i0 = 0; i0 < a.nr; i0 += kRowBlock) {
     const int64_t rb = std::min(kRowBlock, a.nr - i0);
     for (int64_t r = 0; r < rb; ++r) held_pos[r] = a.held_crow ? a.held_crow[i0 + r] : 0;
