@@ -194,6 +194,7 @@ class _Candidates:
         self.n, self.m = n, m
         self.keys = torch.empty(0, dtype=torch.int64)
         self.scores = torch.empty(0, dtype=torch.float64)
+        self._csr: tuple | None = None  # (the keys it was made from, (crow, col, scores))
 
     def add(self, rows: Tensor, cols: Tensor, scores: Tensor) -> int:
         """Adds the pairs not held yet; returns how many were new."""
@@ -217,10 +218,13 @@ class _Candidates:
         return int(keys.numel())
 
     def csr(self) -> tuple[Tensor, Tensor, Tensor]:
-        rows = torch.div(self.keys, self.m, rounding_mode="floor")
-        crow = torch.zeros(self.n + 1, dtype=torch.int64)
-        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.n), 0)
-        return crow, self.keys - rows * self.m, self.scores
+        # kept until the next add: a pricing round asks for it once per rescan run
+        if self._csr is None or self._csr[0] is not self.keys:
+            rows = torch.div(self.keys, self.m, rounding_mode="floor")
+            crow = torch.zeros(self.n + 1, dtype=torch.int64)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.n), 0)
+            self._csr = (self.keys, (crow, self.keys - rows * self.m, self.scores))
+        return self._csr[1]
 
 
 def _unique_first(keys: Tensor) -> tuple[Tensor, Tensor]:
