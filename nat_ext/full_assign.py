@@ -1247,6 +1247,10 @@ def assign_sharded(feats: Tensor, row0: int, n: int, targets, init: Tensor, *,
             int(starts[-1] + sizes[-1]) != n:
         raise ValueError(f"assign_sharded: the ranks' rows should tile [0, {n}) without gaps or "
                          f"overlaps, got (row0, rows) = {list(zip(spans[0].tolist(), spans[1].tolist()))}")
+    if n == 0:  # nothing to assign (n is the same on every rank): every target keeps v = 0
+        m = targets.shape[0] if isinstance(targets, Tensor) else targets.n
+        return (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float64),
+                torch.zeros(m, dtype=torch.float64))
     return _run(feats, row0, n, targets, init.cpu(), warm, comm, deadline, should_stop, k=k,
                 col_k=col_k, chunk_elems=chunk_elems, candidate_dtype=candidate_dtype,
                 coarse=coarse, coarse_min=coarse_min, stats=stats)

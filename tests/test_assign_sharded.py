@@ -166,6 +166,13 @@ def test_warm_start_gives_the_cold_answer(step):
     assert torch.equal(xw, nat_ext.assign_full(f2, t, init=x))
 
 
+def test_no_rows():
+    # nothing to assign: an empty answer, every target unassigned with v = 0 (as assign_full)
+    t = problems()[0][2]
+    x, u, v = nat_ext.assign_sharded(t[:0], 0, 0, t, torch.empty(0, dtype=torch.int64))
+    assert x.shape == u.shape == (0,) and torch.equal(v, torch.zeros(600, dtype=torch.float64))
+
+
 def test_shards_must_tile_the_rows():
     name, f, t, init, kw = problems()[0]
     with pytest.raises(ValueError, match="tile"):
