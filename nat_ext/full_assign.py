@@ -260,6 +260,16 @@ def _rank_error(rank_dtype: torch.dtype, d: int) -> float:
     return 2 * _EPS32  # float64 scores, only rounded to float32 for the comparison
 
 
+def _value_error(rows: "_Rows", src: "_Source", rank_dtype: torch.dtype, sel: Tensor | None,
+                 row_off: Tensor, vmax: float) -> Tensor:
+    """Per row of `sel` (None: all): the bound on |ranked - exact| of s_ij - row_off_i - v_j,
+    |v_j| <= vmax, for every target: the product's ranking error and the float32 rounding."""
+    centred = rows.centred_norms if sel is None else rows.centred_norms[sel]
+    norms = rows.norms if sel is None else rows.norms[sel]
+    return (_rank_error(rank_dtype, src.d) * centred * src.max_norm() +
+            4 * _EPS32 * (1.0 + norms * src.max_norm() + row_off.abs() + vmax))
+
+
 _TILE = 1 << 15  # targets per tile of a pass: regenerated (or sliced) once per pass
 _BAND = 32  # pricing: pairs kept per row within the ranking error of a violation
 _LIST_BUDGET = 1 << 24  # list entries one rescan holds at once (rows x their band)
@@ -659,9 +669,7 @@ def _warm_cut(rows: _Rows, src: _Source, comm: _Comm, u0: Tensor, v0: Tensor,
     _, mine = _sample_rows(rows, src.m, 2)
     lists = _scan(rows, src, sel=mine, k=k, row_off=u0[mine], col_off=v0,
                   rank_dtype=torch.float32)
-    e = _rank_error(torch.float32, src.d) * rows.centred_norms[mine] * src.max_norm() + \
-        4 * _EPS32 * (1.0 + rows.norms[mine] * src.max_norm() + u0[mine].abs() +
-                      float(v0.abs().max()))
+    e = _value_error(rows, src, torch.float32, mine, u0[mine], float(v0.abs().max()))
     moved = (lists.vals[:, 0].double().cpu() > e).double()
     got = comm.gather_to_root([lists.vals[:, -1].double().cpu(), moved])
     out = torch.tensor([math.nan, 1.0], dtype=torch.float64)
@@ -906,8 +914,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             last = last.clamp(min=cut)
         uo = torch.zeros(nr, dtype=torch.float64) if u0 is None else u0.cpu()
         vmax = 0.0 if v0 is None or not m else float(v0.abs().max())
-        e = (_rank_error(rows.rank_dtype, d) * rows.centred_norms * src.max_norm() +
-             4 * _EPS32 * (1.0 + rows.norms * src.max_norm() + uo.abs() + vmax))
+        e = _value_error(rows, src, rows.rank_dtype, None, uo, vmax)
         best = uo + last + e
         del lists
     add(local_ids, held_x, held_s)
@@ -971,9 +978,7 @@ def _solve(rows: _Rows, src: _Source, init: Tensor | None, warm, comm: _Comm, wa
             per = max(1, _LIST_BUDGET // band)
             for p0 in range(0, sel.numel(), per):
                 part = sel[p0:p0 + per]
-                e = (_rank_error(rank_dtype, d) * rows.centred_norms[part] * src.max_norm() +
-                     4 * _EPS32 * (1.0 + rows.norms[part] * src.max_norm() + um[part].abs() +
-                                   float(vp.abs().max())))
+                e = _value_error(rows, src, rank_dtype, part, um[part], float(vp.abs().max()))
                 # the band reaches `e` further down than a violation needs (so twice the ranking
                 # error below tol): what it leaves out is then provably `e` under tol, a margin
                 # by which the row's u may fall before the row needs another scan

@@ -13,8 +13,7 @@
 //
 // The output carries the certificate of lsap.h, over the candidate edges: u[i] + v[j] <= c[i][j]
 // on every edge (to within kTightSlack of the magnitudes), equality on assigned pairs, v[j] == 0
-// on unassigned columns and v[j] <= 0
-// elsewhere. Columns without an edge stay unassigned at v = 0.
+// on unassigned columns and v[j] <= 0 elsewhere. Columns without an edge stay unassigned at v = 0.
 //
 // Plain C++ on pointers and sizes: no torch, so the CPU kernel and a C++ test share it.
 #pragma once
@@ -229,12 +228,12 @@ inline void lower_to_tight(const SparseProblem& p, const int64_t* col4row, Spars
 }
 
 // The epsilon-scaled Jacobi auction of auction_lsap.h's prepass, on edge lists, as the start of a
-// solve with many free rows: every free row bids for its cheapest column at once (in parallel), each column
-// goes to its lowest price (ties to the lower row: the result does not depend on threads), and
-// Bellman-Ford sweeps over the edges then lower the matched columns' prices until their pairs
-// are tight. Nothing here needs to be exact: the caller keeps only the pairs that are tight by
-// Dijkstra's own arithmetic (warm_start) and the Dijkstra phase finishes. Returns the rows left
-// free by the auction (warm_start decides the rest).
+// solve with many free rows: every free row bids for its cheapest column at once (in parallel),
+// each column goes to its lowest price (ties to the lower row: the result does not depend on
+// threads), and Bellman-Ford sweeps over the edges then lower the matched columns' prices until
+// their pairs are tight. Nothing here needs to be exact: the caller keeps only the pairs that are
+// tight by Dijkstra's own arithmetic (warm_start) and the Dijkstra phase finishes. Returns the
+// rows left free by the auction (warm_start decides the rest).
 inline std::vector<int64_t> sparse_auction(const SparseProblem& p, std::vector<int64_t> free_rows,
                                            int64_t* col4row, SparseWorkspace& ws,
                                            const ParallelFor& parallel_for, const int32_t* abort) {
